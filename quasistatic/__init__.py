@@ -1,0 +1,53 @@
+"""quasistatic: quasi-static processes on the equilibrium surface of representation learning.
+
+Implements Gao & Chaudhari, "A Free-Energy Principle for Representation Learning" (ICML 2020):
+models trained on J(θ; λ, γ) = R + λD + γC, their equilibrium surface ∇θJ = 0, and processes that
+move θ along it while the controls (λ, γ) and the data mixture t change.
+"""
+
+__version__ = "0.1.0"
+
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from .data import (  # noqa: E402
+    DataMixture,
+    DataSplit,
+    LabeledData,
+    available_datasets,
+    load_dataset,
+    register_dataset,
+)
+from .equilibrate import EquilibrationConfig, equilibrate, equilibration_rate  # noqa: E402
+from .errors import InputError  # noqa: E402
+from .evaluation import measure  # noqa: E402
+from .functionals import FixedNoiseFunctionals, Functionals  # noqa: E402
+from .models import ModelConfig, RepresentationModel, available_architectures, build_model, register_architecture  # noqa: E402
+from .objective import Controls, Objective  # noqa: E402
+from .parameters import ParameterLayout  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "Checkpoint",
+    "Controls",
+    "DataMixture",
+    "DataSplit",
+    "EquilibrationConfig",
+    "FixedNoiseFunctionals",
+    "Functionals",
+    "InputError",
+    "LabeledData",
+    "ModelConfig",
+    "Objective",
+    "ParameterLayout",
+    "RepresentationModel",
+    "available_architectures",
+    "available_datasets",
+    "build_model",
+    "equilibrate",
+    "equilibration_rate",
+    "load_checkpoint",
+    "load_dataset",
+    "measure",
+    "register_architecture",
+    "register_dataset",
+    "save_checkpoint",
+]

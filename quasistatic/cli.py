@@ -1,0 +1,202 @@
+"""The ``quasistatic`` command line.
+
+Bad input ends with one line ``quasistatic: error: …`` naming the bad value and the accepted ones,
+exit code 2, and no earlier output touched; a diverging run ends with exit code 1 and keeps its
+last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+from . import __version__
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import available_datasets, load_dataset
+from .equilibrate import DivergenceError, EquilibrationConfig, equilibrate
+from .errors import InputError, bad_value, choice_error
+from .models import ModelConfig, available_architectures, build_model
+from .objective import Controls, Objective
+from .plots import plot_columns
+from .rundir import CsvLog, RunDirectory
+
+__all__ = ["main"]
+
+EQUILIBRATE_COLUMNS = ("epoch", "lam", "gamma", "R", "D", "C", "F", "val_C", "val_acc", "grad_norm", "wall_s")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default="digits", help=f"one of {', '.join(available_datasets())} (default digits)")
+    group.add_argument("--data-dir", default=None, help="folder with the data set's files (mnist, cifar10)")
+    group.add_argument("--download", action="store_true", help="download missing mnist/cifar10 files")
+    group.add_argument("--classes", default=None, help="label subset: 0-4, 5-9, 1,3,7, or vehicles/animals for cifar10")
+    group.add_argument("--relabel", action="store_true", help="map the chosen classes to 0..k-1")
+    group.add_argument("--val-fraction", type=float, default=0.2, help="validation share of the split (default 0.2)")
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="mlp", help=f"one of {', '.join(available_architectures())} (default mlp)")
+    group.add_argument("--latent-dim", type=int, default=8, help="dimension of z (default 8)")
+    group.add_argument("--hidden", default="64,64", help="mlp hidden widths, comma separated (default 64,64)")
+    group.add_argument("--width", type=int, default=64, help="resnet18 base width (default 64)")
+    group.add_argument("--prior", default="normal", help="normal (default) or mog")
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("run")
+    group.add_argument("--lam", type=float, default=1.0, help="λ, weight of the distortion (default 1)")
+    group.add_argument("--gamma", type=float, default=10.0, help="γ, weight of the classification loss (default 10)")
+    group.add_argument("--samples", type=int, default=1, help="K, fixed noise samples per example (default 1)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the split, the initialization and the noise")
+    group.add_argument("--device", default="cpu", help="cpu or cuda")
+    group.add_argument("--dtype", default="float32", help="float32 (default) or float64")
+    group.add_argument("--out", required=True, help="output directory")
+    group.add_argument("--overwrite", action="store_true", help="empty an existing --out first")
+    group.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quasistatic", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"quasistatic {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    eq = commands.add_parser("equilibrate", help="train a model to the equilibrium surface at (λ, γ)")
+    _data_arguments(eq)
+    _model_arguments(eq)
+    _run_arguments(eq)
+    eq.add_argument("--epochs", type=int, default=120, help="epochs (default 120, the paper's)")
+    eq.add_argument("--batch-size", type=int, default=32, help="minibatch size (default 32)")
+    eq.add_argument("--from-checkpoint", default=None,
+                    help="start from this checkpoint with the equilibration schedule η(s) instead of from scratch")
+    eq.set_defaults(run=_equilibrate)
+    return parser
+
+
+def _device(name: str) -> torch.device:
+    accepted = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    if name not in accepted:
+        raise choice_error("device" + ("" if torch.cuda.is_available() else " (CUDA is not available here)"),
+                           accepted, name)
+    return torch.device(name)
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise choice_error("dtype", DTYPES, name)
+    return DTYPES[name]
+
+
+def _hidden(spec: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in spec.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise bad_value("--hidden", "comma-separated positive integers such as 64,64", spec)
+    return widths
+
+
+def _model_config(args: argparse.Namespace, split) -> ModelConfig:
+    if args.model not in available_architectures():
+        raise choice_error("model", available_architectures(), args.model)
+    return ModelConfig(architecture=args.model, input_shape=split.train.input_shape,
+                       num_classes=split.train.num_classes, latent_dim=args.latent_dim,
+                       hidden=_hidden(args.hidden), width=args.width, prior=args.prior,
+                       likelihood="gaussian" if split.name == "cifar10" else "bernoulli")
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("run", "command")}
+
+
+def _equilibrate(args: argparse.Namespace) -> int:
+    controls = Controls(args.lam, args.gamma)
+    device, dtype = _device(args.device), _dtype(args.dtype)
+    config = EquilibrationConfig(epochs=args.epochs, batch_size=args.batch_size,
+                                 schedule="equilibration" if args.from_checkpoint else "initial")
+    if args.samples < 1:
+        raise bad_value("--samples", "an integer >= 1", args.samples)
+    if args.dataset not in available_datasets():
+        raise choice_error("dataset", available_datasets(), args.dataset)
+    run = RunDirectory(args.out, overwrite=args.overwrite, resume=args.resume)
+    split = load_dataset(args.dataset, data_dir=args.data_dir, classes=args.classes, relabel=args.relabel,
+                         seed=args.seed, val_fraction=args.val_fraction, download=args.download)
+    model_config = _model_config(args, split)
+    state = None
+    if args.resume:
+        run.check_resumable(_settings(args), ignore=("resume", "overwrite", "no_progress", "device", "out"))
+    if args.resume and run.file("checkpoint.pt").exists():  # none yet: interrupted in the first epoch
+        state = load_checkpoint(run.file("checkpoint.pt"), expect=model_config)
+        model = state.model(device, dtype)
+    elif args.from_checkpoint:
+        model = load_checkpoint(args.from_checkpoint, expect=model_config).model(device, dtype)
+    else:
+        model = build_model(model_config, seed=args.seed).to(device=device, dtype=dtype)
+
+    train = Objective(model, split.train, samples=args.samples, noise_seed=args.seed)
+    val = Objective(model, split.val, samples=args.samples, noise_seed=args.seed + 1000)
+    run.prepare()
+    if not args.resume:
+        run.write_json("config.json", {"settings": _settings(args), "model": model_config.to_dict(),
+                                       "equilibration": config.to_dict(), "versions": _versions(),
+                                       "data": {"name": split.name, "train": len(split.train), "val": len(split.val)}})
+    log = CsvLog(run.file("metrics.csv"), EQUILIBRATE_COLUMNS)
+    start_epoch = 0 if state is None else state["epoch"] + 1
+    log.keep_first(start_epoch)
+    wall_before = 0.0 if state is None else state["wall_s"]
+    started = time.perf_counter()
+    data_info = {"dataset": split.name, "classes": args.classes, "relabel": args.relabel}
+
+    def on_epoch(epoch: int, row: dict[str, float], optimizer_state: dict) -> None:
+        wall = wall_before + time.perf_counter() - started
+        log.append({"epoch": epoch + 1, "lam": controls.lam, "gamma": controls.gamma, "wall_s": wall, **row})
+        save_checkpoint(run.file("checkpoint.pt"), model, controls, data_info, epoch=epoch,
+                        optimizer=optimizer_state, wall_s=wall)
+
+    try:
+        equilibrate(train, controls, config, val=val, seed=args.seed, start_epoch=start_epoch,
+                    optimizer_state=None if state is None else state["optimizer"], on_epoch=on_epoch,
+                    progress=not args.no_progress)
+    except DivergenceError as error:
+        kept = (f"the last good checkpoint is {run.file('checkpoint.pt')}" if run.file("checkpoint.pt").exists()
+                else "no epoch finished, so no checkpoint was written")
+        print(f"quasistatic: {error}; {kept}", file=sys.stderr)
+        return 1
+    rows = log.rows()
+    plot_columns(rows, "epoch", [("R", "D"), ("C", "val_C"), ("val_acc",), ("grad_norm",)],
+                 run.file("curves.png"), title=f"equilibration at λ={controls.lam:g}, γ={controls.gamma:g}")
+    last = rows[-1]
+    print(f"equilibrated: R={float(last['R']):.4f} D={float(last['D']):.4f} C={float(last['C']):.4f} "
+          f"val_acc={float(last['val_acc']):.4f} (encoder mean) grad_norm={float(last['grad_norm']):.3e}")
+    print(f"wrote {run.file('metrics.csv')}, {run.file('curves.png')}, {run.file('checkpoint.pt')}")
+    return 0
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import scipy
+    import sklearn
+    return {"quasistatic": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "scipy": scipy.__version__, "scikit-learn": sklearn.__version__}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``quasistatic`` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except InputError as error:
+        print(f"quasistatic: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Curvature operators on θ: Hessian-vector products of J and generalized Gauss–Newton products.
+
+A = ∇²θJ(θ; λ, γ, t) is the matrix of Lemma 5 (eq. 17) whose solves give the equilibrium tangents
+(eq. 18). It is never formed: :class:`CurvatureOperator` applies (A + μI) to a block of vectors V
+(N, k) with ``torch.func`` (Pearlmutter 1994), vmapped over the k columns, in one of two modes:
+
+- ``"reverse"`` (default): reverse-over-reverse. The pullback of ∇θJ at θ is built once per
+  operator (about one gradient) and kept; A being symmetric, pulling v back through it gives Av.
+  Each product then costs about one gradient (benchmarks/README.md) — the operator is applied
+  hundreds of times in a Krylov solve at the same θ, so the one-off cost and the kept graph of
+  ∇θJ pay for themselves.
+- ``"forward"``: forward-over-reverse ``jvp(grad J)``. Nothing is kept between calls (lower memory,
+  for large models), but each call redoes the forward and backward passes; the k columns of a
+  block share them, so a block of 3 costs about 0.6 × three single products.
+
+The generalized Gauss–Newton matrix G = Σ Jₒᵀ ∇²ℓ Jₒ linearizes the network outputs o(θ) (encoder
+mean and log-variance, decoder parameters, classifier logits) and keeps the curvature of the losses
+ℓ in the outputs: KL to N(0, I), Bernoulli/Gaussian log-likelihood and cross-entropy are convex in
+them, so G ⪰ 0 by construction, whatever θ.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import grad, hessian, jvp, vjp, vmap
+
+from .data.mixture import mixture_weights
+from .errors import InputError, bad_value, choice_error
+from .objective import Controls, Objective
+
+__all__ = ["CurvatureOperator", "OPERATORS", "MODES", "dense_hessian"]
+
+OPERATORS = ("hessian", "ggn")
+MODES = ("reverse", "forward")
+
+
+class CurvatureOperator:
+    """V ↦ (A + μI)V with A = ∇²θJ (``kind="hessian"``) or the Gauss–Newton G (``kind="ggn"``),
+    at a fixed point θ and controls (λ, γ, t). V is (N,) or (N, k); the result has its shape.
+
+    Every application counts k Hessian-vector products on ``objective.work``; the "reverse"
+    mode's one-off pullback counts one gradient, and the "forward" mode's shared forward and
+    backward passes count one gradient per call.
+    """
+
+    def __init__(self, objective: Objective, theta: Tensor, controls: Controls, kind: str = "hessian",
+                 damping: float = 0.0, mode: str = "reverse") -> None:
+        if kind not in OPERATORS:
+            raise choice_error("curvature operator", OPERATORS, kind)
+        if mode not in MODES:
+            raise choice_error("Hessian-vector product mode", MODES, mode)
+        if not damping >= 0:
+            raise bad_value("damping", "a number >= 0", damping)
+        if kind == "ggn" and not objective.model.prior.has_closed_form_kl:
+            raise InputError("curvature operator 'ggn' must be used with a prior with a closed-form KL "
+                             f"(normal), got prior {objective.model.config.prior!r}")
+        self.objective = objective
+        self.theta = theta.detach()
+        self.controls = controls
+        self.kind = kind
+        self.damping = damping
+        self.mode = mode
+        self._pullback = None
+        self._apply = self._hessian_block if kind == "hessian" else self._ggn_block
+
+    @property
+    def size(self) -> int:
+        return self.theta.numel()
+
+    def __call__(self, v: Tensor) -> Tensor:
+        block = v.unsqueeze(-1) if v.dim() == 1 else v
+        self.objective.work.hvps += block.shape[1]
+        out = self._apply(block)
+        if self.damping:
+            out = out + self.damping * block
+        return out.squeeze(-1) if v.dim() == 1 else out
+
+    def _hessian_block(self, block: Tensor) -> Tensor:
+        """A V: each column pulled back through ∇θJ (reverse) or pushed forward through it
+        (forward), vmapped over the columns."""
+        gradient = grad(lambda th: self.objective.value(th, self.controls))
+        if self.mode == "forward":
+            self.objective.work.gradients += 1
+            return vmap(lambda v: jvp(gradient, (self.theta,), (v,))[1], in_dims=1, out_dims=1)(block)
+        if self._pullback is None:
+            self.objective.work.gradients += 1
+            self._pullback = vjp(gradient, self.theta)[1]
+        return vmap(lambda v: self._pullback(v)[0], in_dims=1, out_dims=1)(block)
+
+    def _ggn_block(self, block: Tensor) -> Tensor:
+        """G V = Σ over parts and chunks of Jₒᵀ (∇²ℓ (Jₒ V)): jvp, then an HVP of the loss in
+        the outputs, then the vjp of the outputs (whose forward pass is shared by the columns)."""
+        self.objective.work.gradients += 1  # the outputs' forward pass and pullback, shared by the columns
+        weights = self.controls.weights(self.theta)
+        part_weights = [1.0] if not self.objective.is_mixture else mixture_weights(self.controls.t)
+        total = torch.zeros_like(block)
+        for part, part_weight in zip(self.objective.parts, part_weights):
+            if part_weight == 0:
+                continue
+            scale = part_weight / len(part.data)
+            for start, stop in part.chunks():
+                def outputs(th: Tensor, start: int = start, stop: int = stop) -> tuple[Tensor, ...]:
+                    return part.outputs(th, start, stop)
+
+                def loss(outs: tuple[Tensor, ...], start: int = start, stop: int = stop) -> Tensor:
+                    return scale * (part.losses(outs, start, stop).sum(-1) @ weights)
+
+                outs, pullback = vjp(outputs, self.theta)
+                loss_grad = grad(loss)
+
+                def ggn_v(v: Tensor) -> Tensor:
+                    jv = jvp(outputs, (self.theta,), (v,))[1]
+                    h_jv = jvp(loss_grad, (outs,), (jv,))[1]
+                    return pullback(h_jv)[0]
+
+                total = total + vmap(ggn_v, in_dims=1, out_dims=1)(block)
+        return total
+
+    def dense(self) -> Tensor:
+        """The (N, N) matrix, assembled column by column; for small models and tests."""
+        return self(torch.eye(self.size, dtype=self.theta.dtype, device=self.theta.device))
+
+
+def dense_hessian(objective: Objective, theta: Tensor, controls: Controls) -> Tensor:
+    """∇²θJ by ``torch.func.hessian``: the exact slow reference the operators are tested against."""
+    return hessian(lambda th: objective.value(th, controls))(theta.detach())

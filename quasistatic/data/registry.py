@@ -1,0 +1,67 @@
+"""Data sets by name: ``load_dataset("mnist", classes="0-4")`` and a public :func:`register_dataset`."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import bad_value, choice_error
+from .base import DataSplit
+from .cifar10 import load_cifar10
+from .digits import load_digits
+from .mnist import load_mnist
+from .subsets import check_split_args, parse_classes, select_classes
+
+__all__ = ["Loader", "available_datasets", "load_dataset", "register_dataset"]
+
+
+class Loader(Protocol):
+    """Loads one data set as a seeded train/val split of its training pool (all classes)."""
+
+    def __call__(self, data_dir: Path | None, *, download: bool, seed: int, val_fraction: float) -> DataSplit:
+        ...
+
+
+_LOADERS: dict[str, Loader] = {"digits": load_digits, "mnist": load_mnist, "cifar10": load_cifar10}
+
+
+def register_dataset(name: str, loader: Loader) -> None:
+    """Make ``loader`` available as ``load_dataset(name, ...)``; a name can be registered once."""
+    if not isinstance(name, str) or not name.strip():
+        raise bad_value("dataset name", "a non-empty string", name)
+    if name in _LOADERS:
+        raise bad_value("dataset name", f"a name not yet registered (taken: {', '.join(sorted(_LOADERS))})", name)
+    if not callable(loader):
+        raise bad_value(f"loader of dataset {name!r}", "a callable", loader)
+    _LOADERS[name] = loader
+
+
+def available_datasets() -> list[str]:
+    """The registered data set names, sorted."""
+    return sorted(_LOADERS)
+
+
+def load_dataset(name: str, *, data_dir: Path | str | None = None, classes: str | Sequence[int] | None = None,
+                 relabel: bool = False, seed: int = 0, val_fraction: float = 0.2,
+                 download: bool = False) -> DataSplit:
+    """The seeded, stratified train/val split of data set ``name``, restricted to ``classes``.
+
+    The split is made over all classes first, so that class subsets of one data set (e.g. "0-4"
+    and "5-9") come from one partition; ``classes`` (see :func:`parse_classes`) then selects, and
+    ``relabel`` maps the chosen classes to 0..k-1 (see :func:`select_classes`).
+    """
+    if name not in _LOADERS:
+        raise choice_error("dataset", available_datasets(), name)
+    check_split_args(seed, val_fraction)  # before a possibly long load or download
+    split = _LOADERS[name](None if data_dir is None else Path(data_dir).expanduser(), download=download,
+                           seed=seed, val_fraction=val_fraction)
+    if classes is None:
+        if relabel:
+            warnings.warn("relabel=True without classes changes nothing: all labels are kept",
+                          UserWarning, stacklevel=2)
+        return split
+    chosen = parse_classes(classes, name, split.train.num_classes)
+    return DataSplit(select_classes(split.train, chosen, relabel), select_classes(split.val, chosen, relabel),
+                     split.name)

@@ -1,0 +1,118 @@
+"""Rate, distortion and classification loss (eqs. 1 and 4) at fixed noise, as pure functions of θ.
+
+Hessian-vector products and finite differences need the *same* function at every call, so the
+Monte-Carlo noise of the reparameterized encoder is drawn once from a seed and kept: with K samples
+per example, R, D and C are deterministic functions of θ (in nats per example, averaged over the
+data set).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .data.base import LabeledData
+from .errors import bad_value
+from .models import RepresentationModel
+from .parameters import ParameterLayout
+
+__all__ = ["Functionals", "FixedNoiseFunctionals", "fixed_noise"]
+
+
+class Functionals(NamedTuple):
+    """R, D, C in nats per example; F = R + λD + γC is the free energy at equilibrium (eq. 8)."""
+
+    R: float
+    D: float
+    C: float
+
+    def free_energy(self, lam: float, gamma: float) -> float:
+        return self.R + lam * self.D + gamma * self.C
+
+
+def fixed_noise(samples: int, n: int, latent_dim: int, seed: int, dtype: torch.dtype,
+                device: torch.device | str | None = None) -> Tensor:
+    """The fixed standard-normal draws (K, n, latent_dim) of the reparameterized encoder."""
+    if samples < 1:
+        raise bad_value("number of samples K", "an integer >= 1", samples)
+    generator = torch.Generator().manual_seed(seed)
+    # Drawn in float64 and then cast, so that the same seed gives the same noise in every dtype.
+    noise = torch.randn(samples, n, latent_dim, generator=generator, dtype=torch.float64)
+    return noise.to(device=device, dtype=dtype)
+
+
+class _Method(nn.Module):
+    """Routes ``functional_call`` to another method of the model than ``forward``."""
+
+    def __init__(self, model: RepresentationModel, method: str) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(self, *args: Tensor) -> Tensor | tuple[Tensor, ...]:
+        return getattr(self.model, self.method)(*args)
+
+
+class FixedNoiseFunctionals:
+    """θ ↦ (R, D, C) on one data set with K fixed noise samples per example (eqs. 1, 4).
+
+    ``chunk_size`` bounds the examples evaluated at once (memory); the result does not depend on it.
+    """
+
+    def __init__(self, model: RepresentationModel, data: LabeledData, samples: int = 1,
+                 noise_seed: int = 0, chunk_size: int | None = None) -> None:
+        param = next(model.parameters())
+        self.model = model
+        self.layout = ParameterLayout(model)
+        self.data = data.to(device=param.device, dtype=param.dtype)
+        self.noise = fixed_noise(samples, len(data), model.config.latent_dim, noise_seed,
+                                 param.dtype, param.device)
+        self.chunk_size = chunk_size or len(data)
+        self._mean_logits = _Method(model, "mean_logits")
+        self._outputs = _Method(model, "outputs")
+
+    def per_example(self, theta: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+        """(3, m) per-example R, D, C for examples start:stop at parameters θ."""
+        x, y = self.data.x[start:stop], self.data.y[start:stop]
+        return functional_call(self.model, self.layout.unflatten(theta), (x, y, self.noise[:, start:stop]))
+
+    def _routed(self, theta: Tensor) -> dict[str, Tensor]:
+        return {f"model.{name}": value for name, value in self.layout.unflatten(theta).items()}
+
+    def outputs(self, theta: Tensor, start: int = 0, stop: int | None = None) -> tuple[Tensor, ...]:
+        """The model's outputs (μ, log σ², decoder parameters, logits) on examples start:stop."""
+        return functional_call(self._outputs, self._routed(theta), (self.data.x[start:stop], self.noise[:, start:stop]))
+
+    def losses(self, outputs: tuple[Tensor, ...], start: int = 0, stop: int | None = None) -> Tensor:
+        """(3, m) per-example R, D, C computed from ``outputs`` of examples start:stop."""
+        return self.model.losses(outputs, self.data.x[start:stop], self.data.y[start:stop], self.noise[:, start:stop])
+
+    def chunks(self) -> list[tuple[int, int]]:
+        """The (start, stop) ranges of the chunks the data set is evaluated in."""
+        n = len(self.data)
+        return [(i, min(i + self.chunk_size, n)) for i in range(0, n, self.chunk_size)]
+
+    def batch_mean(self, index: Tensor) -> Tensor:
+        """(3,) [R, D, C] averaged over the examples at ``index`` with the model's own parameters
+        and the same fixed noise: an unbiased minibatch estimate of ``self(θ)``."""
+        return self.model(self.data.x[index], self.data.y[index], self.noise[:, index]).mean(-1)
+
+    def accuracy(self, theta: Tensor) -> float:
+        """Fraction of examples whose label is argmax c(y | z = μ(x)): the encoder mean, no noise."""
+        params = self._routed(theta)
+        with torch.no_grad():
+            correct = sum(
+                (functional_call(self._mean_logits, params, (self.data.x[i:i + self.chunk_size],))
+                 .argmax(-1) == self.data.y[i:i + self.chunk_size]).sum().item()
+                for i in range(0, len(self.data), self.chunk_size))
+        return correct / len(self.data)
+
+    def __call__(self, theta: Tensor) -> Tensor:
+        """(3,) tensor [R, D, C], each averaged over the data set."""
+        n = len(self.data)
+        total = sum(self.per_example(theta, i, i + self.chunk_size).sum(-1)
+                    for i in range(0, n, self.chunk_size))
+        return total / n

@@ -1,0 +1,64 @@
+"""Explicit Runge–Kutta methods of fixed step: each is its Butcher tableau and its order.
+
+Written here rather than taken from torchdiffeq because the engine needs a single step of size h
+that it controls (a predictor between corrector calls); torchdiffeq's fixed-grid solvers are
+reached through :mod:`quasistatic.integrators.adaptive` for the adaptive methods.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import Tensor
+
+from .base import Integrator, VectorField, register_integrator
+
+__all__ = ["ExplicitRungeKutta", "Euler", "Heun", "RK4"]
+
+
+class ExplicitRungeKutta(Integrator):
+    """y_{n+1} = y_n + h Σ b_i k_i, k_i = f(s + c_i h, y_n + h Σ_{j<i} a_ij k_j)."""
+
+    a: ClassVar[tuple[tuple[float, ...], ...]]  # strictly lower-triangular rows, row i has i entries
+    b: ClassVar[tuple[float, ...]]
+    c: ClassVar[tuple[float, ...]]
+
+    def step(self, field: VectorField, s: float, y: Tensor, h: float) -> Tensor:
+        stages: list[Tensor] = []
+        for row, c_i in zip(self.a, self.c):
+            y_i = y
+            for a_ij, k_j in zip(row, stages):
+                if a_ij:
+                    y_i = y_i + h * a_ij * k_j
+            stages.append(field(s + c_i * h, y_i))
+        return y + h * sum(b_i * k_i for b_i, k_i in zip(self.b, stages) if b_i)
+
+
+class Euler(ExplicitRungeKutta):
+    order = 1
+    a = ((),)
+    b = (1.0,)
+    c = (0.0,)
+
+
+class Heun(ExplicitRungeKutta):
+    """Heun's (explicit trapezoidal) method."""
+
+    order = 2
+    a = ((), (1.0,))
+    b = (0.5, 0.5)
+    c = (0.0, 1.0)
+
+
+class RK4(ExplicitRungeKutta):
+    """The classical fourth-order Runge–Kutta method."""
+
+    order = 4
+    a = ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0))
+    b = (1 / 6, 1 / 3, 1 / 3, 1 / 6)
+    c = (0.0, 0.5, 0.5, 1.0)
+
+
+register_integrator("euler", Euler)
+register_integrator("heun", Heun)
+register_integrator("rk4", RK4)

@@ -1,0 +1,22 @@
+"""Models: encoder e(z|x), prior m(z), decoder d(x|z), classifier c(y|z) and their architectures."""
+
+from . import mlp, resnet  # noqa: F401  (register the built-in architectures)
+from .base import (
+    ModelConfig,
+    RepresentationModel,
+    available_architectures,
+    build_model,
+    register_architecture,
+)
+from .priors import MixtureOfGaussiansPrior, Prior, StandardNormalPrior
+
+__all__ = [
+    "ModelConfig",
+    "RepresentationModel",
+    "available_architectures",
+    "build_model",
+    "register_architecture",
+    "Prior",
+    "StandardNormalPrior",
+    "MixtureOfGaussiansPrior",
+]

@@ -1,0 +1,128 @@
+"""Equilibrium tangents (eqs. 17–18, 24–25) and sensitivities (eqs. 21, 27, 29, 30).
+
+At a point θ on the equilibrium surface ∇θJ = 0 (eq. 15), differentiating that condition in a
+control s ∈ {λ, γ, t} gives A θ_s = −∂_s∇θJ with A = ∇²θJ:
+
+    θ_λ = −A⁻¹∇θD,   θ_γ = −A⁻¹∇θC,   θ_t = −A⁻¹(∇θJ_target − ∇θJ_source)   (eqs. 18, 25)
+
+solved together as one multi-right-hand-side solve. Along the surface every functional
+X ∈ {R, D, C, F} has total derivatives X_s = ∂_sX + ∇θX·θ_s: C_λ, C_γ (eq. 21), C_t (eq. 27),
+the ∂D/∂λ, ∂D/∂γ, ∂D/∂t, ∂R/∂t of eq. 30; since D = ∂F/∂λ and C = ∂F/∂γ, the Hessian of F(λ, γ)
+is [[D_λ, D_γ], [C_λ, C_γ]] (Remark 7, eq. 29), negative semi-definite by Lemma 3.
+
+Here J is a deterministic function (fixed noise), so the Gibbs-measure covariance terms of the
+paper's expressions (21) and (27) are folded into exact derivatives of R, D, C: autodiff computes
+them exactly rather than by sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import jacrev
+
+from .curvature import CurvatureOperator
+from .errors import choice_error
+from .objective import Controls, Objective
+from .solvers import SolveResult, solve
+
+__all__ = ["Tangents", "Sensitivities", "equilibrium_tangents", "FUNCTIONALS", "CONTROLS"]
+
+FUNCTIONALS = ("R", "D", "C", "F")
+CONTROLS = ("lam", "gamma", "t")
+
+
+@dataclass(frozen=True)
+class Tangents:
+    """θ_λ, θ_γ and (for a mixture) θ_t at one point, with what produced them.
+
+    directions: (N, 3) columns θ_λ, θ_γ, θ_t (θ_t = 0 when the data do not change).
+    gradients: (3, N) ∇θR, ∇θD, ∇θC under p(x, t).
+    partials: (3, 3) ∂_sX of R, D, C (rows) in λ, γ, t (columns): only the t column is non-zero,
+              X_target − X_source for a mixture (eq. 23 is linear in t).
+    values: (3,) R, D, C under p(x, t).
+    solve: the linear solve's statistics.
+    """
+
+    directions: Tensor
+    gradients: Tensor
+    partials: Tensor
+    values: Tensor
+    controls: Controls
+    solve: SolveResult
+
+    def direction(self, control: str) -> Tensor:
+        """θ_s for s in {"lam", "gamma", "t"}."""
+        if control not in CONTROLS:
+            raise choice_error("control", CONTROLS, control)
+        return self.directions[:, CONTROLS.index(control)]
+
+    def velocity(self, lam_dot: float, gamma_dot: float, t_dot: float = 0.0) -> Tensor:
+        """θ̇ = θ_λλ̇ + θ_γγ̇ + θ_tṫ (eqs. 17 and 24)."""
+        rates = torch.tensor([lam_dot, gamma_dot, t_dot], dtype=self.directions.dtype, device=self.directions.device)
+        return self.directions @ rates
+
+    def sensitivities(self) -> "Sensitivities":
+        """Total derivatives X_s = ∂_sX + ∇θX·θ_s for X in R, D, C and F = R + λD + γC."""
+        rdc = self.partials + self.gradients @ self.directions  # (3, 3)
+        c = self.controls
+        # F = R + λD + γC: dF/ds = ∂_sF + ∇θJ·θ_s, with ∂_λF = D, ∂_γF = C (the envelope theorem
+        # at equilibrium gives D = ∂F/∂λ and C = ∂F/∂γ).
+        weights = torch.tensor([1.0, c.lam, c.gamma], dtype=rdc.dtype, device=rdc.device)
+        f_row = weights @ rdc + torch.stack([self.values[1], self.values[2], torch.zeros_like(self.values[0])])
+        return Sensitivities(torch.cat([rdc, f_row.unsqueeze(0)]).detach(), self.values.detach())
+
+
+@dataclass(frozen=True)
+class Sensitivities:
+    """matrix: (4, 3) total derivatives, rows R, D, C, F, columns λ, γ, t."""
+
+    matrix: Tensor
+    values: Tensor
+
+    def __call__(self, functional: str, control: str) -> float:
+        """X_s, e.g. ``s("C", "lam")`` is C_λ of eq. 21."""
+        if functional not in FUNCTIONALS:
+            raise choice_error("functional", FUNCTIONALS, functional)
+        if control not in CONTROLS:
+            raise choice_error("control", CONTROLS, control)
+        return float(self.matrix[FUNCTIONALS.index(functional), CONTROLS.index(control)])
+
+    def free_energy_hessian(self) -> Tensor:
+        """∇²F(λ, γ) = [[D_λ, D_γ], [C_λ, C_γ]] (Remark 7, eq. 29); symmetric, ⪯ 0 (Lemma 3)."""
+        return self.matrix[1:3, 0:2]
+
+
+def equilibrium_tangents(objective: Objective, theta: Tensor, controls: Controls, *, method: str = "cg",
+                         tol: float = 1e-8, max_iter: int | None = None, operator: str = "hessian",
+                         damping: float = 0.0, x0: Tensor | None = None) -> Tangents:
+    """θ_λ, θ_γ, θ_t at (θ, λ, γ, t) from one solve of A X = −[∇D, ∇C, ∂_t∇J] (eqs. 18, 25).
+
+    ``method`` names a linear solver (``quasistatic.solvers.available_solvers()``); ``operator``
+    is "hessian" (exact) or "ggn"; ``damping`` adds μI; ``x0`` warm-starts (N, 3).
+    """
+    theta = theta.detach()
+    if objective.is_mixture:
+        parts = jacrev(objective.part_functionals)(theta)  # (2, 3, N)
+        objective.work.gradients += 6
+        values_parts = objective.part_functionals(theta).detach()  # (2, 3)
+        gradients = objective.mixture.mix(parts[0], parts[1], controls.t)
+        d_parts = parts[1] - parts[0]  # ∂_t∇θX for R, D, C
+        partial_t = values_parts[1] - values_parts[0]
+        values = objective.mixture.mix(values_parts[0], values_parts[1], controls.t)
+    else:
+        gradients = jacrev(objective.functionals)(theta)  # (3, N)
+        objective.work.gradients += 3
+        d_parts = torch.zeros_like(gradients)
+        partial_t = torch.zeros(3, dtype=theta.dtype, device=theta.device)
+        values = objective.functionals(theta).detach()
+    objective.work.forwards += 1
+    weights = controls.weights(theta)
+    rhs = -torch.stack([gradients[1], gradients[2], weights @ d_parts], dim=1)  # (N, 3)
+    op = CurvatureOperator(objective, theta, controls, kind=operator, damping=damping)
+    result = solve(op, rhs.detach(), method=method, tol=tol, max_iter=max_iter, x0=x0)
+    partials = torch.zeros(3, 3, dtype=theta.dtype, device=theta.device)
+    partials[:, 2] = partial_t
+    return Tangents(result.solution, gradients.detach(), partials, values, controls, result)

@@ -1,0 +1,86 @@
+"""One suite over every registered integrator: convergence order on an ODE with a known solution."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from quasistatic.errors import InputError
+from quasistatic.integrators import ExplicitRungeKutta, available_integrators, make_integrator, register_integrator
+
+
+def harmonic(s, y):
+    """y'' = −y as a first-order system; y(s) = (cos s, −sin s) from (1, 0)."""
+    return torch.stack([y[1], -y[0]])
+
+
+def integrate(name, steps, **options):
+    integrator = make_integrator(name, **options)
+    y, h = torch.tensor([1.0, 0.0], dtype=torch.float64), 1.0 / steps
+    for i in range(steps):
+        y = integrator.step(harmonic, i * h, y, h)
+    exact = torch.tensor([math.cos(1.0), -math.sin(1.0)], dtype=torch.float64)
+    return float(torch.linalg.vector_norm(y - exact))
+
+
+FIXED = [n for n in available_integrators() if not make_integrator(n).adaptive]
+ADAPTIVE = [n for n in available_integrators() if make_integrator(n).adaptive]
+
+
+def test_registry_holds_the_documented_methods():
+    assert set(available_integrators()) >= {"euler", "heun", "rk4", "dopri5", "bosh3", "adaptive_heun"}
+
+
+@pytest.mark.parametrize("name", FIXED)
+def test_fixed_step_order_matches_declared_order(name):
+    steps = np.array([8, 16, 32, 64])
+    errors = np.array([integrate(name, int(n)) for n in steps])
+    slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    assert abs(slope - make_integrator(name).order) < 0.15, (name, slope, errors)
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_adaptive_error_falls_with_tolerance(name):
+    loose = integrate(name, 4, rtol=1e-4, atol=1e-6)
+    tight = integrate(name, 4, rtol=1e-9, atol=1e-11)
+    assert tight < loose / 10, (name, loose, tight)
+    assert tight < 1e-5
+
+
+@pytest.mark.parametrize("name", available_integrators())
+def test_every_integrator_is_exact_on_a_constant_field(name):
+    y = torch.tensor([2.0, -1.0], dtype=torch.float64)
+    out = make_integrator(name).step(lambda s, y: torch.ones_like(y), 0.0, y, 0.25)
+    assert torch.allclose(out, y + 0.25, rtol=0, atol=1e-12)
+
+
+def test_unknown_integrator_lists_the_names():
+    with pytest.raises(InputError, match=r"integrator must be one of \{.*rk4.*\}, got 'rk5'"):
+        make_integrator("rk5")
+
+
+def test_unused_options_warn():
+    with pytest.warns(UserWarning, match=r"integrator 'rk4' ignores the options \['rtol'\]"):
+        make_integrator("rk4", rtol=1e-3)
+
+
+def test_bad_tolerance():
+    with pytest.raises(InputError, match="rtol must be a number > 0, got -1"):
+        make_integrator("dopri5", rtol=-1)
+
+
+def test_register_a_new_tableau():
+    class Midpoint(ExplicitRungeKutta):
+        order = 2
+        a = ((), (0.5,))
+        b = (0.0, 1.0)
+        c = (0.0, 0.5)
+
+    register_integrator("midpoint-test", Midpoint)
+    try:
+        errors = [integrate("midpoint-test", n) for n in (16, 32)]
+        assert math.log2(errors[0] / errors[1]) == pytest.approx(2, abs=0.1)
+    finally:
+        from quasistatic.integrators import base
+        base._INTEGRATORS.pop("midpoint-test")
