@@ -29,15 +29,6 @@ FAST = ["--hidden", "16,16", "--no-progress", "--batch-size", "128"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops are faster (and bitwise reproducible) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def equilibrate_cli(out: Path, *args: str) -> int:
     return main(["equilibrate", "--out", str(out), *args])
 

@@ -33,15 +33,6 @@ CHUNK = 3  # smaller than every data set below, and dividing none of them
 HVP_RTOL = 1e-8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: these products are tiny and threading overhead dominates on 2-vCPU VMs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def labeled(n: int, seed: int) -> LabeledData:
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 1, 2, 3, generator=g, dtype=torch.float64)

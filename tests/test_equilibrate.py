@@ -16,15 +16,6 @@ from quasistatic.errors import InputError
 CONTROLS = Controls(1.0, 10.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops are faster (and bitwise reproducible) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits", seed=0)

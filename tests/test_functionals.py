@@ -9,7 +9,7 @@ import torch
 from quasistatic import Controls, DataMixture, LabeledData, ModelConfig, Objective, ParameterLayout, build_model
 from quasistatic.functionals import FixedNoiseFunctionals, fixed_noise
 from quasistatic.errors import InputError
-from quasistatic.models.priors import MixtureOfGaussiansPrior, StandardNormalPrior
+from quasistatic.models.priors import StandardNormalPrior
 
 
 

@@ -55,16 +55,6 @@ def indefinite_matrix(n: int = N, seed: int = 2) -> np.ndarray:
 MATRICES = {"spd": spd_matrix(), "damped": damped_psd_matrix()}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread for these 60 × 60 products: on 2-vCPU VMs, MKL's threaded gemm on (60, k ≥ 2)
-    blocks was measured at ~20 ms per call (vs ~5 µs single-threaded), which dominated the file."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def operator(a: np.ndarray, dtype: torch.dtype = torch.float64):
     """The matrix-free view of a dense matrix: V (n, k) -> A V."""
     dense = torch.tensor(a, dtype=dtype)

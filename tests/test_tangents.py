@@ -45,15 +45,6 @@ GRADIENT_TOL = 1e-9  # ‖∇θJ‖ at every reference minimizer
 LATENT = 1  # 32 parameters, latent_dim + 1 = 2 of them along the gauge null space
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: the problem has 32 parameters; threading overhead dominates on 2-vCPU VMs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def labeled(n: int, seed: int, shift: float) -> LabeledData:
     """Pixels sigmoid(2-factor model + noise), worth encoding; labels random, so not separable: the
     classifier's weights stay finite at the minimum."""
