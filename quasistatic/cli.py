@@ -27,7 +27,7 @@ from .rundir import CsvLog, RunDirectory
 
 __all__ = ["main"]
 
-EQUILIBRATE_COLUMNS = ("epoch", "lam", "gamma", "R", "D", "C", "F", "val_C", "val_acc", "grad_norm", "wall_s")
+EQUILIBRATE_COLUMNS = ("epoch", "lam", "gamma", "R", "D", "C", "F", "val_C", "val_acc", "grad_norm", "wall_s", "S")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -55,6 +55,8 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lam", type=float, default=1.0, help="λ, weight of the distortion (default 1)")
     group.add_argument("--gamma", type=float, default=10.0, help="γ, weight of the classification loss (default 10)")
     group.add_argument("--samples", type=int, default=1, help="K, fixed noise samples per example (default 1)")
+    group.add_argument("--sigma", type=float, default=1e-3,
+                       help="σ of eq. 6's σS term, S = ½‖θ‖² (default 1e-3; > 0 keeps J's minima isolated)")
     group.add_argument("--seed", type=int, default=0, help="seed of the split, the initialization and the noise")
     group.add_argument("--device", default="cpu", help="cpu or cuda")
     group.add_argument("--dtype", default="float32", help="float32 (default) or float64")
@@ -141,8 +143,8 @@ def _equilibrate(args: argparse.Namespace) -> int:
     else:
         model = build_model(model_config, seed=args.seed).to(device=device, dtype=dtype)
 
-    train = Objective(model, split.train, samples=args.samples, noise_seed=args.seed)
-    val = Objective(model, split.val, samples=args.samples, noise_seed=args.seed + 1000)
+    train = Objective(model, split.train, samples=args.samples, noise_seed=args.seed, sigma=args.sigma)
+    val = Objective(model, split.val, samples=args.samples, noise_seed=args.seed + 1000, sigma=args.sigma)
     run.prepare()
     if not args.resume:
         run.write_json("config.json", {"settings": _settings(args), "model": model_config.to_dict(),

@@ -115,7 +115,7 @@ class CurvatureOperator:
                     return pullback(h_jv)[0]
 
                 total = total + vmap(ggn_v, in_dims=1, out_dims=1)(block)
-        return total
+        return total + self.objective.sigma * block  # σS = ½σ‖θ‖² has the Hessian σI
 
     def dense(self) -> Tensor:
         """The (N, N) matrix, assembled column by column; for small models and tests."""

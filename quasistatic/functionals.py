@@ -23,14 +23,17 @@ __all__ = ["Functionals", "FixedNoiseFunctionals", "fixed_noise"]
 
 
 class Functionals(NamedTuple):
-    """R, D, C in nats per example; F = R + λD + γC is the free energy at equilibrium (eq. 8)."""
+    """R, D, C in nats per example and S = ½‖θ‖² with its weight σ; F = R + λD + γC + σS is the
+    free energy at equilibrium (eqs. 6, 8)."""
 
     R: float
     D: float
     C: float
+    S: float = 0.0
+    sigma: float = 0.0
 
     def free_energy(self, lam: float, gamma: float) -> float:
-        return self.R + lam * self.D + gamma * self.C
+        return self.R + lam * self.D + gamma * self.C + self.sigma * self.S
 
 
 def fixed_noise(samples: int, n: int, latent_dim: int, seed: int, dtype: torch.dtype,

@@ -52,10 +52,19 @@ class Objective:
 
     ``samples`` is K, the number of fixed noise draws per example; the parts of a mixture get the
     seeds ``noise_seed`` and ``noise_seed + 1``.
+
+    ``sigma`` adds the paper's σS term (eq. 6) with a Gaussian prior on the weights, S = ½‖θ‖²:
+    J = R + λD + γC + σS. With finitely many fixed noise draws the training examples can become
+    separable in z, and then C → 0 as the classifier's weights grow without bound: J has no
+    minimizer and no equilibrium surface. Any σ > 0 restores isolated minima (the first law then
+    reads dR = −λdD − γdC − σdS, eq. 7).
     """
 
     def __init__(self, model: RepresentationModel, data: LabeledData | DataMixture, samples: int = 1,
-                 noise_seed: int = 0, chunk_size: int | None = None) -> None:
+                 noise_seed: int = 0, chunk_size: int | None = None, sigma: float = 0.0) -> None:
+        if not sigma >= 0:
+            raise bad_value("sigma", "a number >= 0", sigma)
+        self.sigma = sigma
         self.model = model
         self.layout = ParameterLayout(model)
         self.mixture = data if isinstance(data, DataMixture) else None
@@ -83,9 +92,15 @@ class Objective:
         return self.mixture.mix(self.parts[0](theta), self.parts[1](theta), t)
 
     def value(self, theta: Tensor, controls: Controls) -> Tensor:
-        """J(θ; λ, γ, t) = R + λD + γC (eq. 14 at θ, eq. 8's objective)."""
+        """J(θ; λ, γ, t) = R + λD + γC + σS (eq. 14 at θ, eq. 8's objective; eq. 6's σS)."""
         values = self.functionals(theta, controls.t)
-        return values @ controls.weights(values)
+        return values @ controls.weights(values) + self.sigma * self.weight_entropy(theta)
+
+    @staticmethod
+    def weight_entropy(theta: Tensor) -> Tensor:
+        """S = ½‖θ‖²: eq. 5's relative entropy for a point estimate under a N(0, I) prior, up to a
+        constant."""
+        return 0.5 * theta.dot(theta)
 
     def gradient(self, theta: Tensor, controls: Controls) -> Tensor:
         """∇θJ (N,); zero on the equilibrium surface (eq. 15). Counts one gradient."""
@@ -109,27 +124,34 @@ class Objective:
         self.work.gradients += max(len(i) / len(part.data) for part, i in zip(self.parts, index))
         values = [part.batch_mean(i) for part, i in zip(self.parts, index)]
         mixed = values[0] if not self.is_mixture else self.mixture.mix(values[0], values[1], controls.t)
-        return mixed @ controls.weights(mixed)
+        if not self.sigma:
+            return mixed @ controls.weights(mixed)
+        theta = torch.cat([p.reshape(-1) for p in self.model.parameters()])
+        return mixed @ controls.weights(mixed) + self.sigma * self.weight_entropy(theta)
 
     def accuracy(self, theta: Tensor, t: float = 0.0) -> float:
         """Classification accuracy at the encoder mean under p(x, t)."""
         accuracies = [part.accuracy(theta) for part in self.parts]
         return accuracies[0] if not self.is_mixture else float(self.mixture.mix(*map(torch.tensor, accuracies), t))
 
-    def combination_gradients(self, theta: Tensor, weights: Tensor, t: float = 0.0) -> tuple[Tensor, Tensor]:
+    def combination_gradients(self, theta: Tensor, weights: Tensor, t: float = 0.0,
+                              with_entropy: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Values (m,) and gradients (m, N) of the m linear combinations weights (m, 3) of
-        (R, D, C) under p(x, t), in one reverse pass per row (shared forward). Counts m gradients."""
+        (R, D, C) under p(x, t), plus σS in the rows where ``with_entropy`` (m,) is true, in one
+        reverse pass per row (shared forward). Counts m gradients."""
         self.work.gradients += weights.shape[0]
 
         def combinations(th: Tensor) -> tuple[Tensor, Tensor]:
             values = weights @ self.functionals(th, t)
+            if with_entropy is not None and self.sigma:
+                values = values + with_entropy * (self.sigma * self.weight_entropy(th))
             return values, values
 
         gradients, values = jacrev(combinations, has_aux=True)(theta)
         return values.detach(), gradients.detach()
 
     def report(self, theta: Tensor, t: float = 0.0) -> Functionals:
-        """R, D, C as floats (no graph)."""
+        """R, D, C and S as floats (no graph)."""
         self.work.forwards += 1
         with torch.no_grad():
-            return Functionals(*self.functionals(theta, t).tolist())
+            return Functionals(*self.functionals(theta, t).tolist(), float(self.weight_entropy(theta)), self.sigma)

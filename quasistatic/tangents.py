@@ -43,6 +43,7 @@ class Tangents:
     partials: (3, 3) ∂_sX of R, D, C (rows) in λ, γ, t (columns): only the t column is non-zero,
               X_target − X_source for a mixture (eq. 23 is linear in t).
     values: (3,) R, D, C under p(x, t).
+    entropy_rates: (3,) σ·dS/ds = σθ·θ_s, the rates of eq. 6's σS term (0 when σ = 0).
     solve: the linear solve's statistics.
     """
 
@@ -52,6 +53,7 @@ class Tangents:
     values: Tensor
     controls: Controls
     solve: SolveResult
+    entropy_rates: Tensor
 
     def direction(self, control: str) -> Tensor:
         """θ_s for s in {"lam", "gamma", "t"}."""
@@ -68,10 +70,11 @@ class Tangents:
         """Total derivatives X_s = ∂_sX + ∇θX·θ_s for X in R, D, C and F = R + λD + γC."""
         rdc = self.partials + self.gradients @ self.directions  # (3, 3)
         c = self.controls
-        # F = R + λD + γC: dF/ds = ∂_sF + ∇θJ·θ_s, with ∂_λF = D, ∂_γF = C (the envelope theorem
-        # at equilibrium gives D = ∂F/∂λ and C = ∂F/∂γ).
+        # F = R + λD + γC + σS: dF/ds = ∂_sF + ∇θJ·θ_s, with ∂_λF = D, ∂_γF = C (the envelope
+        # theorem at equilibrium gives D = ∂F/∂λ and C = ∂F/∂γ).
         weights = torch.tensor([1.0, c.lam, c.gamma], dtype=rdc.dtype, device=rdc.device)
-        f_row = weights @ rdc + torch.stack([self.values[1], self.values[2], torch.zeros_like(self.values[0])])
+        f_row = (weights @ rdc + self.entropy_rates
+                 + torch.stack([self.values[1], self.values[2], torch.zeros_like(self.values[0])]))
         return Sensitivities(torch.cat([rdc, f_row.unsqueeze(0)]).detach(), self.values.detach())
 
 
@@ -125,4 +128,5 @@ def equilibrium_tangents(objective: Objective, theta: Tensor, controls: Controls
     result = solve(op, rhs.detach(), method=method, tol=tol, max_iter=max_iter, x0=x0)
     partials = torch.zeros(3, 3, dtype=theta.dtype, device=theta.device)
     partials[:, 2] = partial_t
-    return Tangents(result.solution, gradients.detach(), partials, values, controls, result)
+    entropy_rates = objective.sigma * (theta @ result.solution)
+    return Tangents(result.solution, gradients.detach(), partials, values, controls, result, entropy_rates)

@@ -24,7 +24,7 @@ from quasistatic.cli import main
 from quasistatic.data.idx import IMAGES_MAGIC, LABELS_MAGIC
 
 MNIST_T10K = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-t10k"
-COLUMNS = ["epoch", "lam", "gamma", "R", "D", "C", "F", "val_C", "val_acc", "grad_norm", "wall_s"]
+COLUMNS = ["epoch", "lam", "gamma", "R", "D", "C", "F", "val_C", "val_acc", "grad_norm", "wall_s", "S"]
 FAST = ["--hidden", "16,16", "--no-progress", "--batch-size", "128"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -90,8 +90,9 @@ def test_run_writes_config_metrics_checkpoint_and_curves(reference, capsys):
     walls = [float(r["wall_s"]) for r in rows]
     assert walls == sorted(walls) and walls[0] > 0
     last = rows[-1]
-    assert float(last["F"]) == pytest.approx(float(last["R"]) + 0.5 * float(last["D"]) + 5 * float(last["C"]),
-                                             rel=1e-6)
+    sigma = 1e-3  # the default --sigma
+    assert float(last["F"]) == pytest.approx(float(last["R"]) + 0.5 * float(last["D"]) + 5 * float(last["C"])
+                                             + sigma * float(last["S"]), rel=1e-6)
     assert float(rows[-1]["F"]) < float(rows[0]["F"])
 
     state = load_checkpoint(reference / "checkpoint.pt",

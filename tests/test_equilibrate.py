@@ -94,7 +94,7 @@ def test_short_run_lowers_full_batch_j(digits):
     assert j1 < j0 - 1.0, (j0, j1)
     assert torch.equal(theta, objective.initial_theta())  # the returned θ is the model's
     assert epochs == [0, 1]
-    assert set(rows[-1]) == {"R", "D", "C", "F", "grad_norm"}
+    assert set(rows[-1]) == {"R", "D", "C", "S", "F", "grad_norm"}
     assert rows[-1]["F"] == pytest.approx(j1, rel=1e-5)
 
 

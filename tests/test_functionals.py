@@ -140,3 +140,26 @@ def test_bad_controls_and_samples():
         Controls(1.0, 1.0, 1.5)
     with pytest.raises(InputError, match="number of samples K must be an integer >= 1, got 0"):
         fixed_noise(0, 3, 2, 0, torch.float64)
+
+
+def test_sigma_adds_the_weight_entropy_term_everywhere():
+    """J = R + λD + γC + σS with S = ½‖θ‖² (eq. 6): in the value, the gradient, the Gauss–Newton
+    operator (+σI) and the combination gradients used by the corrector."""
+    from quasistatic.curvature import CurvatureOperator
+
+    data, model = tiny_data(), tiny_model()
+    plain, weighted = Objective(model, data), Objective(model, data, sigma=0.3)
+    theta, controls = plain.initial_theta(), Controls(1.5, 2.0)
+    assert float(weighted.value(theta, controls)) == pytest.approx(
+        float(plain.value(theta, controls)) + 0.15 * float(theta @ theta), rel=1e-14)
+    assert torch.allclose(weighted.gradient(theta, controls), plain.gradient(theta, controls) + 0.3 * theta,
+                          rtol=1e-12, atol=1e-14)
+    v = torch.randn(theta.numel(), 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ggn = CurvatureOperator(weighted, theta, controls, kind="ggn")(v)
+    assert torch.allclose(ggn, CurvatureOperator(plain, theta, controls, kind="ggn")(v) + 0.3 * v, atol=1e-12)
+    rows = torch.stack([controls.weights(theta), torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)])
+    values, gradients = weighted.combination_gradients(theta, rows, with_entropy=torch.tensor([1.0, 0.0]))
+    assert torch.allclose(gradients[0], weighted.gradient(theta, controls), atol=1e-12)
+    assert float(values[1]) == pytest.approx(float(plain.functionals(theta)[2]), rel=1e-14)
+    with pytest.raises(InputError, match="sigma must be a number >= 0, got -1"):
+        Objective(model, data, sigma=-1.0)

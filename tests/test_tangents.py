@@ -115,11 +115,12 @@ def shifted(controls: Controls, control: str, delta: float) -> Controls:
 class Surface:
     """θ* at BASE and at each control ± its step, on one mixture objective."""
 
-    def __init__(self, reference_class: bool) -> None:
+    def __init__(self, reference_class: bool, sigma: float = 0.0) -> None:
         config = ModelConfig(input_shape=(1, 2, 3), num_classes=3, latent_dim=LATENT, hidden=(),
                              reference_class=reference_class)
         self.model = build_model(config, seed=0).double()
-        self.objective = Objective(self.model, DataMixture(labeled(12, 1, 0.0), labeled(10, 2, 0.5)), samples=2)
+        self.objective = Objective(self.model, DataMixture(labeled(12, 1, 0.0), labeled(10, 2, 0.5)), samples=2,
+                                   sigma=sigma)
         self.gauge = gauge_basis(self.objective)
         self.theta = minimize(self.objective, BASE, self.objective.initial_theta(), self.gauge)
         self.controls = {(None, 0): BASE}
@@ -136,10 +137,14 @@ class Surface:
         return hessian(lambda th: self.objective.value(th, c))(self.thetas[key])
 
     def functionals(self, key) -> torch.Tensor:
-        """(4,) R, D, C, F at θ*(controls[key]) under p(x, t of those controls)."""
+        """(4,) R, D, C, F = R + λD + γC + σS at θ*(controls[key]) under p(x, t of those controls)."""
         c = self.controls[key]
         rdc = self.objective.functionals(self.thetas[key], c.t).detach()
-        return torch.cat([rdc, (rdc @ c.weights(rdc)).reshape(1)])
+        return torch.cat([rdc, self.objective.value(self.thetas[key], c).detach().reshape(1)])
+
+    def entropy(self, key) -> torch.Tensor:
+        """S = ½‖θ*‖² at controls[key]."""
+        return self.objective.weight_entropy(self.thetas[key])
 
     def finite_difference(self, control: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Central differences of θ* and of (R, D, C, F) in ``control``."""
@@ -162,11 +167,13 @@ class Surface:
         return self._tangents[method]
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["full-softmax-head", "reference-class-head"])
+@pytest.fixture(scope="module", params=[(False, 0.0), (True, 0.0), (True, 1e-2)],
+                ids=["full-softmax-head", "reference-class-head", "reference-class-head-sigma"])
 def surface(request) -> Surface:
     """Both classifier heads: the full softmax head has the gauge null space U; the default head
-    (last logit fixed at 0) has none, so its minimizers are strict and A is non-singular."""
-    return Surface(request.param)
+    (last logit fixed at 0) has none, so its minimizers are strict and A is non-singular. The third
+    case adds eq. 6's σS term (S = ½‖θ‖²): the identities must hold for J = R + λD + γC + σS."""
+    return Surface(*request.param)
 
 
 def relative(got, want) -> float:
@@ -330,9 +337,10 @@ def test_sensitivities_match_finite_differences_of_reequilibrated_functionals(su
 
 @pytest.mark.parametrize("control", ["lam", "gamma"])
 def test_first_law(surface: Surface, control: str) -> None:
-    """dR = −λ dD − γ dC (eq. 7) between the re-equilibrated models at control ± h."""
+    """dR = −λ dD − γ dC − σ dS (eq. 7) between the re-equilibrated models at control ± h."""
     d = surface.functionals((control, 1)) - surface.functionals((control, -1))
-    residual = d[0] + BASE.lam * d[1] + BASE.gamma * d[2]
+    d_entropy = surface.entropy((control, 1)) - surface.entropy((control, -1))
+    residual = d[0] + BASE.lam * d[1] + BASE.gamma * d[2] + surface.objective.sigma * d_entropy
     assert abs(residual) <= 1e-5 * abs(d[0]), (control, float(residual), float(d[0]))
     # not trivially: each term moved by much more than the residual allows
     assert min(abs(d[0]), BASE.lam * abs(d[1]), BASE.gamma * abs(d[2])) > 1e-5, d
