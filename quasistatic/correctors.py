@@ -1,0 +1,249 @@
+"""Correctors: after each predictor step, return to the equilibrium surface (and the constraint).
+
+- ``none``: pure ODE integration; the drift is left as it is.
+- ``newton``: damped Newton–Krylov on the bordered system in (θ, γ) (numerical continuation):
+
+      [ A     ∇θC ] [δθ]     [ ∇θJ      ]
+      [ ∇θgᵀ  0   ] [δγ] = − [ g − g₀   ]     A = ∇²θJ, g = w·(R, D, C) the process constraint,
+
+  solved by block elimination with one two-column Krylov solve of (A + μI)[p, q] = [∇θJ, ∇θC]:
+  δγ = (g − g₀ − ∇gᵀp) / ∇gᵀq, δθ = −p − q δγ. A backtracking line search on the residual
+  ‖(∇θJ, g − g₀)‖ (on J itself for an unconstrained process, so that it descends to a minimum,
+  not a saddle) accepts the step; a rejected step or negative curvature in the solve raises the
+  damping μ (Levenberg–Marquardt), a full step lowers it. A plain Newton step with small damping
+  diverges here because A is indefinite away from the surface; when damping does not help either,
+  the corrector falls back to gradient relaxation (steepest descent on J with a line search).
+- ``equilibrate``: the paper's relaxation, Adam with the η(s) schedule (Sec. 5.1).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .curvature import CurvatureOperator
+from .equilibrate import EquilibrationConfig, equilibrate
+from .errors import bad_value, choice_error
+from .objective import Controls, Objective
+from .processes import Process
+from .solvers import solve
+
+__all__ = ["Correction", "Corrector", "NoCorrector", "NewtonCorrector", "EquilibrateCorrector",
+           "register_corrector", "available_correctors", "make_corrector"]
+
+
+@dataclass(frozen=True)
+class Correction:
+    """The corrected point and what it took."""
+
+    theta: Tensor
+    controls: Controls
+    iterations: int  # Newton iterations (or epochs for equilibrate)
+    cg_iterations: int  # Krylov iterations summed over the solves
+    grad_norm: float  # ‖∇θJ‖ at the returned point
+    constraint_error: float  # |g − g₀| at the returned point (0 without a constraint)
+    converged: bool
+
+
+class Corrector(ABC):
+    """Maps a predicted point (θ, controls) back to the surface at the same λ and t."""
+
+    adapts_step: bool = True  # False: the engine keeps the step size fixed (no effort to judge)
+
+    @abstractmethod
+    def correct(self, objective: Objective, theta: Tensor, controls: Controls, process: Process | None,
+                target: float | None) -> Correction:
+        """Correct θ (and γ, for a constrained process, towards g = ``target``)."""
+
+
+class NoCorrector(Corrector):
+    """Pure ODE integration: the point is returned unchanged."""
+
+    adapts_step = False
+
+    def correct(self, objective: Objective, theta: Tensor, controls: Controls, process: Process | None,
+                target: float | None) -> Correction:
+        return Correction(theta, controls, 0, 0, math.nan, math.nan, True)
+
+
+class NewtonCorrector(Corrector):
+    """Damped Newton–Krylov on the bordered system (see the module docstring)."""
+
+    def __init__(self, grad_tol: float = 1e-6, constraint_tol: float = 1e-9, max_iter: int = 20,
+                 solver: str = "cg", solver_tol: float = 1e-8, max_solver_iter: int | None = None,
+                 operator: str = "hessian", initial_damping: float = 1e-4, relax_steps: int = 20) -> None:
+        if not grad_tol > 0:
+            raise bad_value("corrector grad_tol", "a number > 0", grad_tol)
+        if max_iter < 1:
+            raise bad_value("corrector max_iter", "an integer >= 1", max_iter)
+        self.grad_tol, self.constraint_tol, self.max_iter = grad_tol, constraint_tol, max_iter
+        self.solver, self.solver_tol, self.max_solver_iter = solver, solver_tol, max_solver_iter
+        self.operator, self.initial_damping, self.relax_steps = operator, initial_damping, relax_steps
+
+    def _residual(self, objective: Objective, theta: Tensor, controls: Controls, weights: Tensor | None,
+                  target: float | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Values (J, C[, g]) and their gradients under p(x, t); rows: J, C, then g if constrained."""
+        rows = [controls.weights(theta), torch.tensor([0.0, 0.0, 1.0], dtype=theta.dtype, device=theta.device)]
+        if weights is not None:
+            rows.append(weights)
+        entropy = torch.zeros(len(rows), dtype=theta.dtype, device=theta.device)
+        entropy[0] = 1.0  # J carries σS; C and g do not
+        values, gradients = objective.combination_gradients(theta, torch.stack(rows), controls.t, entropy)
+        return values, gradients, torch.linalg.vector_norm(gradients[0])
+
+    def correct(self, objective: Objective, theta: Tensor, controls: Controls, process: Process | None,
+                target: float | None) -> Correction:
+        constrained = process is not None and process.constraint is not None and target is not None
+        weights = (torch.tensor(process.constraint, dtype=theta.dtype, device=theta.device)
+                   if constrained else None)
+        values, gradients, grad_norm = self._residual(objective, theta, controls, weights, target)
+        damping, cg_total = 0.0, 0
+        for iteration in range(self.max_iter + 1):
+            violation = float(values[2] - target) if constrained else 0.0
+            if float(grad_norm) <= self.grad_tol and abs(violation) <= self.constraint_tol * max(1.0, abs(target or 0)):
+                return Correction(theta, controls, iteration, cg_total, float(grad_norm), abs(violation), True)
+            if iteration == self.max_iter:
+                break
+            accepted = None
+            for _ in range(6):  # raise the damping until a step is accepted
+                d_theta, d_gamma, iterations, negative = self._newton_step(
+                    objective, theta, controls, gradients, violation, constrained, damping, float(grad_norm))
+                cg_total += iterations
+                if not negative:
+                    accepted = self._line_search(objective, theta, controls, d_theta, d_gamma, values, gradients,
+                                                 grad_norm, violation, weights, target, constrained)
+                if accepted is not None:
+                    break
+                damping = max(10 * damping, self.initial_damping)
+            if accepted is None:
+                theta = self._relax(objective, theta, controls)
+                values, gradients, grad_norm = self._residual(objective, theta, controls, weights, target)
+                continue
+            theta, controls, values, gradients, grad_norm, full_step = accepted
+            if full_step:
+                damping /= 10
+        violation = float(values[2] - target) if constrained else 0.0
+        return Correction(theta, controls, self.max_iter, cg_total, float(grad_norm), abs(violation), False)
+
+    def _newton_step(self, objective: Objective, theta: Tensor, controls: Controls, gradients: Tensor,
+                     violation: float, constrained: bool, damping: float,
+                     grad_norm: float) -> tuple[Tensor, float, int, bool]:
+        """(δθ, δγ, Krylov iterations, negative curvature met) from (A + μI)[p, q] = [∇J, ∇C]."""
+        op = CurvatureOperator(objective, theta, controls, kind=self.operator, damping=damping)
+        rhs = gradients[:2].T if constrained else gradients[:1].T  # (N, 2) or (N, 1)
+        # Eisenstat–Walker forcing: solve loosely far from the surface, tightly near it.
+        tol = min(0.1, max(self.solver_tol, grad_norm))
+        result = solve(op, rhs.contiguous(), method=self.solver, tol=tol, max_iter=self.max_solver_iter)
+        negative = bool(result.negative_curvature.any())
+        p = result.solution[:, 0]
+        if not constrained:
+            return -p, 0.0, result.iterations, negative
+        q = result.solution[:, 1]
+        grad_g = gradients[2]
+        denominator = float(grad_g @ q)
+        if denominator == 0:
+            return -p, 0.0, result.iterations, True
+        delta_gamma = (violation - float(grad_g @ p)) / denominator
+        return -p - q * delta_gamma, delta_gamma, result.iterations, negative
+
+    def _line_search(self, objective: Objective, theta: Tensor, controls: Controls, d_theta: Tensor,
+                     d_gamma: float, values: Tensor, gradients: Tensor, grad_norm: Tensor, violation: float,
+                     weights: Tensor | None, target: float | None, constrained: bool) -> tuple | None:
+        """Backtracking, α = 1, ½, …, 1/16, with a sufficient-decrease test.
+
+        Constrained: on the residual ½‖(∇θJ, g − g₀)‖², whose slope along an exact Newton step is
+        −‖·‖² (half of it is asked for, the solve being inexact). Unconstrained: Armijo on J (so
+        the iteration descends to a minimum, not a saddle), or — near the surface, where J's
+        decrease ~‖∇θJ‖² is lost in rounding — a decrease of ‖∇θJ‖ with J not rising."""
+        residual = 0.5 * (float(grad_norm) ** 2 + violation**2)
+        slope = float(gradients[0] @ d_theta)  # dJ/dα at fixed γ
+        if not constrained and slope >= 0:
+            return None
+        j = float(values[0])
+        for halvings in range(5):
+            alpha = 0.5**halvings
+            gamma = controls.gamma + alpha * d_gamma
+            if gamma < 0:
+                continue
+            trial_controls = replace(controls, gamma=gamma)
+            trial = theta + alpha * d_theta
+            trial_values, trial_gradients, trial_norm = self._residual(objective, trial, trial_controls, weights, target)
+            trial_violation = float(trial_values[2] - target) if constrained else 0.0
+            trial_j = float(trial_values[0])
+            if not math.isfinite(trial_j) or not math.isfinite(float(trial_norm)):
+                continue
+            if constrained:
+                ok = 0.5 * (float(trial_norm) ** 2 + trial_violation**2) <= (1 - 0.5 * alpha) * residual
+            else:
+                ok = (trial_j <= j + 1e-4 * alpha * slope
+                      or (float(trial_norm) <= (1 - 1e-4 * alpha) * float(grad_norm) and trial_j <= j + 1e-12 * abs(j)))
+            if ok:
+                return trial, trial_controls, trial_values, trial_gradients, trial_norm, halvings == 0
+        return None
+
+    def _relax(self, objective: Objective, theta: Tensor, controls: Controls) -> Tensor:
+        """Fallback: steepest descent on J at fixed controls, step from a backtracking search."""
+        step = 1e-2
+        value = objective.value(theta, controls)
+        for _ in range(self.relax_steps):
+            gradient = objective.gradient(theta, controls)
+            while step > 1e-12:
+                trial = theta - step * gradient
+                trial_value = objective.value(trial, controls)
+                objective.work.forwards += 1
+                if trial_value <= value - 1e-4 * step * gradient.dot(gradient):
+                    theta, value, step = trial, trial_value, step * 2
+                    break
+                step /= 2
+        return theta.detach()
+
+
+class EquilibrateCorrector(Corrector):
+    """The paper's relaxation: Adam on J at the new controls with the η(s) schedule (Sec. 5.1).
+
+    It does not restore a constraint: the iso-classification constraint is held only as well as
+    the finite-difference process rates hold it, as in the paper."""
+
+    adapts_step = False
+
+    def __init__(self, epochs: int = 10, batch_size: int = 32, eta_max: float = 1.5e-3, seed: int = 0) -> None:
+        self.config = EquilibrationConfig(epochs=epochs, batch_size=batch_size, schedule="equilibration",
+                                          eta_max=eta_max)
+        self.seed = seed
+        self.calls = 0
+
+    def correct(self, objective: Objective, theta: Tensor, controls: Controls, process: Process | None,
+                target: float | None) -> Correction:
+        objective.layout.write(objective.model, theta)
+        self.calls += 1
+        theta = equilibrate(objective, controls, self.config, seed=self.seed + self.calls, progress=False)
+        grad_norm = float(torch.linalg.vector_norm(objective.gradient(theta, controls)))
+        return Correction(theta, controls, self.config.epochs, 0, grad_norm, math.nan, True)
+
+
+_CORRECTORS: dict[str, Callable[..., Corrector]] = {
+    "none": NoCorrector,
+    "newton": NewtonCorrector,
+    "equilibrate": EquilibrateCorrector,
+}
+
+
+def register_corrector(name: str, factory: Callable[..., Corrector]) -> None:
+    """Make ``factory(**options)`` available under ``name`` (the CLI's ``--corrector``)."""
+    _CORRECTORS[name] = factory
+
+
+def available_correctors() -> list[str]:
+    return sorted(_CORRECTORS)
+
+
+def make_corrector(name: str, **options: Any) -> Corrector:
+    if name not in _CORRECTORS:
+        raise choice_error("corrector", available_correctors(), name)
+    return _CORRECTORS[name](**options)

@@ -1,0 +1,164 @@
+"""The quasi-static engine: predictor (an ODE integrator), corrector, step control, recording.
+
+The state y = (θ, λ, γ, t) obeys dy/ds = (θ̇, λ̇, γ̇, ṫ) over s ∈ [0, 1], with the control rates
+from the process (its constraint solved on the current sensitivities) and θ̇ = θ_λλ̇ + θ_γγ̇ +
+θ_tṫ (eqs. 17, 24) from one three-column Krylov solve with A = ∇²θJ per evaluation (warm-started
+from the previous one). After each step the corrector returns to ∇θJ = 0 and to the process
+constraint; as in numerical continuation, the step shrinks when the corrector struggles and grows
+back when it converges at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .correctors import Correction, Corrector
+from .errors import InputError, bad_value
+from .integrators import Integrator
+from .objective import Controls, Objective
+from .processes import Process
+from .tangents import equilibrium_tangents
+
+__all__ = ["EngineConfig", "EngineState", "QuasiStaticEngine", "StepReport", "StepSizeError", "first_law_residual"]
+
+
+class StepSizeError(RuntimeError):
+    """The step had to shrink below ``EngineConfig.min_step``: the process cannot be followed."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of the predictor and the step control."""
+
+    steps: int = 10  # steps over s ∈ [0, 1] at the nominal (largest) step size h = 1/steps
+    solver: str = "cg"  # linear solver of the tangent systems (solvers.available_solvers())
+    solver_tol: float = 1e-8  # relative residual of the tangent solves
+    max_solver_iter: int | None = None  # Krylov iteration cap per solve (None: the solver's default)
+    operator: str = "hessian"  # "hessian" (exact A) or "ggn"
+    damping: float = 0.0  # μ in (A + μI) for the tangent solves
+    max_corrector_iterations: int = 4  # a step needing more Newton iterations is retried at h/2
+    min_step: float = 1e-4  # smallest step before StepSizeError
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise bad_value("steps", "an integer >= 1", self.steps)
+
+
+@dataclass
+class EngineState:
+    """Everything needed to continue a run exactly (saved after every step)."""
+
+    theta: Tensor
+    controls: Controls
+    s: float = 0.0
+    step: int = 0
+    h: float = 0.0
+    target: float | None = None  # the constraint value g₀ the corrector holds
+    warm_start: Tensor | None = None  # the last tangent solution (N, 3)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one accepted step did."""
+
+    state: EngineState
+    correction: Correction
+    tangent_cg_iterations: int
+    rejected: int  # steps retried at a smaller h before this one was accepted
+
+
+@dataclass
+class _FieldStats:
+    cg_iterations: int = 0  # Krylov iterations of the tangent solves within one step
+
+
+class QuasiStaticEngine:
+    """Runs ``process`` on ``objective`` with ``integrator`` and ``corrector``."""
+
+    def __init__(self, objective: Objective, process: Process, integrator: Integrator, corrector: Corrector,
+                 config: EngineConfig = EngineConfig()) -> None:
+        if process.uses_mixture and not objective.is_mixture:
+            raise InputError(f"process {type(process).__name__} must run on a source/target mixture, "
+                             "got a single data set")
+        self.objective, self.process, self.integrator, self.corrector = objective, process, integrator, corrector
+        self.config = config
+        self._warm: Tensor | None = None
+        self._stats = _FieldStats()
+
+    @staticmethod
+    def pack(theta: Tensor, controls: Controls) -> Tensor:
+        tail = torch.tensor([controls.lam, controls.gamma, controls.t], dtype=theta.dtype, device=theta.device)
+        return torch.cat([theta, tail])
+
+    @staticmethod
+    def unpack(y: Tensor) -> tuple[Tensor, Controls]:
+        lam, gamma, t = y[-3:].tolist()
+        return y[:-3], Controls(lam, gamma, min(max(t, 0.0), 1.0))
+
+    def field(self, s: float, y: Tensor) -> Tensor:
+        """dy/ds: the process's control rates and θ̇ = θ_λλ̇ + θ_γγ̇ + θ_tṫ (eqs. 17, 24)."""
+        theta, controls = self.unpack(y)
+        tangents = equilibrium_tangents(self.objective, theta, controls, method=self.config.solver,
+                                        tol=self.config.solver_tol, max_iter=self.config.max_solver_iter,
+                                        operator=self.config.operator, damping=self.config.damping,
+                                        x0=self._warm)
+        self._warm = tangents.directions
+        self._stats.cg_iterations += tangents.solve.iterations
+        rates = self.process.control_velocity(s, controls, tangents.sensitivities())
+        theta_dot = tangents.velocity(*rates)
+        return torch.cat([theta_dot, torch.tensor(rates, dtype=theta.dtype, device=theta.device)])
+
+    def start(self, theta: Tensor, controls: Controls) -> EngineState:
+        """The initial state: the constraint target g₀ at the (already polished) starting point."""
+        values = self.objective.functionals(theta.detach(), controls.t).detach()
+        target = self.process.constraint_value(values)
+        return EngineState(theta.detach(), controls, h=1.0 / self.config.steps,
+                           target=None if target is None else float(target))
+
+    def run(self, state: EngineState, on_step: Callable[[StepReport], None] | None = None) -> EngineState:
+        """Integrate from ``state`` to s = 1, calling ``on_step`` after every accepted step."""
+        h_max = 1.0 / self.config.steps
+        self._warm = state.warm_start
+        while state.s < 1.0 - 1e-12:
+            h = min(state.h or h_max, 1.0 - state.s)
+            rejected = 0
+            while True:
+                self._stats = _FieldStats()
+                y = self.integrator.step(self.field, state.s, self.pack(state.theta, state.controls), h)
+                theta, controls = self.unpack(y)
+                correction = self.corrector.correct(self.objective, theta, controls, self.process, state.target)
+                struggling = (not correction.converged
+                              or correction.iterations > self.config.max_corrector_iterations)
+                if not (self.corrector.adapts_step and struggling):
+                    break
+                rejected += 1
+                h /= 2
+                if h < self.config.min_step:
+                    raise StepSizeError(
+                        f"the step size fell below {self.config.min_step:g} at s={state.s:.6g}: the corrector "
+                        f"did not return to the surface (|grad J| = {correction.grad_norm:.3e})")
+            grow = self.corrector.adapts_step and correction.iterations <= 1
+            state = EngineState(correction.theta.detach(), correction.controls, s=state.s + h,
+                                step=state.step + 1, h=min(2 * h, h_max) if grow else h,
+                                target=state.target, warm_start=self._warm)
+            if on_step is not None:
+                on_step(StepReport(state, correction, self._stats.cg_iterations, rejected))
+        return state
+
+
+def first_law_residual(rows: list[dict[str, float]], sigma: float = 0.0) -> tuple[float, float]:
+    """(|ΔR + Σλ ΔD + Σγ ΔC + σΔS|, |ΔR|) over recorded rows, trapezoidal in λ and γ: the first
+    law dR = −λ dD − γ dC − σ dS (eq. 7) integrated along the path. Rows need R, D, C, lam, gamma
+    and, when σ > 0, S."""
+    total, delta_r = 0.0, 0.0
+    for a, b in zip(rows[:-1], rows[1:]):
+        d_r = b["R"] - a["R"]
+        total += (d_r + 0.5 * (a["lam"] + b["lam"]) * (b["D"] - a["D"])
+                  + 0.5 * (a["gamma"] + b["gamma"]) * (b["C"] - a["C"]) + (sigma * (b["S"] - a["S"]) if sigma else 0.0))
+        delta_r += d_r
+    return abs(total), abs(delta_r)

@@ -1,0 +1,183 @@
+"""The quasi-static engine on a small model whose equilibrium is reached to rounding.
+
+The model (6 pixels, a linear encoder and decoder, a one-dimensional latent, σ = 1e-2) is small
+enough that every tangent solve converges to 1e-12, so the drift of a pure ODE integration is the
+integrator's truncation error and its convergence order can be fitted.
+"""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from quasistatic import Controls, DataMixture, LabeledData, ModelConfig, Objective, build_model
+from quasistatic.correctors import available_correctors, make_corrector
+from quasistatic.engine import EngineConfig, QuasiStaticEngine, StepSizeError, first_law_residual
+from quasistatic.errors import InputError
+from quasistatic.integrators import available_integrators, make_integrator
+from quasistatic.polish import NotOnSurfaceError, polish, require_equilibrium
+from quasistatic.processes import ConstraintProcess, SingularConstraintError, make_process
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+SIGMA = 1e-2
+START = Controls(1.0, 4.0)
+LAM_END = 1.1
+TIGHT = {"solver_tol": 1e-12}
+
+
+def labeled(n: int, seed: int, shift: float) -> LabeledData:
+    g = torch.Generator().manual_seed(seed)
+    loadings = 2.5 * torch.randn(6, 2, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
+    logits = (torch.randn(n, 2, generator=g, dtype=torch.float64) @ loadings.T + shift
+              + 0.3 * torch.randn(n, 6, generator=g, dtype=torch.float64))
+    y = torch.randint(0, 3, (n,), generator=g)
+    return LabeledData(torch.sigmoid(logits).reshape(n, 1, 2, 3), y, 3, ("a", "b", "c"))
+
+
+def small_objective(mixture: bool = False) -> Objective:
+    model = build_model(ModelConfig(input_shape=(1, 2, 3), num_classes=3, latent_dim=1, hidden=()), seed=0).double()
+    data = DataMixture(labeled(12, 1, 0.0), labeled(12, 1, 0.3)) if mixture else labeled(12, 1, 0.0)
+    return Objective(model, data, samples=2, sigma=SIGMA)
+
+
+@pytest.fixture(scope="module")
+def surface():
+    objective = small_objective()
+    result = polish(objective, objective.initial_theta(), START, grad_tol=1e-10)
+    require_equilibrium(result, 1e-10)
+    return objective, result.theta
+
+
+def run(objective, theta, process, integrator="rk4", corrector="none", steps=4, **corrector_options):
+    options = {"grad_tol": 1e-10, **TIGHT, **corrector_options} if corrector == "newton" else corrector_options
+    engine = QuasiStaticEngine(objective, process, make_integrator(integrator), make_corrector(corrector, **options),
+                               EngineConfig(steps=steps, **TIGHT))
+    state = engine.start(theta, process.start)
+    rows = [row_of(objective, theta, process.start)]
+    reports = []
+
+    def on_step(report):
+        reports.append(report)
+        rows.append(row_of(objective, report.state.theta, report.state.controls))
+
+    engine.run(state, on_step)
+    return state.target, rows, reports
+
+
+def row_of(objective, theta, controls):
+    values = objective.report(theta, controls.t)
+    return {"lam": controls.lam, "gamma": controls.gamma, "t": controls.t, "R": values.R, "D": values.D,
+            "C": values.C, "S": values.S,
+            "grad_norm": float(torch.linalg.vector_norm(objective.gradient(theta, controls)))}
+
+
+def drift(rows, target):
+    return max(abs(row["C"] - target) / abs(target) for row in rows)
+
+
+def test_polish_reaches_the_surface(surface):
+    objective, theta = surface
+    assert float(torch.linalg.vector_norm(objective.gradient(theta, START))) <= 1e-10
+
+
+def test_polish_refuses_when_it_cannot_reach_the_surface():
+    objective = small_objective()
+    result = polish(objective, objective.initial_theta(), START, grad_tol=1e-10, max_iter=1, newton_iterations=1)
+    with pytest.raises(NotOnSurfaceError, match=r"starting model must reach equilibrium \|grad J\| <= 1e-10"):
+        require_equilibrium(result, 1e-10)
+
+
+def test_iso_classification_with_newton_corrector_holds_c_and_the_first_law(surface):
+    objective, theta = surface
+    process = make_process("iso-classification", START, lam_end=LAM_END)
+    target, rows, reports = run(objective, theta, process, corrector="newton")
+    assert rows[-1]["lam"] == pytest.approx(LAM_END)
+    assert drift(rows, target) <= 1e-10
+    assert rows[-1]["grad_norm"] <= max(rows[0]["grad_norm"], 1e-10)
+    residual, delta_r = first_law_residual(rows, SIGMA)
+    assert residual <= 1e-3 * delta_r, (residual, delta_r)
+    assert abs(rows[-1]["gamma"] - START.gamma) > 1e-3  # γ had to move to hold C
+    assert all(r.correction.converged for r in reports)
+
+
+@pytest.mark.parametrize("integrator, steps", [("euler", (4, 8, 16)), ("heun", (4, 8, 16)), ("rk4", (2, 4, 8))])
+def test_drift_without_corrector_falls_at_the_integrators_order(surface, integrator, steps):
+    objective, theta = surface
+    drifts = []
+    for n in steps:
+        process = make_process("iso-classification", START, lam_end=LAM_END)
+        target, rows, _ = run(objective, theta, process, integrator=integrator, steps=n)
+        drifts.append(drift(rows, target))
+    slope = -np.polyfit(np.log(steps), np.log(drifts), 1)[0]
+    order = make_integrator(integrator).order
+    assert abs(slope - order) < 0.35, (integrator, drifts, slope)
+
+
+@pytest.mark.parametrize("corrector", available_correctors())
+@pytest.mark.parametrize("integrator", available_integrators())
+def test_every_integrator_and_corrector_runs_the_process(surface, integrator, corrector):
+    objective, theta = surface
+    process = make_process("iso-classification", START, lam_end=LAM_END)
+    options = {"epochs": 2, "batch_size": 4} if corrector == "equilibrate" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        target, rows, reports = run(objective, theta, process, integrator=integrator, corrector=corrector,
+                                    steps=2, **options)
+    assert rows[-1]["lam"] == pytest.approx(LAM_END)
+    assert len(reports) >= 2 and all(math.isfinite(r["C"]) for r in rows)
+    if corrector == "newton":
+        assert drift(rows, target) <= 1e-10
+    elif corrector == "none":
+        assert drift(rows, target) <= 1e-3
+
+
+def test_transfer_process_moves_the_data_at_constant_c():
+    objective = small_objective(mixture=True)
+    theta = polish(objective, objective.initial_theta(), START, grad_tol=1e-10).theta
+    process = make_process("iso-classification-transfer", START)
+    target, rows, _ = run(objective, theta, process, corrector="newton", steps=4)
+    assert rows[-1]["t"] == pytest.approx(1.0)
+    assert drift(rows, target) <= 1e-10
+
+
+def test_a_process_defined_by_subclassing_runs():
+    class IsoDistortion(ConstraintProcess):
+        """Keep D constant while λ grows (γ adjusts)."""
+
+        weights = (0.0, 1.0, 0.0)
+
+        def driven_rates(self, s, controls):
+            return 0.1, 0.0
+
+    objective = small_objective()
+    theta = polish(objective, objective.initial_theta(), START, grad_tol=1e-10).theta
+    target, rows, _ = run(objective, theta, IsoDistortion(START), corrector="newton", steps=2)
+    assert max(abs(row["D"] - target) for row in rows) <= 1e-10 * abs(target)
+    assert rows[-1]["lam"] == pytest.approx(START.lam + 0.1)
+
+
+def test_singular_constraint_stops_with_a_clear_error(surface, monkeypatch):
+    objective, theta = surface
+    process = make_process("iso-classification", START, lam_end=LAM_END)
+    monkeypatch.setattr(type(process), "singular_tolerance", 1e12)  # every C_γ now counts as ≈ 0
+    with pytest.raises(SingularConstraintError, match="constraint derivative along gamma must be non-zero"):
+        run(objective, theta, process)
+
+
+def test_step_size_underflow_is_a_clear_error(surface):
+    objective, theta = surface
+    process = make_process("iso-classification", START, lam_end=3.0)
+    engine = QuasiStaticEngine(objective, process, make_integrator("euler"),
+                               make_corrector("newton", grad_tol=1e-30, max_iter=1), EngineConfig(steps=1, min_step=0.2))
+    with pytest.raises(StepSizeError, match="step size fell below 0.2"):
+        engine.run(engine.start(theta, START))
+
+
+def test_transfer_process_needs_a_mixture(surface):
+    objective, _ = surface
+    with pytest.raises(InputError, match="must run on a source/target mixture"):
+        QuasiStaticEngine(objective, make_process("iso-classification-transfer", START), make_integrator("rk4"),
+                          make_corrector("none"))
