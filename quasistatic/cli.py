@@ -16,14 +16,21 @@ from collections.abc import Sequence
 import torch
 
 from . import __version__
+from .baselines import FiniteDifferenceEquilibration
 from .checkpoint import load_checkpoint, save_checkpoint
+from .correctors import available_correctors, make_corrector
 from .data import available_datasets, load_dataset
+from .engine import EngineConfig, QuasiStaticEngine, StepSizeError, first_law_residual
 from .equilibrate import DivergenceError, EquilibrationConfig, equilibrate
 from .errors import InputError, bad_value, choice_error
 from .models import ModelConfig, available_architectures, build_model
 from .objective import Controls, Objective
+from .integrators import available_integrators, make_integrator
 from .plots import plot_columns
+from .polish import polish, require_equilibrium
+from .processes import available_processes, make_process
 from .rundir import CsvLog, RunDirectory
+from .trajectory import TrajectoryRecorder, plot_trajectory
 
 __all__ = ["main"]
 
@@ -79,7 +86,45 @@ def _parser() -> argparse.ArgumentParser:
     eq.add_argument("--from-checkpoint", default=None,
                     help="start from this checkpoint with the equilibration schedule η(s) instead of from scratch")
     eq.set_defaults(run=_equilibrate)
+
+    iso = commands.add_parser("iso-classification", help="run the iso-classification process (eqs. 20-22)")
+    iso.add_argument("--lam-end", type=float, default=None, help="final λ (λ̇ = λ_end − λ over s ∈ [0, 1])")
+    iso.add_argument("--alpha", type=float, default=None, help="Remark 7's form λ̇ = −αC_γ, γ̇ = αC_λ instead")
+    iso.set_defaults(run=_iso_classification)
+    generic = commands.add_parser("process", help="run any registered quasi-static process")
+    generic.add_argument("--process", required=True, help=f"one of {', '.join(available_processes())}")
+    for flag, help_text in (("--lam-end", "final λ"), ("--alpha", "Remark 7's time scale α"),
+                            ("--beta", "β of C + β⁻¹R (iso-c-rate)"), ("--lam-rate", "λ̇ (free)"),
+                            ("--gamma-rate", "γ̇ (free)"), ("--slope", "k = dD/dR (geodesic-transfer)"),
+                            ("--k", "λ̇ (constant-lambda-rate)")):
+        generic.add_argument(flag, type=float, default=None, help=help_text)
+    generic.set_defaults(run=_generic_process)
+    for sub in (iso, generic):
+        _data_arguments(sub)
+        _model_arguments(sub)
+        _run_arguments(sub)
+        _engine_arguments(sub)
+        sub.set_defaults(dtype="float64")  # processes need derivatives to rounding: float64 unless asked
     return parser
+
+
+def _engine_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("process")
+    group.add_argument("--steps", type=int, default=10, help="steps over s ∈ [0, 1] (default 10)")
+    group.add_argument("--integrator", default="rk4", help=f"one of {', '.join(available_integrators())}")
+    group.add_argument("--corrector", default="newton", help=f"one of {', '.join(available_correctors())}")
+    group.add_argument("--method", default="engine", help="engine (default) or fd-equilibration (the paper's)")
+    group.add_argument("--solver", default="cg", help="linear solver of the tangent systems (default cg)")
+    group.add_argument("--solver-tol", type=float, default=1e-8, help="relative residual of the solves")
+    group.add_argument("--polish-tol", type=float, default=1e-6,
+                       help="‖∇θJ‖ the start must reach, and the newton corrector's tolerance (default 1e-6)")
+    group.add_argument("--rtol", type=float, default=None, help="adaptive integrators: relative tolerance")
+    group.add_argument("--atol", type=float, default=None, help="adaptive integrators: absolute tolerance")
+    group.add_argument("--from-checkpoint", default=None, help="start from this checkpoint instead of equilibrating")
+    group.add_argument("--epochs", type=int, default=120, help="epochs of the initial equilibration (default 120)")
+    group.add_argument("--batch-size", type=int, default=32, help="minibatch size of equilibrations (default 32)")
+    group.add_argument("--fd-step", type=float, default=1e-2, help="fd-equilibration: finite-difference step")
+    group.add_argument("--fd-epochs", type=int, default=10, help="fd-equilibration: epochs per equilibration")
 
 
 def _device(name: str) -> torch.device:
@@ -97,12 +142,14 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _hidden(spec: str) -> tuple[int, ...]:
+    if spec.strip() == "":
+        return ()  # no hidden layer: linear encoder and decoder
     try:
         widths = tuple(int(w) for w in spec.split(","))
     except ValueError:
         widths = ()
     if not widths or min(widths) < 1:
-        raise bad_value("--hidden", "comma-separated positive integers such as 64,64", spec)
+        raise bad_value("--hidden", "comma-separated positive integers such as 64,64 (or '' for none)", spec)
     return widths
 
 
@@ -179,6 +226,97 @@ def _equilibrate(args: argparse.Namespace) -> int:
     print(f"equilibrated: R={float(last['R']):.4f} D={float(last['D']):.4f} C={float(last['C']):.4f} "
           f"val_acc={float(last['val_acc']):.4f} (encoder mean) grad_norm={float(last['grad_norm']):.3e}")
     print(f"wrote {run.file('metrics.csv')}, {run.file('curves.png')}, {run.file('checkpoint.pt')}")
+    return 0
+
+
+METHODS = ("engine", "fd-equilibration")
+
+
+def _iso_classification(args: argparse.Namespace) -> int:
+    return _run_process(args, "iso-classification", {"lam_end": args.lam_end, "alpha": args.alpha})
+
+
+def _generic_process(args: argparse.Namespace) -> int:
+    params = {name: getattr(args, name) for name in ("lam_end", "alpha", "beta", "lam_rate", "gamma_rate", "slope", "k")}
+    return _run_process(args, args.process, params)
+
+
+def _run_process(args: argparse.Namespace, name: str, params: dict) -> int:
+    """Start on the surface (equilibrate or a checkpoint, then polish) and run the process."""
+    controls = Controls(args.lam, args.gamma)
+    device, dtype = _device(args.device), _dtype(args.dtype)
+    process = make_process(name, controls, **{k: v for k, v in params.items() if v is not None})
+    if process.uses_mixture:
+        raise InputError(f"process {name!r} must run on a source/target mixture, got the single data set "
+                         f"{args.dataset!r} (use the transfer command)")
+    if args.steps < 1:
+        raise bad_value("--steps", "an integer >= 1", args.steps)
+    if args.method not in METHODS:
+        raise choice_error("method", METHODS, args.method)
+    if args.samples < 1:
+        raise bad_value("--samples", "an integer >= 1", args.samples)
+    integrator = make_integrator(args.integrator, rtol=args.rtol, atol=args.atol)
+    corrector = make_corrector(args.corrector, **({"grad_tol": args.polish_tol, "solver": args.solver}
+                                                  if args.corrector == "newton" else {}))
+    if args.dataset not in available_datasets():
+        raise choice_error("dataset", available_datasets(), args.dataset)
+    run = RunDirectory(args.out, overwrite=args.overwrite, resume=args.resume)
+    split = load_dataset(args.dataset, data_dir=args.data_dir, classes=args.classes, relabel=args.relabel,
+                         seed=args.seed, val_fraction=args.val_fraction, download=args.download)
+    model_config = _model_config(args, split)
+    if args.resume:
+        run.check_resumable(_settings(args), ignore=("resume", "overwrite", "no_progress", "device", "out"))
+    if args.resume and run.file("start.pt").exists():
+        model = load_checkpoint(run.file("start.pt"), expect=model_config).model(device, dtype)
+    elif args.from_checkpoint:
+        checkpoint = load_checkpoint(args.from_checkpoint, expect=model_config)
+        saved = checkpoint.controls
+        if (saved.lam, saved.gamma) != (controls.lam, controls.gamma):
+            raise InputError(f"--lam and --gamma must equal the checkpoint's controls ({saved.lam:g}, {saved.gamma:g}), "
+                             f"got ({controls.lam:g}, {controls.gamma:g})")
+        model = checkpoint.model(device, dtype)
+    else:
+        model = build_model(model_config, seed=args.seed)
+        start = Objective(model, split.train, samples=args.samples, noise_seed=args.seed, sigma=args.sigma)
+        equilibrate(start, controls, EquilibrationConfig(epochs=args.epochs, batch_size=args.batch_size),
+                    seed=args.seed, progress=not args.no_progress)
+        model = model.to(device=device, dtype=dtype)
+    train = Objective(model, split.train, samples=args.samples, noise_seed=args.seed, sigma=args.sigma)
+    val = Objective(model, split.val, samples=args.samples, noise_seed=args.seed + 1000, sigma=args.sigma)
+    run.prepare()
+    if not args.resume:
+        run.write_json("config.json", {"settings": _settings(args), "model": model_config.to_dict(),
+                                       "process": process.describe(), "versions": _versions(),
+                                       "data": {"name": split.name, "train": len(split.train), "val": len(split.val)}})
+        save_checkpoint(run.file("start.pt"), model, controls, {"dataset": split.name, "classes": args.classes})
+    recorder = TrajectoryRecorder(run, train, val)
+    state = recorder.restore() if args.resume else None
+    engine = QuasiStaticEngine(train, process, integrator, corrector,
+                               EngineConfig(steps=args.steps, solver=args.solver, solver_tol=args.solver_tol))
+    if state is None:
+        polished = polish(train, train.initial_theta(), controls, grad_tol=args.polish_tol)
+        require_equilibrium(polished, args.polish_tol)
+        state = engine.start(polished.theta, controls)
+        recorder.record(state)
+    method = engine if args.method == "engine" else FiniteDifferenceEquilibration(
+        train, process, steps=args.steps, fd_step=args.fd_step, epochs=args.fd_epochs, batch_size=args.batch_size,
+        seed=args.seed)
+    try:
+        method.run(state, recorder.on_step)
+    except (StepSizeError, DivergenceError) as error:
+        print(f"quasistatic: {error}; the trajectory so far is in {run.file('trajectory.csv')}", file=sys.stderr)
+        return 1
+    rows = recorder.log.rows()
+    plots = plot_trajectory(rows, run.path, f"{name} ({args.method})")
+    values = [{k: float(v) for k, v in row.items()} for row in rows]
+    c0 = values[0]["C"]
+    residual, delta_r = first_law_residual(values, args.sigma)
+    print(f"{name} ({args.method}, {args.integrator}/{args.corrector}): {len(rows) - 1} steps, "
+          f"max |C - C0|/C0 = {max(abs(v['C'] - c0) for v in values) / abs(c0):.3e}, "
+          f"first law |dR + lam dD + gamma dC + sigma dS| = {residual:.3e} of |dR| = {delta_r:.3e}, "
+          f"grad_norm {values[0]['grad_norm']:.2e} -> {values[-1]['grad_norm']:.2e}, "
+          f"{values[-1]['grad_evals']:.0f} gradient-equivalents")
+    print(f"wrote {run.file('trajectory.csv')}, " + ", ".join(str(p) for p in plots))
     return 0
 
 

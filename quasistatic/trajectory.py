@@ -1,0 +1,77 @@
+"""Recording a process: one row per accepted step in trajectory.csv, a resumable state after
+every step, and the paper's figures (Fig. 2: R–D curve, (λ, γ) path, C and accuracy; Fig. 4: F)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .engine import EngineState, StepReport
+from .evaluation import measure
+from .objective import Objective
+from .plots import plot_columns
+from .rundir import CsvLog, RunDirectory, atomic_save
+
+__all__ = ["TRAJECTORY_COLUMNS", "TrajectoryRecorder", "plot_trajectory"]
+
+TRAJECTORY_COLUMNS = ("step", "s", "lam", "gamma", "t", "R", "D", "C", "F", "val_C", "val_acc", "grad_norm",
+                      "cg_iters", "grad_evals", "wall_s", "S", "corrector_iters", "rejected_steps", "h")
+STATE_FILE = "state.pt"
+
+
+class TrajectoryRecorder:
+    """Appends a row and saves the engine state after every step; ``restore`` continues a run."""
+
+    def __init__(self, run: RunDirectory, train: Objective, val: Objective | None) -> None:
+        self.run, self.train, self.val = run, train, val
+        self.log = CsvLog(run.file("trajectory.csv"), TRAJECTORY_COLUMNS)
+        self.wall_before = 0.0
+        self.started = time.perf_counter()
+
+    def row(self, state: EngineState, cg_iters: int = 0, corrector_iters: int = 0, rejected: int = 0) -> dict:
+        """Measurements at ``state`` (bookkeeping: not counted as the method's work)."""
+        with self.train.work.paused():
+            measured = measure(self.train, state.theta, state.controls, self.val)
+        c = state.controls
+        return {"step": state.step, "s": state.s, "lam": c.lam, "gamma": c.gamma, "t": c.t, **measured,
+                "cg_iters": cg_iters, "corrector_iters": corrector_iters, "rejected_steps": rejected, "h": state.h,
+                "grad_evals": self.train.work.gradient_equivalents,
+                "wall_s": self.wall_before + time.perf_counter() - self.started}
+
+    def record(self, state: EngineState, **counts: int) -> dict:
+        row = self.row(state, **counts)
+        self.log.append(row)
+        atomic_save({"state": state, "work": self.train.work.snapshot(), "wall_s": row["wall_s"]},
+                    self.run.file(STATE_FILE))
+        return row
+
+    def on_step(self, report: StepReport) -> None:
+        self.record(report.state, cg_iters=report.tangent_cg_iterations + report.correction.cg_iterations,
+                    corrector_iters=report.correction.iterations, rejected=report.rejected)
+
+    def restore(self) -> EngineState | None:
+        """The state after the last recorded step (rows after it dropped), or None."""
+        path = self.run.file(STATE_FILE)
+        if not path.exists():
+            return None
+        saved = torch.load(path, weights_only=False)
+        state: EngineState = saved["state"]
+        self.log.keep_first(state.step + 1)
+        self.train.work.restore(saved["work"])
+        self.wall_before = saved["wall_s"]
+        return state
+
+
+def plot_trajectory(rows: list[dict[str, str]], directory: Path, title: str) -> list[Path]:
+    """Fig. 2 (R–D curve, (λ, γ) path, C and val_C, val_acc) and Fig. 4b (F per step) as PNGs."""
+    paths = [
+        plot_columns(rows, "D", [("R",)], directory / "rate_distortion.png", title=f"{title}: R–D curve"),
+        plot_columns(rows, "lam", [("gamma",)], directory / "controls.png", title=f"{title}: (λ, γ) path"),
+        plot_columns(rows, "step", [("C", "val_C"), ("val_acc",), ("grad_norm",)], directory / "classification.png",
+                     title=f"{title}: classification loss and accuracy"),
+        plot_columns(rows, "step", [("F",)], directory / "free_energy.png", title=f"{title}: free energy"),
+    ]
+    return paths
+

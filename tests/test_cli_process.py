@@ -1,0 +1,147 @@
+"""`quasistatic iso-classification` and `quasistatic process`: a run end to end on a small
+well-posed data set, resume, the paper's baseline, and every bad input."""
+
+import csv
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from quasistatic.cli import main
+from quasistatic.data import DataSplit, LabeledData, available_datasets, register_dataset
+from quasistatic.engine import first_law_residual
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+SMALL = "small-test-set"
+
+
+def _labeled(n: int, seed: int) -> LabeledData:
+    g = torch.Generator().manual_seed(seed)
+    loadings = 2.5 * torch.randn(6, 2, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
+    logits = torch.randn(n, 2, generator=g, dtype=torch.float64) @ loadings.T + 0.3 * torch.randn(n, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return LabeledData(torch.sigmoid(logits).reshape(n, 1, 2, 3).float(), y, 3, ("a", "b", "c"))
+
+
+def _small(data_dir=None, *, download=False, seed=0, val_fraction=0.2) -> DataSplit:
+    return DataSplit(_labeled(12, 1), _labeled(8, 2), SMALL)
+
+
+if SMALL not in available_datasets():
+    register_dataset(SMALL, _small)
+
+BASE = ["--dataset", SMALL, "--hidden", "", "--latent-dim", "1", "--samples", "2", "--sigma", "1e-2",
+        "--lam", "1", "--gamma", "4", "--epochs", "30", "--batch-size", "4", "--no-progress",
+        "--polish-tol", "1e-9", "--solver-tol", "1e-12"]
+
+
+def rows(path: Path) -> list[dict[str, float]]:
+    with (path / "trajectory.csv").open() as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def tree_hash(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def iso_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("iso") / "run"
+    assert main(["iso-classification", *BASE, "--lam-end", "1.1", "--steps", "3", "--out", str(out)]) == 0
+    return out
+
+
+def test_iso_classification_run_writes_trajectory_and_plots(iso_run):
+    recorded = rows(iso_run)
+    assert [r["step"] for r in recorded] == [0, 1, 2, 3]
+    assert recorded[-1]["lam"] == pytest.approx(1.1) and recorded[-1]["s"] == pytest.approx(1.0)
+    c0 = recorded[0]["C"]
+    assert max(abs(r["C"] - c0) for r in recorded) <= 1e-8 * c0
+    assert recorded[-1]["grad_norm"] <= max(recorded[0]["grad_norm"], 1e-9)
+    residual, delta_r = first_law_residual(recorded, 1e-2)
+    assert residual <= 0.02 * delta_r
+    evals = [r["grad_evals"] for r in recorded]
+    assert evals == sorted(evals) and evals[-1] > evals[0]
+    for name in ("config.json", "start.pt", "rate_distortion.png", "controls.png", "classification.png",
+                 "free_energy.png"):
+        assert (iso_run / name).stat().st_size > 0, name
+
+
+def test_resume_after_an_interruption_gives_the_same_trajectory(iso_run, tmp_path):
+    out = tmp_path / "run"
+    args = ["iso-classification", *BASE, "--lam-end", "1.1", "--steps", "3", "--out", str(out)]
+    from quasistatic import trajectory
+
+    original = trajectory.TrajectoryRecorder.on_step
+    calls = {"n": 0}
+
+    def interrupt_after_two(self, report):
+        original(self, report)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    trajectory.TrajectoryRecorder.on_step = interrupt_after_two
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            main(args)
+    finally:
+        trajectory.TrajectoryRecorder.on_step = original
+    assert len(rows(out)) == 3
+    assert main([*args, "--resume"]) == 0
+    resumed, uninterrupted = rows(out), rows(iso_run)
+    assert len(resumed) == len(uninterrupted)
+    for a, b in zip(resumed, uninterrupted):
+        for key in ("lam", "gamma", "R", "D", "C", "grad_evals"):
+            assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), key
+
+
+def test_fd_equilibration_baseline_runs_on_the_same_path(tmp_path):
+    out = tmp_path / "fd"
+    assert main(["iso-classification", *BASE, "--lam-end", "1.1", "--steps", "2", "--method", "fd-equilibration",
+                 "--fd-epochs", "2", "--out", str(out)]) == 0
+    recorded = rows(out)
+    assert len(recorded) == 3 and recorded[-1]["lam"] == pytest.approx(1.1)
+    assert recorded[-1]["grad_evals"] > recorded[0]["grad_evals"]
+
+
+def test_generic_process_command_runs_iso_c_rate(tmp_path):
+    out = tmp_path / "rate"
+    assert main(["process", "--process", "iso-c-rate", "--beta", "2", "--lam-end", "1.1", "--steps", "2", *BASE,
+                 "--out", str(out)]) == 0
+    recorded = rows(out)
+    kept = [r["C"] + r["R"] / 2 for r in recorded]
+    assert max(abs(k - kept[0]) for k in kept) <= 1e-8 * abs(kept[0])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--integrator", "rk5"], "integrator must be one of"),
+    (["--corrector", "magic"], "corrector must be one of"),
+    (["--method", "guess"], "method must be one of"),
+    (["--steps", "0"], "--steps must be an integer >= 1, got 0"),
+    (["--lam-end", "1"], "lam_end must be different from the starting lambda"),
+    (["--lam", "-1"], "lambda must be a number >= 0"),
+])
+def test_bad_input_exits_2_and_keeps_earlier_output(iso_run, capsys, extra, message):
+    before = tree_hash(iso_run)
+    args = ["iso-classification", *BASE, "--lam-end", "1.1", "--out", str(iso_run), "--overwrite", *extra]
+    if "--lam-end" in extra:
+        args.remove("1.1")
+        args.remove("--lam-end")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("quasistatic: error:") and message in err and "\n" not in err, err
+    assert tree_hash(iso_run) == before
+
+
+def test_unknown_process_and_checkpoint_controls(iso_run, tmp_path, capsys):
+    assert main(["process", "--process", "iso-x", *BASE, "--out", str(tmp_path / "x")]) == 2
+    assert "process must be one of" in capsys.readouterr().err
+    assert main(["iso-classification", *BASE, "--lam-end", "1.1", "--lam", "2", "--lam-end", "2.5",
+                 "--from-checkpoint", str(iso_run / "start.pt"), "--out", str(tmp_path / "y")]) == 2
+    assert "must equal the checkpoint's controls (1, 4), got (2, 4)" in capsys.readouterr().err
+    assert main(["process", "--process", "iso-classification-transfer", *BASE, "--out", str(tmp_path / "z")]) == 2
+    assert "must run on a source/target mixture" in capsys.readouterr().err
