@@ -10,7 +10,6 @@ back when it converges at once.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
