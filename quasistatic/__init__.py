@@ -23,9 +23,44 @@ from .functionals import FixedNoiseFunctionals, Functionals  # noqa: E402
 from .models import ModelConfig, RepresentationModel, available_architectures, build_model, register_architecture  # noqa: E402
 from .objective import Controls, Objective  # noqa: E402
 from .parameters import ParameterLayout  # noqa: E402
+from .curvature import CurvatureOperator  # noqa: E402
+from .solvers import available_solvers, register_solver, solve  # noqa: E402
+from .tangents import Sensitivities, Tangents, equilibrium_tangents  # noqa: E402
+from .integrators import Integrator, available_integrators, make_integrator, register_integrator  # noqa: E402
+from .processes import ConstraintProcess, Process, available_processes, make_process, register_process  # noqa: E402
+from .correctors import Corrector, available_correctors, make_corrector, register_corrector  # noqa: E402
+from .engine import EngineConfig, EngineState, QuasiStaticEngine, first_law_residual  # noqa: E402
+from .polish import polish  # noqa: E402
+from .baselines import FiniteDifferenceEquilibration  # noqa: E402
 
 __all__ = [
     "__version__",
+    "ConstraintProcess",
+    "Corrector",
+    "CurvatureOperator",
+    "EngineConfig",
+    "EngineState",
+    "FiniteDifferenceEquilibration",
+    "Integrator",
+    "Process",
+    "QuasiStaticEngine",
+    "Sensitivities",
+    "Tangents",
+    "available_correctors",
+    "available_integrators",
+    "available_processes",
+    "available_solvers",
+    "equilibrium_tangents",
+    "first_law_residual",
+    "make_corrector",
+    "make_integrator",
+    "make_process",
+    "polish",
+    "register_corrector",
+    "register_integrator",
+    "register_process",
+    "register_solver",
+    "solve",
     "Checkpoint",
     "Controls",
     "DataMixture",
