@@ -2,11 +2,18 @@
 
 The first law and the tangent equations hold only at equilibrium (eq. 15), and an Adam run stops
 short of it (its last updates are at a tiny learning rate, so ‖∇θJ‖ stays at the level of the
-minibatch noise). The polish is a trust-region Newton–Krylov minimization of the full-batch J
-with our Hessian-vector products: scipy's ``trust-krylov`` (GLTR; Gould et al. 1999) moves along
-directions of negative curvature instead of stalling at saddles, which a line-search Newton or
-L-BFGS does not. scipy works on host numpy arrays, so each HVP crosses the host boundary once;
-that is negligible on CPU and acceptable on a GPU for a one-off start.
+minibatch noise). The polish has two phases on the full-batch J:
+
+1. L-BFGS (scipy's L-BFGS-B, memory 30) while ‖∇θJ‖ > ``switch_tol``: after Adam the iterate is in
+   a long, flat, non-convex valley where Newton steps are mostly rejected and a trust-region Newton
+   (scipy trust-krylov/trust-ncg) spends ~100 Hessian products per iteration; L-BFGS descends it for
+   one gradient per iteration.
+2. The unconstrained ``newton`` corrector (Newton–CG with Levenberg–Marquardt damping and a line
+   search) from there, which converges quadratically once inside the basin (on the digits MLP,
+   hidden (32,), σ = 3e-2: L-BFGS to 3e-4 in 92 s, then 16 Newton iterations to 2.6e-9).
+
+scipy works on host numpy arrays, so each gradient crosses the host boundary once: negligible on
+CPU, acceptable on a GPU for a one-off start.
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ from scipy.optimize import minimize
 from torch import Tensor
 
 from .correctors import NewtonCorrector
-from .curvature import CurvatureOperator
 from .errors import InputError, bad_value
 from .objective import Controls, Objective
 
@@ -40,35 +46,40 @@ class PolishResult:
 
 
 def polish(objective: Objective, theta: Tensor, controls: Controls, *, grad_tol: float = 1e-6,
-           max_iter: int = 300, newton_iterations: int = 10, operator: str = "hessian") -> PolishResult:
-    """Minimize J(·; λ, γ, t) from θ until ‖∇θJ‖ ≤ grad_tol: trust-region Newton–Krylov
-    (``max_iter`` iterations at most), then Newton (``newton_iterations`` at most)."""
+           switch_tol: float = 3e-4, max_iter: int = 20_000, newton_iterations: int = 30,
+           operator: str = "hessian") -> PolishResult:
+    """Minimize J(·; λ, γ, t) from θ until ‖∇θJ‖ ≤ grad_tol: L-BFGS (at most ``max_iter``
+    iterations) down to ``switch_tol``, then Newton (at most ``newton_iterations``)."""
     if not grad_tol > 0:
         raise bad_value("polish tolerance", "a number > 0", grad_tol)
     like = theta.detach()
-
-    def tensor(x: np.ndarray) -> Tensor:
-        return torch.as_tensor(np.asarray(x), dtype=like.dtype).to(like.device)
-
-    def value(x: np.ndarray) -> float:
-        objective.work.forwards += 1
-        return float(objective.value(tensor(x), controls))
-
-    def gradient(x: np.ndarray) -> np.ndarray:
-        return objective.gradient(tensor(x), controls).cpu().numpy()
-
-    def hessp(x: np.ndarray, p: np.ndarray) -> np.ndarray:
-        return CurvatureOperator(objective, tensor(x), controls, kind=operator)(tensor(p)).cpu().numpy()
-
     before = float(torch.linalg.vector_norm(objective.gradient(like, controls)))
     if before <= grad_tol:
         return PolishResult(like, before, before, 0, True)
-    result = minimize(value, like.cpu().numpy(), jac=gradient, hessp=hessp, method="trust-krylov",
-                      options={"gtol": grad_tol, "maxiter": max_iter})
+    last_norm = [before]
+
+    def value_and_gradient(x: np.ndarray) -> tuple[float, np.ndarray]:
+        point = torch.as_tensor(np.asarray(x), dtype=like.dtype).to(like.device)
+        objective.work.forwards += 1
+        value = float(objective.value(point, controls))
+        gradient = objective.gradient(point, controls)
+        last_norm[0] = float(torch.linalg.vector_norm(gradient))
+        return value, gradient.cpu().numpy()
+
+    def stop_when_close(intermediate_result: object) -> None:
+        if last_norm[0] <= max(switch_tol, grad_tol):
+            raise StopIteration
+
+    iterations = 0
+    if before > switch_tol:
+        result = minimize(value_and_gradient, like.cpu().numpy(), jac=True, method="L-BFGS-B",
+                          callback=stop_when_close,
+                          options={"maxiter": max_iter, "maxcor": 30, "gtol": 0.0, "ftol": 0.0})
+        like = torch.as_tensor(result.x, dtype=like.dtype).to(like.device)
+        iterations = int(result.nit)
     finish = NewtonCorrector(grad_tol=grad_tol, max_iter=newton_iterations, solver_tol=min(1e-8, grad_tol),
-                             operator=operator).correct(objective, tensor(result.x), controls, None, None)
-    return PolishResult(finish.theta, before, finish.grad_norm, int(result.nit) + finish.iterations,
-                        finish.converged)
+                             operator=operator).correct(objective, like, controls, None, None)
+    return PolishResult(finish.theta, before, finish.grad_norm, iterations + finish.iterations, finish.converged)
 
 
 def require_equilibrium(result: PolishResult, grad_tol: float) -> None:
