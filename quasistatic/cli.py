@@ -162,6 +162,19 @@ def _model_config(args: argparse.Namespace, split) -> ModelConfig:
                        likelihood="gaussian" if split.name == "cifar10" else "bernoulli")
 
 
+def _objectives(args: argparse.Namespace, model, split) -> tuple[Objective, Objective]:
+    """J on the training split and on the validation split (its own fixed noise)."""
+    return (Objective(model, split.train, samples=args.samples, noise_seed=args.seed, sigma=args.sigma),
+            Objective(model, split.val, samples=args.samples, noise_seed=args.seed + 1000, sigma=args.sigma))
+
+
+def _write_config(run: RunDirectory, args: argparse.Namespace, model_config: ModelConfig, split, **extra) -> None:
+    """config.json: every setting, the model, the versions, the data, and the command's own part."""
+    run.write_json("config.json", {"settings": _settings(args), "model": model_config.to_dict(), **extra,
+                                   "versions": _versions(),
+                                   "data": {"name": split.name, "train": len(split.train), "val": len(split.val)}})
+
+
 def _settings(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("run", "command")}
 
@@ -190,13 +203,10 @@ def _equilibrate(args: argparse.Namespace) -> int:
     else:
         model = build_model(model_config, seed=args.seed).to(device=device, dtype=dtype)
 
-    train = Objective(model, split.train, samples=args.samples, noise_seed=args.seed, sigma=args.sigma)
-    val = Objective(model, split.val, samples=args.samples, noise_seed=args.seed + 1000, sigma=args.sigma)
+    train, val = _objectives(args, model, split)
     run.prepare()
     if not args.resume:
-        run.write_json("config.json", {"settings": _settings(args), "model": model_config.to_dict(),
-                                       "equilibration": config.to_dict(), "versions": _versions(),
-                                       "data": {"name": split.name, "train": len(split.train), "val": len(split.val)}})
+        _write_config(run, args, model_config, split, equilibration=config.to_dict())
     log = CsvLog(run.file("metrics.csv"), EQUILIBRATE_COLUMNS)
     start_epoch = 0 if state is None else state["epoch"] + 1
     log.keep_first(start_epoch)
@@ -281,13 +291,10 @@ def _run_process(args: argparse.Namespace, name: str, params: dict) -> int:
         equilibrate(start, controls, EquilibrationConfig(epochs=args.epochs, batch_size=args.batch_size),
                     seed=args.seed, progress=not args.no_progress)
         model = model.to(device=device, dtype=dtype)
-    train = Objective(model, split.train, samples=args.samples, noise_seed=args.seed, sigma=args.sigma)
-    val = Objective(model, split.val, samples=args.samples, noise_seed=args.seed + 1000, sigma=args.sigma)
+    train, val = _objectives(args, model, split)
     run.prepare()
     if not args.resume:
-        run.write_json("config.json", {"settings": _settings(args), "model": model_config.to_dict(),
-                                       "process": process.describe(), "versions": _versions(),
-                                       "data": {"name": split.name, "train": len(split.train), "val": len(split.val)}})
+        _write_config(run, args, model_config, split, process=process.describe())
         save_checkpoint(run.file("start.pt"), model, controls, {"dataset": split.name, "classes": args.classes})
     recorder = TrajectoryRecorder(run, train, val)
     state = recorder.restore() if args.resume else None

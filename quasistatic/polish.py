@@ -87,5 +87,5 @@ def require_equilibrium(result: PolishResult, grad_tol: float) -> None:
     if not result.converged:
         raise NotOnSurfaceError(
             f"the starting model must reach equilibrium |grad J| <= {grad_tol:g} before a process starts, got "
-            f"{result.grad_norm:.3e} after {result.iterations} trust-region Newton iterations (from "
+            f"{result.grad_norm:.3e} after {result.iterations} L-BFGS and Newton iterations (from "
             f"{result.grad_norm_before:.3e}); equilibrate longer or raise the polish tolerance")

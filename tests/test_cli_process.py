@@ -9,24 +9,18 @@ import pytest
 import torch
 
 from quasistatic.cli import main
-from quasistatic.data import DataSplit, LabeledData, available_datasets, register_dataset
+from quasistatic.data import DataSplit, available_datasets, register_dataset
 from quasistatic.engine import first_law_residual
+from small_problem import small_labeled
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
 SMALL = "small-test-set"
 
 
-def _labeled(n: int, seed: int) -> LabeledData:
-    g = torch.Generator().manual_seed(seed)
-    loadings = 2.5 * torch.randn(6, 2, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
-    logits = torch.randn(n, 2, generator=g, dtype=torch.float64) @ loadings.T + 0.3 * torch.randn(n, 6, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (n,), generator=g)
-    return LabeledData(torch.sigmoid(logits).reshape(n, 1, 2, 3).float(), y, 3, ("a", "b", "c"))
-
-
 def _small(data_dir=None, *, download=False, seed=0, val_fraction=0.2) -> DataSplit:
-    return DataSplit(_labeled(12, 1), _labeled(8, 2), SMALL)
+    train, val = small_labeled(12, 1), small_labeled(8, 2)
+    return DataSplit(train.to(dtype=torch.float32), val.to(dtype=torch.float32), SMALL)
 
 
 if SMALL not in available_datasets():

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from quasistatic import Controls, DataMixture, LabeledData, ModelConfig, Objective, build_model
+from quasistatic import Controls, DataMixture, ModelConfig, Objective, build_model
 from quasistatic.correctors import available_correctors, make_corrector
 from quasistatic.engine import EngineConfig, QuasiStaticEngine, StepSizeError, first_law_residual
 from quasistatic.errors import InputError
 from quasistatic.integrators import available_integrators, make_integrator
 from quasistatic.polish import NotOnSurfaceError, polish, require_equilibrium
 from quasistatic.processes import ConstraintProcess, SingularConstraintError, make_process
+from small_problem import small_labeled
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
@@ -28,18 +29,9 @@ LAM_END = 1.1
 TIGHT = {"solver_tol": 1e-12}
 
 
-def labeled(n: int, seed: int, shift: float) -> LabeledData:
-    g = torch.Generator().manual_seed(seed)
-    loadings = 2.5 * torch.randn(6, 2, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
-    logits = (torch.randn(n, 2, generator=g, dtype=torch.float64) @ loadings.T + shift
-              + 0.3 * torch.randn(n, 6, generator=g, dtype=torch.float64))
-    y = torch.randint(0, 3, (n,), generator=g)
-    return LabeledData(torch.sigmoid(logits).reshape(n, 1, 2, 3), y, 3, ("a", "b", "c"))
-
-
 def small_objective(mixture: bool = False) -> Objective:
     model = build_model(ModelConfig(input_shape=(1, 2, 3), num_classes=3, latent_dim=1, hidden=()), seed=0).double()
-    data = DataMixture(labeled(12, 1, 0.0), labeled(12, 1, 0.3)) if mixture else labeled(12, 1, 0.0)
+    data = DataMixture(small_labeled(12, 1, 0.0), small_labeled(12, 1, 0.3)) if mixture else small_labeled(12, 1, 0.0)
     return Objective(model, data, samples=2, sigma=SIGMA)
 
 

@@ -31,10 +31,11 @@ import scipy.optimize
 import torch
 from torch.func import grad, grad_and_value, hessian
 
-from quasistatic import Controls, DataMixture, LabeledData, ModelConfig, Objective, build_model
+from quasistatic import Controls, DataMixture, ModelConfig, Objective, build_model
 from quasistatic.curvature import CurvatureOperator
 from quasistatic.solvers import available_solvers
 from quasistatic.tangents import CONTROLS, FUNCTIONALS, equilibrium_tangents
+from small_problem import small_labeled
 
 BASE = Controls(lam=1.0, gamma=1.0, t=0.4)
 STEP = {"lam": 1e-3, "gamma": 1e-3, "t": 1e-4}  # θ* bends fastest in t; O(h²) truncation ≲ 1e-6 relative
@@ -43,17 +44,6 @@ TANGENT_RTOL = 1e-4  # tangents vs finite differences
 SENSITIVITY_RTOL = 1e-4  # second derivatives of F vs finite differences of D, C
 GRADIENT_TOL = 1e-9  # ‖∇θJ‖ at every reference minimizer
 LATENT = 1  # 32 parameters, latent_dim + 1 = 2 of them along the gauge null space
-
-
-def labeled(n: int, seed: int, shift: float) -> LabeledData:
-    """Pixels sigmoid(2-factor model + noise), worth encoding; labels random, so not separable: the
-    classifier's weights stay finite at the minimum."""
-    g = torch.Generator().manual_seed(seed)
-    loadings = 2.5 * torch.randn(6, 2, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
-    logits = (torch.randn(n, 2, generator=g, dtype=torch.float64) @ loadings.T + shift
-              + 0.3 * torch.randn(n, 6, generator=g, dtype=torch.float64))
-    y = torch.randint(0, 3, (n,), generator=g)
-    return LabeledData(torch.sigmoid(logits).reshape(n, 1, 2, 3), y, 3, ("a", "b", "c"))
 
 
 def gauge_basis(objective: Objective) -> torch.Tensor:
@@ -119,7 +109,7 @@ class Surface:
         config = ModelConfig(input_shape=(1, 2, 3), num_classes=3, latent_dim=LATENT, hidden=(),
                              reference_class=reference_class)
         self.model = build_model(config, seed=0).double()
-        self.objective = Objective(self.model, DataMixture(labeled(12, 1, 0.0), labeled(10, 2, 0.5)), samples=2,
+        self.objective = Objective(self.model, DataMixture(small_labeled(12, 1, 0.0), small_labeled(10, 2, 0.5)), samples=2,
                                    sigma=sigma)
         self.gauge = gauge_basis(self.objective)
         self.theta = minimize(self.objective, BASE, self.objective.initial_theta(), self.gauge)

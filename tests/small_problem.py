@@ -1,0 +1,19 @@
+"""The small well-posed data set shared by the tangent, engine and CLI tests.
+
+Six pixels from a two-factor model passed through a sigmoid, with random labels in three classes
+(so that the classes are not perfectly separable and the classifier's weights stay finite).
+"""
+
+import torch
+
+from quasistatic import LabeledData
+
+
+def small_labeled(n: int, seed: int, shift: float = 0.0) -> LabeledData:
+    """(n, 1, 2, 3) float64 pixels in (0, 1) and labels in 0..2; ``shift`` moves the pixel logits."""
+    g = torch.Generator().manual_seed(seed)
+    loadings = 2.5 * torch.randn(6, 2, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
+    logits = (torch.randn(n, 2, generator=g, dtype=torch.float64) @ loadings.T + shift
+              + 0.3 * torch.randn(n, 6, generator=g, dtype=torch.float64))
+    y = torch.randint(0, 3, (n,), generator=g)
+    return LabeledData(torch.sigmoid(logits).reshape(n, 1, 2, 3), y, 3, ("a", "b", "c"))
