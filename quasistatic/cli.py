@@ -19,7 +19,7 @@ from . import __version__
 from .baselines import FiniteDifferenceEquilibration
 from .checkpoint import load_checkpoint, save_checkpoint
 from .correctors import available_correctors, make_corrector
-from .data import available_datasets, load_dataset
+from .data import DataSplit, available_datasets, load_dataset
 from .engine import EngineConfig, QuasiStaticEngine, StepSizeError, first_law_residual
 from .equilibrate import DivergenceError, EquilibrationConfig, equilibrate
 from .errors import InputError, bad_value, choice_error
@@ -162,6 +162,19 @@ def _model_config(args: argparse.Namespace, split) -> ModelConfig:
                        likelihood="gaussian" if split.name == "cifar10" else "bernoulli")
 
 
+def _inputs(args: argparse.Namespace) -> tuple[RunDirectory, DataSplit, ModelConfig]:
+    """Validate the shared flags, then the output directory, the data and the model's config
+    (in that order: nothing is touched on disk before every flag has been checked)."""
+    if args.samples < 1:
+        raise bad_value("--samples", "an integer >= 1", args.samples)
+    if args.dataset not in available_datasets():
+        raise choice_error("dataset", available_datasets(), args.dataset)
+    run = RunDirectory(args.out, overwrite=args.overwrite, resume=args.resume)
+    split = load_dataset(args.dataset, data_dir=args.data_dir, classes=args.classes, relabel=args.relabel,
+                         seed=args.seed, val_fraction=args.val_fraction, download=args.download)
+    return run, split, _model_config(args, split)
+
+
 def _objectives(args: argparse.Namespace, model, split) -> tuple[Objective, Objective]:
     """J on the training split and on the validation split (its own fixed noise)."""
     return (Objective(model, split.train, samples=args.samples, noise_seed=args.seed, sigma=args.sigma),
@@ -184,14 +197,7 @@ def _equilibrate(args: argparse.Namespace) -> int:
     device, dtype = _device(args.device), _dtype(args.dtype)
     config = EquilibrationConfig(epochs=args.epochs, batch_size=args.batch_size,
                                  schedule="equilibration" if args.from_checkpoint else "initial")
-    if args.samples < 1:
-        raise bad_value("--samples", "an integer >= 1", args.samples)
-    if args.dataset not in available_datasets():
-        raise choice_error("dataset", available_datasets(), args.dataset)
-    run = RunDirectory(args.out, overwrite=args.overwrite, resume=args.resume)
-    split = load_dataset(args.dataset, data_dir=args.data_dir, classes=args.classes, relabel=args.relabel,
-                         seed=args.seed, val_fraction=args.val_fraction, download=args.download)
-    model_config = _model_config(args, split)
+    run, split, model_config = _inputs(args)
     state = None
     if args.resume:
         run.check_resumable(_settings(args), ignore=("resume", "overwrite", "no_progress", "device", "out"))
@@ -263,17 +269,10 @@ def _run_process(args: argparse.Namespace, name: str, params: dict) -> int:
         raise bad_value("--steps", "an integer >= 1", args.steps)
     if args.method not in METHODS:
         raise choice_error("method", METHODS, args.method)
-    if args.samples < 1:
-        raise bad_value("--samples", "an integer >= 1", args.samples)
     integrator = make_integrator(args.integrator, rtol=args.rtol, atol=args.atol)
     corrector = make_corrector(args.corrector, **({"grad_tol": args.polish_tol, "solver": args.solver}
                                                   if args.corrector == "newton" else {}))
-    if args.dataset not in available_datasets():
-        raise choice_error("dataset", available_datasets(), args.dataset)
-    run = RunDirectory(args.out, overwrite=args.overwrite, resume=args.resume)
-    split = load_dataset(args.dataset, data_dir=args.data_dir, classes=args.classes, relabel=args.relabel,
-                         seed=args.seed, val_fraction=args.val_fraction, download=args.download)
-    model_config = _model_config(args, split)
+    run, split, model_config = _inputs(args)
     if args.resume:
         run.check_resumable(_settings(args), ignore=("resume", "overwrite", "no_progress", "device", "out"))
     if args.resume and run.file("start.pt").exists():
