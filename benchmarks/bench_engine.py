@@ -16,6 +16,7 @@ smallest baseline drift). Nothing asserts on time.
 from __future__ import annotations
 
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -23,13 +24,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from quasistatic import Controls, LabeledData, ModelConfig, Objective, build_model
+from quasistatic import Controls, ModelConfig, Objective, build_model
 from quasistatic.baselines import FiniteDifferenceEquilibration
 from quasistatic.correctors import make_corrector
-from quasistatic.engine import EngineConfig, QuasiStaticEngine
+from quasistatic.engine import EngineConfig, EngineState, QuasiStaticEngine
 from quasistatic.integrators import make_integrator
 from quasistatic.polish import polish
 from quasistatic.processes import make_process
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from small_problem import small_labeled  # noqa: E402  (the problem of tests/test_engine.py)
 
 START = Controls(1.0, 4.0)
 LAM_END = 1.1
@@ -37,18 +41,11 @@ SWEEP = [(epochs, fd_step) for epochs in (5, 20, 80) for fd_step in (1e-2, 1e-3)
 RESULTS: dict[str, dict] = {}
 
 
-def _data() -> LabeledData:
-    g = torch.Generator().manual_seed(1)
-    loadings = 2.5 * torch.randn(6, 2, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
-    logits = torch.randn(12, 2, generator=g, dtype=torch.float64) @ loadings.T + 0.3 * torch.randn(12, 6, generator=g, dtype=torch.float64)
-    return LabeledData(torch.sigmoid(logits).reshape(12, 1, 2, 3), torch.randint(0, 3, (12,), generator=g), 3, ("a", "b", "c"))
-
-
 @pytest.fixture(scope="module")
 def start():
     torch.set_num_threads(1)
     model = build_model(ModelConfig(input_shape=(1, 2, 3), num_classes=3, latent_dim=1, hidden=()), seed=0).double()
-    objective = Objective(model, _data(), samples=2, sigma=1e-2)
+    objective = Objective(model, small_labeled(12, 1), samples=2, sigma=1e-2)
     theta = polish(objective, objective.initial_theta(), START, grad_tol=1e-10).theta
     return objective, theta
 
@@ -63,7 +60,6 @@ def _drive(objective: Objective, theta: torch.Tensor, method) -> dict:
         drift[0] = max(drift[0], abs(c - c0) / c0)
 
     began = time.perf_counter()
-    from quasistatic.engine import EngineState
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         final = method.run(EngineState(theta, START, h=0.25, target=c0), on_step)

@@ -39,10 +39,8 @@ class FiniteDifferenceEquilibration:
 
     def _values(self, theta: torch.Tensor, controls: Controls) -> torch.Tensor:
         """(R, D, C, F) at θ under p(x, t); F = R + λD + γC + σS."""
-        values = self.objective.functionals(theta, controls.t).detach()
-        self.objective.work.forwards += 1
-        entropy = self.objective.sigma * self.objective.weight_entropy(theta)
-        return torch.cat([values, (values @ controls.weights(values) + entropy).reshape(1)])
+        f = self.objective.report(theta, controls.t)
+        return torch.tensor([f.R, f.D, f.C, f.free_energy(controls.lam, controls.gamma)], dtype=theta.dtype)
 
     def sensitivities(self, theta: torch.Tensor, controls: Controls, base: torch.Tensor) -> Sensitivities:
         """(4, 3) forward differences of (R, D, C, F) in λ, γ and (for a mixture) t, each from a

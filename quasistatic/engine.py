@@ -71,11 +71,6 @@ class StepReport:
     rejected: int  # steps retried at a smaller h before this one was accepted
 
 
-@dataclass
-class _FieldStats:
-    cg_iterations: int = 0  # Krylov iterations of the tangent solves within one step
-
-
 class QuasiStaticEngine:
     """Runs ``process`` on ``objective`` with ``integrator`` and ``corrector``."""
 
@@ -87,7 +82,7 @@ class QuasiStaticEngine:
         self.objective, self.process, self.integrator, self.corrector = objective, process, integrator, corrector
         self.config = config
         self._warm: Tensor | None = None
-        self._stats = _FieldStats()
+        self._tangent_cg_iterations = 0  # Krylov iterations of the tangent solves in the current step
 
     @staticmethod
     def pack(theta: Tensor, controls: Controls) -> Tensor:
@@ -107,7 +102,7 @@ class QuasiStaticEngine:
                                         operator=self.config.operator, damping=self.config.damping,
                                         x0=self._warm)
         self._warm = tangents.directions
-        self._stats.cg_iterations += tangents.solve.iterations
+        self._tangent_cg_iterations += tangents.solve.iterations
         rates = self.process.control_velocity(s, controls, tangents.sensitivities())
         theta_dot = tangents.velocity(*rates)
         return torch.cat([theta_dot, torch.tensor(rates, dtype=theta.dtype, device=theta.device)])
@@ -127,7 +122,7 @@ class QuasiStaticEngine:
             h = min(state.h or h_max, 1.0 - state.s)
             rejected = 0
             while True:
-                self._stats = _FieldStats()
+                self._tangent_cg_iterations = 0
                 y = self.integrator.step(self.field, state.s, self.pack(state.theta, state.controls), h)
                 theta, controls = self.unpack(y)
                 correction = self.corrector.correct(self.objective, theta, controls, self.process, state.target)
@@ -146,7 +141,7 @@ class QuasiStaticEngine:
                                 step=state.step + 1, h=min(2 * h, h_max) if grow else h,
                                 target=state.target, warm_start=self._warm)
             if on_step is not None:
-                on_step(StepReport(state, correction, self._stats.cg_iterations, rejected))
+                on_step(StepReport(state, correction, self._tangent_cg_iterations, rejected))
         return state
 
 

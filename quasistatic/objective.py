@@ -93,7 +93,10 @@ class Objective:
 
     def value(self, theta: Tensor, controls: Controls) -> Tensor:
         """J(θ; λ, γ, t) = R + λD + γC + σS (eq. 14 at θ, eq. 8's objective; eq. 6's σS)."""
-        values = self.functionals(theta, controls.t)
+        return self._combine(self.functionals(theta, controls.t), theta, controls)
+
+    def _combine(self, values: Tensor, theta: Tensor, controls: Controls) -> Tensor:
+        """R + λD + γC + σS from values (3,) = (R, D, C) and θ."""
         return values @ controls.weights(values) + self.sigma * self.weight_entropy(theta)
 
     @staticmethod
@@ -124,10 +127,7 @@ class Objective:
         self.work.gradients += max(len(i) / len(part.data) for part, i in zip(self.parts, index))
         values = [part.batch_mean(i) for part, i in zip(self.parts, index)]
         mixed = values[0] if not self.is_mixture else self.mixture.mix(values[0], values[1], controls.t)
-        if not self.sigma:
-            return mixed @ controls.weights(mixed)
-        theta = torch.cat([p.reshape(-1) for p in self.model.parameters()])
-        return mixed @ controls.weights(mixed) + self.sigma * self.weight_entropy(theta)
+        return self._combine(mixed, torch.cat([p.reshape(-1) for p in self.model.parameters()]), controls)
 
     def accuracy(self, theta: Tensor, t: float = 0.0) -> float:
         """Classification accuracy at the encoder mean under p(x, t)."""
