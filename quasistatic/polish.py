@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .correctors import NewtonCorrector
 from .errors import InputError, bad_value
@@ -47,15 +48,20 @@ class PolishResult:
 
 def polish(objective: Objective, theta: Tensor, controls: Controls, *, grad_tol: float = 1e-6,
            switch_tol: float = 3e-4, max_iter: int = 20_000, newton_iterations: int = 30,
-           operator: str = "hessian") -> PolishResult:
+           operator: str = "hessian", progress: bool = False) -> PolishResult:
     """Minimize J(·; λ, γ, t) from θ until ‖∇θJ‖ ≤ grad_tol: L-BFGS (at most ``max_iter``
-    iterations) down to ``switch_tol``, then Newton (at most ``newton_iterations``)."""
+    iterations in all) down to ``switch_tol``, then Newton (at most ``newton_iterations``).
+
+    L-BFGS-B ends early when its line search fails on a stale curvature memory; it is restarted
+    from where it stopped, with a fresh memory, for as long as restarts still reduce ‖∇θJ‖."""
     if not grad_tol > 0:
         raise bad_value("polish tolerance", "a number > 0", grad_tol)
     like = theta.detach()
     before = float(torch.linalg.vector_norm(objective.gradient(like, controls)))
     if before <= grad_tol:
         return PolishResult(like, before, before, 0, True)
+    goal = max(switch_tol, grad_tol)
+    bar = tqdm(desc="polish (L-BFGS)", unit="it", disable=not progress, leave=False)
     last_norm = [before]
 
     def value_and_gradient(x: np.ndarray) -> tuple[float, np.ndarray]:
@@ -67,16 +73,23 @@ def polish(objective: Objective, theta: Tensor, controls: Controls, *, grad_tol:
         return value, gradient.cpu().numpy()
 
     def stop_when_close(intermediate_result: object) -> None:
-        if last_norm[0] <= max(switch_tol, grad_tol):
+        bar.update()
+        bar.set_postfix(grad_norm=f"{last_norm[0]:.2e}")
+        if last_norm[0] <= goal:
             raise StopIteration
 
-    iterations = 0
-    if before > switch_tol:
-        result = minimize(value_and_gradient, like.cpu().numpy(), jac=True, method="L-BFGS-B",
-                          callback=stop_when_close,
-                          options={"maxiter": max_iter, "maxcor": 30, "gtol": 0.0, "ftol": 0.0})
-        like = torch.as_tensor(result.x, dtype=like.dtype).to(like.device)
-        iterations = int(result.nit)
+    iterations, best = 0, before
+    x = like.cpu().numpy()
+    while best > goal and iterations < max_iter:
+        result = minimize(value_and_gradient, x, jac=True, method="L-BFGS-B", callback=stop_when_close,
+                          options={"maxiter": max_iter - iterations, "maxcor": 30, "gtol": 0.0, "ftol": 0.0})
+        iterations += max(int(result.nit), 1)
+        reached, x = float(np.linalg.norm(result.jac)), result.x
+        if reached >= 0.9 * best:  # a restart that no longer helps: leave the rest to Newton
+            break
+        best = reached
+    bar.close()
+    like = torch.as_tensor(x, dtype=like.dtype).to(like.device)
     finish = NewtonCorrector(grad_tol=grad_tol, max_iter=newton_iterations, solver_tol=min(1e-8, grad_tol),
                              operator=operator).correct(objective, like, controls, None, None)
     return PolishResult(finish.theta, before, finish.grad_norm, iterations + finish.iterations, finish.converged)

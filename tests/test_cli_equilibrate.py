@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import quasistatic
-import quasistatic.cli as cli
+import quasistatic.cli.equilibrate_command as cli
 from quasistatic import (Controls, EquilibrationConfig, ModelConfig, Objective, build_model, equilibration_rate,
                          load_checkpoint, load_dataset, save_checkpoint)
 from quasistatic.cli import main

@@ -1,0 +1,39 @@
+"""The ``quasistatic`` command line.
+
+Bad input ends with one line ``quasistatic: error: …`` naming the bad value and the accepted ones,
+exit code 2, and no earlier output touched; a diverging run ends with exit code 1 and keeps its
+last good checkpoint. One module per command: ``equilibrate_command``, ``process_command``
+(iso-classification and any registered process), ``transfer_command``; ``options`` holds the flags
+and the set-up they share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import InputError
+from . import equilibrate_command, process_command
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quasistatic", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"quasistatic {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    equilibrate_command.add_parser(commands)
+    process_command.add_parsers(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``quasistatic`` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except InputError as error:
+        print(f"quasistatic: error: {error}", file=sys.stderr)
+        return 2

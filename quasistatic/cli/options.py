@@ -1,0 +1,152 @@
+"""Flags and set-up shared by the commands: argument groups, their checks, the run directory, the
+data, the model's config and the objectives."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+
+from .. import __version__
+from ..correctors import available_correctors
+from ..data import DataSplit, available_datasets, load_dataset
+from ..errors import bad_value, choice_error
+from ..integrators import available_integrators
+from ..models import ModelConfig, available_architectures
+from ..objective import Objective
+from ..rundir import RunDirectory
+
+__all__ = ["DTYPES", "data_arguments", "model_arguments", "run_arguments", "engine_arguments", "device_option",
+           "dtype_option", "hidden_option", "model_config", "inputs", "objectives", "write_config", "settings",
+           "versions"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default="digits", help=f"one of {', '.join(available_datasets())} (default digits)")
+    group.add_argument("--data-dir", default=None, help="folder with the data set's files (mnist, cifar10)")
+    group.add_argument("--download", action="store_true", help="download missing mnist/cifar10 files")
+    group.add_argument("--classes", default=None, help="label subset: 0-4, 5-9, 1,3,7, or vehicles/animals for cifar10")
+    group.add_argument("--relabel", action="store_true", help="map the chosen classes to 0..k-1")
+    group.add_argument("--val-fraction", type=float, default=0.2, help="validation share of the split (default 0.2)")
+
+
+def model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="mlp", help=f"one of {', '.join(available_architectures())} (default mlp)")
+    group.add_argument("--latent-dim", type=int, default=8, help="dimension of z (default 8)")
+    group.add_argument("--hidden", default="64,64", help="mlp hidden widths, comma separated (default 64,64)")
+    group.add_argument("--width", type=int, default=64, help="resnet18 base width (default 64)")
+    group.add_argument("--prior", default="normal", help="normal (default) or mog")
+
+
+def run_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("run")
+    group.add_argument("--lam", type=float, default=1.0, help="λ, weight of the distortion (default 1)")
+    group.add_argument("--gamma", type=float, default=10.0, help="γ, weight of the classification loss (default 10)")
+    group.add_argument("--samples", type=int, default=1, help="K, fixed noise samples per example (default 1)")
+    group.add_argument("--sigma", type=float, default=1e-3,
+                       help="σ of eq. 6's σS term, S = ½‖θ‖² (default 1e-3; > 0 keeps J's minima isolated)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the split, the initialization and the noise")
+    group.add_argument("--device", default="cpu", help="cpu or cuda")
+    group.add_argument("--dtype", default="float32", help="float32 (default) or float64")
+    group.add_argument("--out", required=True, help="output directory")
+    group.add_argument("--overwrite", action="store_true", help="empty an existing --out first")
+    group.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def engine_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("process")
+    group.add_argument("--steps", type=int, default=10, help="steps over s ∈ [0, 1] (default 10)")
+    group.add_argument("--integrator", default="rk4", help=f"one of {', '.join(available_integrators())}")
+    group.add_argument("--corrector", default="newton", help=f"one of {', '.join(available_correctors())}")
+    group.add_argument("--method", default="engine", help="engine (default) or fd-equilibration (the paper's)")
+    group.add_argument("--solver", default="cg", help="linear solver of the tangent systems (default cg)")
+    group.add_argument("--solver-tol", type=float, default=1e-8, help="relative residual of the solves")
+    group.add_argument("--polish-tol", type=float, default=1e-6,
+                       help="‖∇θJ‖ the start must reach, and the newton corrector's tolerance (default 1e-6)")
+    group.add_argument("--rtol", type=float, default=None, help="adaptive integrators: relative tolerance")
+    group.add_argument("--atol", type=float, default=None, help="adaptive integrators: absolute tolerance")
+    group.add_argument("--from-checkpoint", default=None, help="start from this checkpoint instead of equilibrating")
+    group.add_argument("--epochs", type=int, default=120, help="epochs of the initial equilibration (default 120)")
+    group.add_argument("--batch-size", type=int, default=32, help="minibatch size of equilibrations (default 32)")
+    group.add_argument("--fd-step", type=float, default=1e-2, help="fd-equilibration: finite-difference step")
+    group.add_argument("--fd-epochs", type=int, default=10, help="fd-equilibration: epochs per equilibration")
+
+
+def device_option(name: str) -> torch.device:
+    accepted = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    if name not in accepted:
+        raise choice_error("device" + ("" if torch.cuda.is_available() else " (CUDA is not available here)"),
+                           accepted, name)
+    return torch.device(name)
+
+
+def dtype_option(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise choice_error("dtype", DTYPES, name)
+    return DTYPES[name]
+
+
+def hidden_option(spec: str) -> tuple[int, ...]:
+    if spec.strip() == "":
+        return ()  # no hidden layer: linear encoder and decoder
+    try:
+        widths = tuple(int(w) for w in spec.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise bad_value("--hidden", "comma-separated positive integers such as 64,64 (or '' for none)", spec)
+    return widths
+
+
+def model_config(args: argparse.Namespace, split) -> ModelConfig:
+    if args.model not in available_architectures():
+        raise choice_error("model", available_architectures(), args.model)
+    return ModelConfig(architecture=args.model, input_shape=split.train.input_shape,
+                       num_classes=split.train.num_classes, latent_dim=args.latent_dim,
+                       hidden=hidden_option(args.hidden), width=args.width, prior=args.prior,
+                       likelihood="gaussian" if split.name == "cifar10" else "bernoulli")
+
+
+def inputs(args: argparse.Namespace) -> tuple[RunDirectory, DataSplit, ModelConfig]:
+    """Validate the shared flags, then the output directory, the data and the model's config
+    (in that order: nothing is touched on disk before every flag has been checked)."""
+    if args.samples < 1:
+        raise bad_value("--samples", "an integer >= 1", args.samples)
+    if args.dataset not in available_datasets():
+        raise choice_error("dataset", available_datasets(), args.dataset)
+    run = RunDirectory(args.out, overwrite=args.overwrite, resume=args.resume)
+    split = load_dataset(args.dataset, data_dir=args.data_dir, classes=args.classes, relabel=args.relabel,
+                         seed=args.seed, val_fraction=args.val_fraction, download=args.download)
+    return run, split, model_config(args, split)
+
+
+def objectives(args: argparse.Namespace, model, split) -> tuple[Objective, Objective]:
+    """J on the training split and on the validation split (its own fixed noise)."""
+    return (Objective(model, split.train, samples=args.samples, noise_seed=args.seed, sigma=args.sigma),
+            Objective(model, split.val, samples=args.samples, noise_seed=args.seed + 1000, sigma=args.sigma))
+
+
+def write_config(run: RunDirectory, args: argparse.Namespace, model_config: ModelConfig, split, **extra) -> None:
+    """config.json: every setting, the model, the versions, the data, and the command's own part."""
+    run.write_json("config.json", {"settings": settings(args), "model": model_config.to_dict(), **extra,
+                                   "versions": versions(),
+                                   "data": {"name": split.name, "train": len(split.train), "val": len(split.val)}})
+
+
+def settings(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("run", "command")}
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import scipy
+    import sklearn
+    return {"quasistatic": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "scipy": scipy.__version__, "scikit-learn": sklearn.__version__}
+

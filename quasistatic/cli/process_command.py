@@ -1,0 +1,159 @@
+"""``quasistatic iso-classification`` and ``quasistatic process``: run a quasi-static process from
+an equilibrium, with the engine or with the paper's fd-equilibration, and record its trajectory.
+
+The pieces (:func:`starting_model`, :func:`follow`, :func:`summary`) are shared with the transfer
+command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..baselines import FiniteDifferenceEquilibration
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..correctors import make_corrector
+from ..engine import EngineConfig, QuasiStaticEngine, StepSizeError, first_law_residual
+from ..equilibrate import DivergenceError, EquilibrationConfig, equilibrate
+from ..errors import InputError, bad_value, choice_error
+from ..integrators import make_integrator
+from ..models import ModelConfig, RepresentationModel, build_model
+from ..objective import Controls, Objective
+from ..polish import polish, require_equilibrium
+from ..processes import Process, available_processes, make_process
+from ..rundir import RunDirectory
+from ..trajectory import TrajectoryRecorder, plot_trajectory
+from .options import (data_arguments, device_option, dtype_option, engine_arguments, inputs, model_arguments,
+                      objectives, run_arguments, settings, write_config)
+
+__all__ = ["METHODS", "add_parsers", "check_engine_flags", "starting_model", "follow", "summary"]
+
+METHODS = ("engine", "fd-equilibration")
+RESUME_IGNORES = ("resume", "overwrite", "no_progress", "device", "out")
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    iso = commands.add_parser("iso-classification", help="run the iso-classification process (eqs. 20-22)")
+    iso.add_argument("--lam-end", type=float, default=None, help="final λ (λ̇ = λ_end − λ over s ∈ [0, 1])")
+    iso.add_argument("--alpha", type=float, default=None, help="Remark 7's form λ̇ = −αC_γ, γ̇ = αC_λ instead")
+    iso.set_defaults(run=_iso_classification)
+    generic = commands.add_parser("process", help="run any registered quasi-static process")
+    generic.add_argument("--process", required=True, help=f"one of {', '.join(available_processes())}")
+    for flag, help_text in (("--lam-end", "final λ"), ("--alpha", "Remark 7's time scale α"),
+                            ("--beta", "β of C + β⁻¹R (iso-c-rate)"), ("--lam-rate", "λ̇ (free)"),
+                            ("--gamma-rate", "γ̇ (free)"), ("--slope", "k = dD/dR (geodesic-transfer)"),
+                            ("--k", "λ̇ (constant-lambda-rate)")):
+        generic.add_argument(flag, type=float, default=None, help=help_text)
+    generic.set_defaults(run=_generic_process)
+    for sub in (iso, generic):
+        data_arguments(sub)
+        model_arguments(sub)
+        run_arguments(sub)
+        engine_arguments(sub)
+        sub.set_defaults(dtype="float64")  # processes need derivatives to rounding: float64 unless asked
+
+
+def _iso_classification(args: argparse.Namespace) -> int:
+    return _run_process(args, "iso-classification", {"lam_end": args.lam_end, "alpha": args.alpha})
+
+
+def _generic_process(args: argparse.Namespace) -> int:
+    params = {name: getattr(args, name) for name in ("lam_end", "alpha", "beta", "lam_rate", "gamma_rate", "slope", "k")}
+    return _run_process(args, args.process, params)
+
+
+def check_engine_flags(args: argparse.Namespace) -> None:
+    """The process flags that need no data: steps, method, integrator and corrector names."""
+    if args.steps < 1:
+        raise bad_value("--steps", "an integer >= 1", args.steps)
+    if args.method not in METHODS:
+        raise choice_error("method", METHODS, args.method)
+    make_integrator(args.integrator, rtol=args.rtol, atol=args.atol)
+    make_corrector(args.corrector)
+
+
+def starting_model(args: argparse.Namespace, run: RunDirectory, model_config: ModelConfig,
+                   start: Objective | None, controls: Controls) -> RepresentationModel:
+    """The model a process starts from, in the requested device and dtype: the run's own start.pt
+    when resuming, ``--from-checkpoint`` (its controls must equal the flags'), or a fresh model
+    equilibrated on ``start``'s data at ``controls`` (``start`` builds the objective for a model)."""
+    device, dtype = device_option(args.device), dtype_option(args.dtype)
+    if args.resume and run.file("start.pt").exists():
+        return load_checkpoint(run.file("start.pt"), expect=model_config).model(device, dtype)
+    if args.from_checkpoint:
+        checkpoint = load_checkpoint(args.from_checkpoint, expect=model_config)
+        saved = checkpoint.controls
+        if (saved.lam, saved.gamma) != (controls.lam, controls.gamma):
+            raise InputError(f"--lam and --gamma must equal the checkpoint's controls ({saved.lam:g}, {saved.gamma:g}), "
+                             f"got ({controls.lam:g}, {controls.gamma:g})")
+        return checkpoint.model(device, dtype)
+    model = build_model(model_config, seed=args.seed)
+    equilibrate(start(model), controls, EquilibrationConfig(epochs=args.epochs, batch_size=args.batch_size),
+                seed=args.seed, progress=not args.no_progress)
+    return model.to(device=device, dtype=dtype)
+
+
+def follow(args: argparse.Namespace, process: Process, train: Objective, recorder: TrajectoryRecorder) -> int:
+    """Polish the start onto the surface (fresh runs), then run the engine or fd-equilibration to
+    s = 1, recording every step; exit code 0, or 1 when the process cannot be followed."""
+    controls = process.start
+    corrector = make_corrector(args.corrector, **({"grad_tol": args.polish_tol, "solver": args.solver}
+                                                  if args.corrector == "newton" else {}))
+    engine = QuasiStaticEngine(train, process, make_integrator(args.integrator, rtol=args.rtol, atol=args.atol),
+                               corrector, EngineConfig(steps=args.steps, solver=args.solver, solver_tol=args.solver_tol))
+    state = recorder.restore() if args.resume else None
+    if state is None:
+        polished = polish(train, train.initial_theta(), controls, grad_tol=args.polish_tol,
+                          progress=not args.no_progress)
+        require_equilibrium(polished, args.polish_tol)
+        state = engine.start(polished.theta, controls)
+        recorder.record(state)
+    method = engine if args.method == "engine" else FiniteDifferenceEquilibration(
+        train, process, steps=args.steps, fd_step=args.fd_step, epochs=args.fd_epochs, batch_size=args.batch_size,
+        seed=args.seed)
+    try:
+        method.run(state, recorder.on_step)
+    except (StepSizeError, DivergenceError) as error:
+        print(f"quasistatic: {error}; the trajectory so far is in {recorder.run.file('trajectory.csv')}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def summary(rows: list[dict[str, str]], sigma: float) -> str:
+    """C drift, first-law residual, ‖∇θJ‖ at both ends and the cost of a recorded trajectory."""
+    values = [{k: float(v) for k, v in row.items() if v != ""} for row in rows]
+    c0 = values[0]["C"]
+    residual, delta_r = first_law_residual(values, sigma)
+    return (f"{len(rows) - 1} steps, max |C - C0|/C0 = {max(abs(v['C'] - c0) for v in values) / abs(c0):.3e}, "
+            f"first law |dR + lam dD + gamma dC + sigma dS| = {residual:.3e} of |dR| = {delta_r:.3e}, "
+            f"grad_norm {values[0]['grad_norm']:.2e} -> {values[-1]['grad_norm']:.2e}, "
+            f"{values[-1]['grad_evals']:.0f} gradient-equivalents, {values[-1]['wall_s']:.0f} s")
+
+
+def _run_process(args: argparse.Namespace, name: str, params: dict) -> int:
+    """Start on the surface (equilibrate or a checkpoint, then polish) and run the process."""
+    controls = Controls(args.lam, args.gamma)
+    process = make_process(name, controls, **{k: v for k, v in params.items() if v is not None})
+    if process.uses_mixture:
+        raise InputError(f"process {name!r} must run on a source/target mixture, got the single data set "
+                         f"{args.dataset!r} (use the transfer command)")
+    check_engine_flags(args)
+    run, split, model_config = inputs(args)
+    if args.resume:
+        run.check_resumable(settings(args), ignore=RESUME_IGNORES)
+    model = starting_model(args, run, model_config, lambda m: objectives(args, m, split)[0], controls)
+    train, val = objectives(args, model, split)
+    run.prepare()
+    if not args.resume:
+        write_config(run, args, model_config, split, process=process.describe())
+        save_checkpoint(run.file("start.pt"), model, controls, {"dataset": split.name, "classes": args.classes})
+    recorder = TrajectoryRecorder(run, train, val)
+    code = follow(args, process, train, recorder)
+    if code:
+        return code
+    rows = recorder.log.rows()
+    plots = plot_trajectory(rows, run.path, f"{name} ({args.method})")
+    print(f"{name} ({args.method}, {args.integrator}/{args.corrector}): {summary(rows, args.sigma)}")
+    print(f"wrote {run.file('trajectory.csv')}, " + ", ".join(str(p) for p in plots))
+    return 0
