@@ -32,6 +32,8 @@ from .correctors import Corrector, available_correctors, make_corrector, registe
 from .engine import EngineConfig, EngineState, QuasiStaticEngine, first_law_residual  # noqa: E402
 from .polish import polish  # noqa: E402
 from .baselines import FiniteDifferenceEquilibration  # noqa: E402
+from .transfer import (TransferData, TransferObjectives, make_transfer_process, plot_transfer,  # noqa: E402
+                       train_baseline, transfer_data)
 
 __all__ = [
     "__version__",
@@ -61,6 +63,12 @@ __all__ = [
     "register_process",
     "register_solver",
     "solve",
+    "TransferData",
+    "TransferObjectives",
+    "make_transfer_process",
+    "plot_transfer",
+    "train_baseline",
+    "transfer_data",
     "Checkpoint",
     "Controls",
     "DataMixture",

@@ -14,36 +14,49 @@ from .objective import Objective
 from .plots import plot_columns
 from .rundir import CsvLog, RunDirectory, atomic_save
 
-__all__ = ["TRAJECTORY_COLUMNS", "TrajectoryRecorder", "plot_trajectory"]
+__all__ = ["TRAJECTORY_COLUMNS", "TARGET_COLUMNS", "TrajectoryRecorder", "plot_trajectory"]
 
 TRAJECTORY_COLUMNS = ("step", "s", "lam", "gamma", "t", "R", "D", "C", "F", "val_C", "val_acc", "grad_norm",
                       "cg_iters", "grad_evals", "wall_s", "S", "corrector_iters", "rejected_steps", "h")
+TARGET_COLUMNS = ("target_val_C", "target_val_acc")  # with ``target_val``: C and accuracy on the target alone
 STATE_FILE = "state.pt"
 
 
 class TrajectoryRecorder:
-    """Appends a row and saves the engine state after every step; ``restore`` continues a run."""
+    """Appends a row and saves the engine state after every step; ``restore`` continues a run.
 
-    def __init__(self, run: RunDirectory, train: Objective, val: Objective | None) -> None:
-        self.run, self.train, self.val = run, train, val
-        self.log = CsvLog(run.file("trajectory.csv"), TRAJECTORY_COLUMNS)
+    ``target_val`` (a transfer, Sec. 4): a further validation objective on the target data alone,
+    recorded in the columns ``TARGET_COLUMNS`` whatever the mixture time t of the row.
+    """
+
+    def __init__(self, run: RunDirectory, train: Objective, val: Objective | None,
+                 target_val: Objective | None = None) -> None:
+        self.run, self.train, self.val, self.target_val = run, train, val, target_val
+        columns = TRAJECTORY_COLUMNS + (TARGET_COLUMNS if target_val is not None else ())
+        self.log = CsvLog(run.file("trajectory.csv"), columns)
         self.wall_before = 0.0
         self.started = time.perf_counter()
+        self.extra: dict | None = None  # after ``restore``: what the last ``record`` saved with the state
 
     def row(self, state: EngineState, cg_iters: int = 0, corrector_iters: int = 0, rejected: int = 0) -> dict:
         """Measurements at ``state`` (bookkeeping: not counted as the method's work)."""
         with self.train.work.paused():
             measured = measure(self.train, state.theta, state.controls, self.val)
+        if self.target_val is not None:
+            measured["target_val_C"] = self.target_val.report(state.theta.detach(), state.controls.t).C
+            measured["target_val_acc"] = self.target_val.accuracy(state.theta.detach(), state.controls.t)
         c = state.controls
         return {"step": state.step, "s": state.s, "lam": c.lam, "gamma": c.gamma, "t": c.t, **measured,
                 "cg_iters": cg_iters, "corrector_iters": corrector_iters, "rejected_steps": rejected, "h": state.h,
                 "grad_evals": self.train.work.gradient_equivalents,
                 "wall_s": self.wall_before + time.perf_counter() - self.started}
 
-    def record(self, state: EngineState, **counts: int) -> dict:
+    def record(self, state: EngineState, extra: dict | None = None, **counts: int) -> dict:
+        """Append the row of ``state`` and save the state (with ``extra``, e.g. an optimizer's state,
+        in the same atomic file, so that the two never disagree after an interruption)."""
         row = self.row(state, **counts)
         self.log.append(row)
-        atomic_save({"state": state, "work": self.train.work.snapshot(), "wall_s": row["wall_s"]},
+        atomic_save({"state": state, "work": self.train.work.snapshot(), "wall_s": row["wall_s"], "extra": extra},
                     self.run.file(STATE_FILE))
         return row
 
@@ -61,6 +74,7 @@ class TrajectoryRecorder:
         self.log.keep_first(state.step + 1)
         self.train.work.restore(saved["work"])
         self.wall_before = saved["wall_s"]
+        self.extra = saved.get("extra")
         return state
 
 

@@ -16,3 +16,8 @@ def test_registries_are_public_and_populated():
     assert {"euler", "heun", "rk4", "dopri5"} <= set(quasistatic.available_integrators())
     assert {"none", "newton", "equilibrate"} <= set(quasistatic.available_correctors())
     assert {"iso-classification", "iso-c-rate", "geodesic-transfer"} <= set(quasistatic.available_processes())
+
+
+def test_transfer_is_public():
+    assert {"TransferData", "TransferObjectives", "make_transfer_process", "plot_transfer", "train_baseline",
+            "transfer_data"} <= set(quasistatic.__all__)

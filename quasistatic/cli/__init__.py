@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import InputError
-from . import equilibrate_command, process_command
+from . import equilibrate_command, process_command, transfer_command
 
 __all__ = ["main"]
 
@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     equilibrate_command.add_parser(commands)
     process_command.add_parsers(commands)
+    transfer_command.add_parser(commands)
     return parser
 
 
