@@ -58,8 +58,10 @@ class Corrector(ABC):
 
     @abstractmethod
     def correct(self, objective: Objective, theta: Tensor, controls: Controls, process: Process | None,
-                target: float | None) -> Correction:
-        """Correct θ (and γ, for a constrained process, towards g = ``target``)."""
+                target: float | None, grad_tol: float | None = None, max_iter: int | None = None) -> Correction:
+        """Correct θ (and γ, for a constrained process, towards g = ``target``). For this call,
+        ``grad_tol`` tightens the corrector's own tolerance on ‖∇θJ‖ (the engine's last step) and
+        ``max_iter`` lowers its iteration budget (the engine retries a step that needs more)."""
 
 
 class NoCorrector(Corrector):
@@ -68,7 +70,7 @@ class NoCorrector(Corrector):
     adapts_step = False
 
     def correct(self, objective: Objective, theta: Tensor, controls: Controls, process: Process | None,
-                target: float | None) -> Correction:
+                target: float | None, grad_tol: float | None = None, max_iter: int | None = None) -> Correction:
         return Correction(theta, controls, 0, 0, math.nan, math.nan, True)
 
 
@@ -98,17 +100,19 @@ class NewtonCorrector(Corrector):
         return values, gradients, torch.linalg.vector_norm(gradients[0])
 
     def correct(self, objective: Objective, theta: Tensor, controls: Controls, process: Process | None,
-                target: float | None) -> Correction:
+                target: float | None, grad_tol: float | None = None, max_iter: int | None = None) -> Correction:
+        grad_tol = self.grad_tol if grad_tol is None else min(grad_tol, self.grad_tol)
+        max_iter = self.max_iter if max_iter is None else min(max_iter, self.max_iter)
         constrained = process is not None and process.constraint is not None and target is not None
         weights = (torch.tensor(process.constraint, dtype=theta.dtype, device=theta.device)
                    if constrained else None)
         values, gradients, grad_norm = self._residual(objective, theta, controls, weights, target)
         damping, cg_total = 0.0, 0
-        for iteration in range(self.max_iter + 1):
+        for iteration in range(max_iter + 1):
             violation = float(values[2] - target) if constrained else 0.0
-            if float(grad_norm) <= self.grad_tol and abs(violation) <= self.constraint_tol * max(1.0, abs(target or 0)):
+            if float(grad_norm) <= grad_tol and abs(violation) <= self.constraint_tol * max(1.0, abs(target or 0)):
                 return Correction(theta, controls, iteration, cg_total, float(grad_norm), abs(violation), True)
-            if iteration == self.max_iter:
+            if iteration == max_iter:
                 break
             accepted = None
             for _ in range(6):  # raise the damping until a step is accepted
@@ -129,7 +133,7 @@ class NewtonCorrector(Corrector):
             if full_step:
                 damping /= 10
         violation = float(values[2] - target) if constrained else 0.0
-        return Correction(theta, controls, self.max_iter, cg_total, float(grad_norm), abs(violation), False)
+        return Correction(theta, controls, max_iter, cg_total, float(grad_norm), abs(violation), False)
 
     def _newton_step(self, objective: Objective, theta: Tensor, controls: Controls, gradients: Tensor,
                      violation: float, constrained: bool, damping: float,
@@ -219,7 +223,7 @@ class EquilibrateCorrector(Corrector):
         self.calls = 0
 
     def correct(self, objective: Objective, theta: Tensor, controls: Controls, process: Process | None,
-                target: float | None) -> Correction:
+                target: float | None, grad_tol: float | None = None, max_iter: int | None = None) -> Correction:
         objective.layout.write(objective.model, theta)
         self.calls += 1
         theta = equilibrate(objective, controls, self.config, seed=self.seed + self.calls, progress=False)

@@ -11,7 +11,7 @@ back when it converges at once.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -23,11 +23,15 @@ from .objective import Controls, Objective
 from .processes import Process
 from .tangents import equilibrium_tangents
 
-__all__ = ["EngineConfig", "EngineState", "QuasiStaticEngine", "StepReport", "StepSizeError", "first_law_residual"]
+__all__ = ["ControlDomainError", "EngineConfig", "EngineState", "QuasiStaticEngine", "StepReport", "StepSizeError", "first_law_residual"]
 
 
 class StepSizeError(RuntimeError):
     """The step had to shrink below ``EngineConfig.min_step``: the process cannot be followed."""
+
+
+class ControlDomainError(StepSizeError):
+    """A step took λ or γ below 0; fatal only when the step cannot shrink (no corrector to judge it)."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class EngineConfig:
     max_solver_iter: int | None = None  # Krylov iteration cap per solve (None: the solver's default)
     operator: str = "hessian"  # "hessian" (exact A) or "ggn"
     damping: float = 0.0  # μ in (A + μI) for the tangent solves
-    max_corrector_iterations: int = 4  # a step needing more Newton iterations is retried at h/2
+    max_corrector_iterations: int = 4  # a step whose corrector needs more iterations is retried at h/2
     min_step: float = 1e-4  # smallest step before StepSizeError
 
     def __post_init__(self) -> None:
@@ -59,6 +63,7 @@ class EngineState:
     h: float = 0.0
     target: float | None = None  # the constraint value g₀ the corrector holds
     warm_start: Tensor | None = None  # the last tangent solution (N, 3)
+    start_grad_norm: float | None = None  # ‖∇θJ‖ at s = 0: the last step's correction ends at least as close
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,11 @@ class QuasiStaticEngine:
 
     @staticmethod
     def unpack(y: Tensor) -> tuple[Tensor, Controls]:
+        """(θ, controls) from a state; a state with λ < 0 or γ < 0 raises :class:`ControlDomainError`
+        (an integrator stage or step that overshot: the engine retries at a smaller step)."""
         lam, gamma, t = y[-3:].tolist()
+        if not (lam >= 0 and gamma >= 0):
+            raise ControlDomainError(f"the process left lambda, gamma >= 0: lambda={lam:.6g}, gamma={gamma:.6g}")
         return y[:-3], Controls(lam, gamma, min(max(t, 0.0), 1.0))
 
     def field(self, s: float, y: Tensor) -> Tensor:
@@ -111,8 +120,9 @@ class QuasiStaticEngine:
         """The initial state: the constraint target g₀ at the (already polished) starting point."""
         values = self.objective.functionals(theta.detach(), controls.t).detach()
         target = self.process.constraint_value(values)
+        grad_norm = float(torch.linalg.vector_norm(self.objective.gradient(theta.detach(), controls)))
         return EngineState(theta.detach(), controls, h=1.0 / self.config.steps,
-                           target=None if target is None else float(target))
+                           target=None if target is None else float(target), start_grad_norm=grad_norm)
 
     def run(self, state: EngineState, on_step: Callable[[StepReport], None] | None = None) -> EngineState:
         """Integrate from ``state`` to s = 1, calling ``on_step`` after every accepted step."""
@@ -123,26 +133,44 @@ class QuasiStaticEngine:
             rejected = 0
             while True:
                 self._tangent_cg_iterations = 0
-                y = self.integrator.step(self.field, state.s, self.pack(state.theta, state.controls), h)
-                theta, controls = self.unpack(y)
-                correction = self.corrector.correct(self.objective, theta, controls, self.process, state.target)
-                struggling = (not correction.converged
-                              or correction.iterations > self.config.max_corrector_iterations)
-                if not (self.corrector.adapts_step and struggling):
-                    break
+                try:
+                    y = self.integrator.step(self.field, state.s, self.pack(state.theta, state.controls), h)
+                    theta, controls = self.unpack(y)
+                except ControlDomainError as error:
+                    if not self.corrector.adapts_step:
+                        raise
+                    failure = str(error)
+                else:
+                    correction = self.corrector.correct(self.objective, theta, controls, self.process, state.target,
+                                                        max_iter=self.config.max_corrector_iterations)
+                    if not self.corrector.adapts_step or correction.converged:
+                        break
+                    failure = f"the corrector did not return to the surface (|grad J| = {correction.grad_norm:.3e})"
                 rejected += 1
                 h /= 2
                 if h < self.config.min_step:
-                    raise StepSizeError(
-                        f"the step size fell below {self.config.min_step:g} at s={state.s:.6g}: the corrector "
-                        f"did not return to the surface (|grad J| = {correction.grad_norm:.3e})")
+                    raise StepSizeError(f"the step size fell below {self.config.min_step:g} at s={state.s:.6g}: "
+                                        f"{failure}")
             grow = self.corrector.adapts_step and correction.iterations <= 1
+            if state.s + h >= 1.0 - 1e-12 and state.start_grad_norm is not None:
+                correction = self._finish(correction, state)
             state = EngineState(correction.theta.detach(), correction.controls, s=state.s + h,
                                 step=state.step + 1, h=min(2 * h, h_max) if grow else h,
-                                target=state.target, warm_start=self._warm)
+                                target=state.target, warm_start=self._warm, start_grad_norm=state.start_grad_norm)
             if on_step is not None:
                 on_step(StepReport(state, correction, self._tangent_cg_iterations, rejected))
         return state
+
+    def _finish(self, correction: Correction, state: EngineState) -> Correction:
+        """The last step ends at least as close to the surface as the start: one more correction
+        with the tolerance ‖∇θJ‖(s = 0) when the corrector's own is looser (a Newton iteration or
+        two, converging quadratically there)."""
+        if not correction.grad_norm > state.start_grad_norm:  # also when the corrector does not measure it
+            return correction
+        final = self.corrector.correct(self.objective, correction.theta, correction.controls, self.process,
+                                       state.target, grad_tol=state.start_grad_norm)
+        return replace(final, iterations=correction.iterations + final.iterations,
+                       cg_iterations=correction.cg_iterations + final.cg_iterations)
 
 
 def first_law_residual(rows: list[dict[str, float]], sigma: float = 0.0) -> tuple[float, float]:

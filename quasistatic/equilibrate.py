@@ -104,7 +104,8 @@ def equilibrate(objective: Objective, controls: Controls, config: EquilibrationC
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        row = measure(objective, objective.initial_theta(), controls, val)
+        with objective.work.paused():  # the per-epoch measurement is bookkeeping, not the method's work
+            row = measure(objective, objective.initial_theta(), controls, val)
         bar.set_postfix(C=f"{row['C']:.3f}", val_acc=f"{row.get('val_acc', float('nan')):.3f}",
                         grad=f"{row['grad_norm']:.2e}")
         if on_epoch is not None:

@@ -47,7 +47,7 @@ class PolishResult:
 
 
 def polish(objective: Objective, theta: Tensor, controls: Controls, *, grad_tol: float = 1e-6,
-           switch_tol: float = 3e-4, max_iter: int = 20_000, newton_iterations: int = 30,
+           switch_tol: float = 1e-7, max_iter: int = 20_000, newton_iterations: int = 30,
            operator: str = "hessian", progress: bool = False) -> PolishResult:
     """Minimize J(·; λ, γ, t) from θ until ‖∇θJ‖ ≤ grad_tol: L-BFGS (at most ``max_iter``
     iterations in all) down to ``switch_tol``, then Newton (at most ``newton_iterations``).

@@ -205,9 +205,31 @@ def minres(matvec: Matvec, rhs: Tensor, *, tol: float, max_iter: int | None, x0:
     return _restarted(_minres_steps, matvec, rhs, tol, max_iter, x0, check_every, stop_on_negative=False)
 
 
-# (matvec, x, r = b − A x, active (k,), target = tol ‖b‖ (k,), budget, check_every)
+class _RunningColumns:
+    """The operator applied only to the columns still running at the last synchronization: a
+    stopped column's product would be discarded anyway (its state is frozen), so it is not paid for.
+    The set is refreshed at each check (``update``), so between checks a column that has just
+    stopped is still applied, masked, as before."""
+
+    def __init__(self, matvec: Matvec, active: Tensor) -> None:
+        self.matvec = matvec
+        self.update(active)
+
+    def update(self, active: Tensor) -> None:
+        self.columns = active.nonzero().squeeze(1)                    # host synchronization
+        self.all = len(self.columns) == len(active)
+
+    def __call__(self, block: Tensor) -> Tensor:
+        if self.all:
+            return self.matvec(block)
+        out = torch.zeros_like(block)
+        out[:, self.columns] = self.matvec(block[:, self.columns])
+        return out
+
+
+# (running-column matvec, x, r = b − A x, active (k,), target = tol ‖b‖ (k,), budget, check_every)
 #   -> (x, negative (k,), steps taken per column (k,), lockstep iterations run = matvecs used)
-_Steps = Callable[[Matvec, Tensor, Tensor, Tensor, Tensor, int, int], tuple[Tensor, Tensor, Tensor, int]]
+_Steps = Callable[[_RunningColumns, Tensor, Tensor, Tensor, Tensor, int, int], tuple[Tensor, Tensor, Tensor, int]]
 
 
 def _restarted(steps_fn: _Steps, matvec: Matvec, rhs: Tensor, tol: float, max_iter: int | None,
@@ -237,8 +259,8 @@ def _restarted(steps_fn: _Steps, matvec: Matvec, rhs: Tensor, tol: float, max_it
     steps = torch.zeros(k, dtype=torch.long, device=rhs.device)
     active, done = relative > tol, 0
     while done < budget and bool(active.any()):                       # synchronization per run
-        x, run_negative, run_steps, ran = steps_fn(matvec, x, r, active, tol * bnorm, budget - done,
-                                                   check_every)
+        x, run_negative, run_steps, ran = steps_fn(_RunningColumns(matvec, active), x, r, active, tol * bnorm,
+                                                   budget - done, check_every)
         negative, steps, done = negative | run_negative, steps + run_steps, done + ran
         r, matvecs = rhs - matvec(x), matvecs + ran + 1
         previous, relative = relative, _relative(r, bnorm)
@@ -248,7 +270,7 @@ def _restarted(steps_fn: _Steps, matvec: Matvec, rhs: Tensor, tol: float, max_it
     return SolveResult(x, int(steps.max()), matvecs, relative, negative, bool((relative <= tol).all()))
 
 
-def _cg_steps(matvec: Matvec, x: Tensor, r: Tensor, active: Tensor, target: Tensor, budget: int,
+def _cg_steps(matvec: _RunningColumns, x: Tensor, r: Tensor, active: Tensor, target: Tensor, budget: int,
               check_every: int) -> tuple[Tensor, Tensor, Tensor, int]:
     """CG iterations from x with residual r, in lockstep over the columns (see :func:`cg`)."""
     rr = _dot(r, r)                                                   # (k,) ‖r‖²
@@ -272,9 +294,10 @@ def _cg_steps(matvec: Matvec, x: Tensor, r: Tensor, active: Tensor, target: Tens
             done += 1
         if done >= budget or not bool(active.any()):                  # synchronization per check
             return x, negative, steps, done
+        matvec.update(active)
 
 
-def _minres_steps(matvec: Matvec, x: Tensor, r: Tensor, active: Tensor, target: Tensor, budget: int,
+def _minres_steps(matvec: _RunningColumns, x: Tensor, r: Tensor, active: Tensor, target: Tensor, budget: int,
                   check_every: int) -> tuple[Tensor, Tensor, Tensor, int]:
     """MINRES iterations from x with residual r, in lockstep over the columns (see :func:`minres`)."""
     eps = torch.finfo(r.dtype).eps
@@ -315,6 +338,7 @@ def _minres_steps(matvec: Matvec, x: Tensor, r: Tensor, active: Tensor, target: 
             done += 1
         if done >= budget or not bool(active.any()):                  # synchronization per check
             return x, negative, steps, done
+        matvec.update(active)
 
 
 def direct(matvec: Matvec, rhs: Tensor, *, tol: float, max_iter: int | None, x0: Tensor | None,

@@ -28,13 +28,11 @@ from .data.subsets import select_classes
 from .engine import EngineState
 from .equilibrate import EquilibrationConfig, equilibrate
 from .errors import InputError, bad_value, choice_error
-from .evaluation import measure
 from .models import RepresentationModel
 from .objective import Controls, Objective
 from .plots import plot_columns
 from .processes import Process, make_process
 from .trajectory import TrajectoryRecorder
-from .work import WorkCounter
 
 import matplotlib.pyplot as plt  # noqa: E402  (after .plots, which selects the headless backend)
 
@@ -194,15 +192,6 @@ def make_transfer_process(method: str, start: Controls, value: float | None = No
     return process
 
 
-def _measurement_cost(objective: Objective, controls: Controls) -> WorkCounter:
-    """The work one :func:`measure` call adds to ``objective``'s counter (nothing is kept)."""
-    before = objective.work.snapshot()
-    measure(objective, objective.initial_theta(), controls)
-    after = objective.work.snapshot()
-    objective.work.restore(before)
-    return WorkCounter(*(after[k] - before[k] for k in ("forwards", "gradients", "hvps")))
-
-
 def train_baseline(objective: Objective, controls: Controls, config: EquilibrationConfig,
                    recorder: TrajectoryRecorder, *, seed: int = 0, resume: bool = False,
                    progress: bool = True) -> EngineState:
@@ -218,14 +207,9 @@ def train_baseline(objective: Objective, controls: Controls, config: Equilibrati
     if state is not None:
         objective.layout.write(objective.model, state.theta)
         start_epoch, optimizer_state = state.step, recorder.extra["optimizer"]
-    bookkeeping = _measurement_cost(objective, controls)  # equilibrate measures after each epoch
     last = [state]
 
     def on_epoch(epoch: int, row: dict[str, float], optimizer: dict) -> None:
-        work = objective.work
-        work.forwards -= bookkeeping.forwards
-        work.gradients -= bookkeeping.gradients
-        work.hvps -= bookkeeping.hvps
         last[0] = EngineState(objective.initial_theta(), controls, s=(epoch + 1) / config.epochs, step=epoch + 1,
                               h=1 / config.epochs)
         recorder.record(last[0], extra={"optimizer": optimizer})

@@ -90,7 +90,7 @@ def test_run_writes_config_metrics_checkpoint_and_curves(reference, capsys):
     walls = [float(r["wall_s"]) for r in rows]
     assert walls == sorted(walls) and walls[0] > 0
     last = rows[-1]
-    sigma = 1e-3  # the default --sigma
+    sigma = 3e-2  # the default --sigma
     assert float(last["F"]) == pytest.approx(float(last["R"]) + 0.5 * float(last["D"]) + 5 * float(last["C"])
                                              + sigma * float(last["S"]), rel=1e-6)
     assert float(rows[-1]["F"]) < float(rows[0]["F"])

@@ -213,6 +213,29 @@ def test_converged_column_is_frozen(method: str) -> None:
     assert torch.equal(early.solution[:, 0], full.solution[:, 0])
 
 
+@pytest.mark.parametrize("method", ITERATIVE)
+def test_stopped_columns_are_not_applied(method: str) -> None:
+    """A column that has stopped (here a zero right-hand side, and one that converges at once) is
+    left out of the products from the next check on: it costs nothing while the others run."""
+    a = MATRICES["spd"]
+    applied = []
+    matvec = operator(a)
+
+    def counting(v: torch.Tensor) -> torch.Tensor:
+        applied.append(v.shape[1])
+        return matvec(v)
+
+    eigenvector = np.linalg.eigh(a)[1][:, 10]
+    b = torch.tensor(np.stack([eigenvector, rhs(None), np.zeros(N)], axis=1))
+    result = solve(counting, b, method=method, tol=TOL)
+    reference = solve(matvec, b, method=method, tol=TOL)
+    assert torch.equal(result.solution, reference.solution) and result.converged
+    assert result.iterations > 30
+    # three columns only in the first check's products and the exact residuals; one afterwards
+    assert sum(applied) <= 3 * 10 + result.matvecs - 10 + 2 * 3, applied
+    assert applied.count(1) >= result.iterations - 12
+
+
 @pytest.mark.parametrize("solver", [cg, minres])
 def test_check_every_does_not_change_the_result(solver) -> None:
     a, b = MATRICES["damped"], torch.tensor(rhs(3))

@@ -38,7 +38,9 @@ def model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="mlp", help=f"one of {', '.join(available_architectures())} (default mlp)")
     group.add_argument("--latent-dim", type=int, default=8, help="dimension of z (default 8)")
-    group.add_argument("--hidden", default="64,64", help="mlp hidden widths, comma separated (default 64,64)")
+    group.add_argument("--hidden", default="16",
+                       help="mlp hidden widths, comma separated, '' for none (default 16: one layer, small enough "
+                            "for exact curvature solves on a CPU)")
     group.add_argument("--width", type=int, default=64, help="resnet18 base width (default 64)")
     group.add_argument("--prior", default="normal", help="normal (default) or mog")
 
@@ -48,8 +50,8 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lam", type=float, default=1.0, help="λ, weight of the distortion (default 1)")
     group.add_argument("--gamma", type=float, default=10.0, help="γ, weight of the classification loss (default 10)")
     group.add_argument("--samples", type=int, default=1, help="K, fixed noise samples per example (default 1)")
-    group.add_argument("--sigma", type=float, default=1e-3,
-                       help="σ of eq. 6's σS term, S = ½‖θ‖² (default 1e-3; > 0 keeps J's minima isolated)")
+    group.add_argument("--sigma", type=float, default=3e-2,
+                       help="σ of eq. 6's σS term, S = ½‖θ‖² (default 3e-2; > 0 keeps J's minima isolated)")
     group.add_argument("--seed", type=int, default=0, help="seed of the split, the initialization and the noise")
     group.add_argument("--device", default="cpu", help="cpu or cuda")
     group.add_argument("--dtype", default="float32", help="float32 (default) or float64")
@@ -66,7 +68,8 @@ def engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--corrector", default="newton", help=f"one of {', '.join(available_correctors())}")
     group.add_argument("--method", default="engine", help="engine (default) or fd-equilibration (the paper's)")
     group.add_argument("--solver", default="cg", help="linear solver of the tangent systems (default cg)")
-    group.add_argument("--solver-tol", type=float, default=1e-8, help="relative residual of the solves")
+    group.add_argument("--solver-tol", type=float, default=1e-6,
+                       help="relative residual of the tangent solves (default 1e-6; the corrector removes the rest)")
     group.add_argument("--polish-tol", type=float, default=1e-6,
                        help="‖∇θJ‖ the start must reach, and the newton corrector's tolerance (default 1e-6)")
     group.add_argument("--rtol", type=float, default=None, help="adaptive integrators: relative tolerance")

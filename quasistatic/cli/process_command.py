@@ -87,10 +87,10 @@ def starting_model(args: argparse.Namespace, run: RunDirectory, model_config: Mo
             raise InputError(f"--lam and --gamma must equal the checkpoint's controls ({saved.lam:g}, {saved.gamma:g}), "
                              f"got ({controls.lam:g}, {controls.gamma:g})")
         return checkpoint.model(device, dtype)
-    model = build_model(model_config, seed=args.seed)
+    model = build_model(model_config, seed=args.seed).to(device)  # Adam in float32, on the device
     equilibrate(start(model), controls, EquilibrationConfig(epochs=args.epochs, batch_size=args.batch_size),
                 seed=args.seed, progress=not args.no_progress)
-    return model.to(device=device, dtype=dtype)
+    return model.to(dtype=dtype)
 
 
 def follow(args: argparse.Namespace, process: Process, train: Objective, recorder: TrajectoryRecorder) -> int:
