@@ -31,7 +31,8 @@ class StepSizeError(RuntimeError):
 
 
 class ControlDomainError(StepSizeError):
-    """A step took λ or γ below 0; fatal only when the step cannot shrink (no corrector to judge it)."""
+    """A step left the domain of the process (λ or γ below 0, or a non-finite tangent, as at a fold
+    of the constraint); fatal only when the step cannot shrink (no corrector to judge it)."""
 
 
 @dataclass(frozen=True)
@@ -110,11 +111,14 @@ class QuasiStaticEngine:
                                         tol=self.config.solver_tol, max_iter=self.config.max_solver_iter,
                                         operator=self.config.operator, damping=self.config.damping,
                                         x0=self._warm)
-        self._warm = tangents.directions
         self._tangent_cg_iterations += tangents.solve.iterations
         rates = self.process.control_velocity(s, controls, tangents.sensitivities())
-        theta_dot = tangents.velocity(*rates)
-        return torch.cat([theta_dot, torch.tensor(rates, dtype=theta.dtype, device=theta.device)])
+        velocity = torch.cat([tangents.velocity(*rates), torch.tensor(rates, dtype=theta.dtype, device=theta.device)])
+        if not bool(torch.isfinite(velocity).all()):
+            raise ControlDomainError(f"the tangent is not finite at s={s:.6g}, lambda={controls.lam:.6g}, "
+                                     f"gamma={controls.gamma:.6g}, t={controls.t:.6g} (a fold of the constraint?)")
+        self._warm = tangents.directions
+        return velocity
 
     def start(self, theta: Tensor, controls: Controls) -> EngineState:
         """The initial state: the constraint target g₀ at the (already polished) starting point."""

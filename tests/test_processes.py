@@ -76,6 +76,21 @@ def test_geodesic_transfer_solves_eq_30():
     assert t_dot == 1.0
 
 
+def test_geodesic_transfer_is_a_straight_line_with_the_entropy_term():
+    """With σ > 0 the first law has a σṠ term (eq. 7), so R's row is no longer −λD − γC: the
+    rates must still give dD/dR = k and Ċ = 0 from the rows as they are (the paper's eq. 30,
+    which eliminates Ṙ with the σ-free first law, would not)."""
+    sens = sensitivities(3)
+    shifted = sens.matrix.clone()
+    shifted[0, :] += torch.tensor([0.7, -0.4, 0.25], dtype=torch.float64)  # −σS_s added to R's row
+    sens = Sensitivities(shifted, sens.values)
+    k = -0.3
+    rates = torch.tensor(make_process("geodesic-transfer", START, slope=k).control_velocity(0, START, sens),
+                         dtype=torch.float64)
+    r_dot, d_dot, c_dot = (sens.matrix[:3] @ rates).tolist()
+    assert d_dot == pytest.approx(k * r_dot) and c_dot == pytest.approx(0.0, abs=1e-12)
+
+
 def test_free_process_returns_its_rates():
     assert make_process("free", START, lam_rate=0.5, gamma_rate=-1.0).control_velocity(0, START, sensitivities()) \
         == (0.5, -1.0, 0.0)

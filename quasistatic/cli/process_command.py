@@ -120,12 +120,16 @@ def follow(args: argparse.Namespace, process: Process, train: Objective, recorde
     return 0
 
 
-def summary(rows: list[dict[str, str]], sigma: float) -> str:
-    """C drift, first-law residual, ‖∇θJ‖ at both ends and the cost of a recorded trajectory."""
+def summary(rows: list[dict[str, str]], sigma: float, process: Process) -> str:
+    """Drift of the process's constraint (C when it has none), first-law residual, ‖∇θJ‖ at both
+    ends and the cost of a recorded trajectory."""
     values = [{k: float(v) for k, v in row.items() if v != ""} for row in rows]
-    c0 = values[0]["C"]
+    weights = process.constraint or (0.0, 0.0, 1.0)
+    held = [sum(w * v[name] for w, name in zip(weights, "RDC")) for v in values]
+    name = " + ".join(f"{w:g}*{x}" if w != 1 else x for w, x in zip(weights, "RDC") if w) or "C"
     residual, delta_r = first_law_residual(values, sigma)
-    return (f"{len(rows) - 1} steps, max |C - C0|/C0 = {max(abs(v['C'] - c0) for v in values) / abs(c0):.3e}, "
+    drift = max(abs(g - held[0]) for g in held) / abs(held[0])
+    return (f"{len(rows) - 1} steps, max |g - g0|/g0 = {drift:.3e} for g = {name}, "
             f"first law |dR + lam dD + gamma dC + sigma dS| = {residual:.3e} of |dR| = {delta_r:.3e}, "
             f"grad_norm {values[0]['grad_norm']:.2e} -> {values[-1]['grad_norm']:.2e}, "
             f"{values[-1]['grad_evals']:.0f} gradient-equivalents, {values[-1]['wall_s']:.0f} s")
@@ -154,6 +158,6 @@ def _run_process(args: argparse.Namespace, name: str, params: dict) -> int:
         return code
     rows = recorder.log.rows()
     plots = plot_trajectory(rows, run.path, f"{name} ({args.method})")
-    print(f"{name} ({args.method}, {args.integrator}/{args.corrector}): {summary(rows, args.sigma)}")
+    print(f"{name} ({args.method}, {args.integrator}/{args.corrector}): {summary(rows, args.sigma, process)}")
     print(f"wrote {run.file('trajectory.csv')}, " + ", ".join(str(p) for p in plots))
     return 0

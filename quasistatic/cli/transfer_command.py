@@ -154,7 +154,7 @@ def _run_process(args: argparse.Namespace, method: str, process: Process, object
         return code, []
     rows = recorder.log.rows()
     accuracy = [float(row["target_val_acc"]) for row in rows]
-    print(f"{method} ({args.integrator}/{args.corrector}): {summary(rows, args.sigma)}; C0 = {float(rows[0]['C']):.6g} "
+    print(f"{method} ({args.integrator}/{args.corrector}): {summary(rows, args.sigma, process)}; C0 = {float(rows[0]['C']):.6g} "
           f"on the source (polished start), target_val_acc {accuracy[0]:.4f} -> {accuracy[-1]:.4f}")
     return 0, plot_trajectory(rows, run_dir.path, f"{title}: {method}")
 

@@ -119,12 +119,16 @@ class ConstantLambdaRate(IsoClassificationTransfer):
 
 
 class GeodesicTransfer(Process):
-    """Eq. 30: the R–D path is a straight line of slope k = dD/dR at constant C while ṫ = 1:
+    """Eq. 30: the R–D path is a straight line of slope k = dD/dR at constant C while ṫ = 1.
 
-        D_λλ̇ + D_γγ̇ = kρ/(1 + kλ) − D_t,    C_λλ̇ + C_γγ̇ = −C_t,
+    Ḋ = kṘ and Ċ = 0 with the total derivatives along the surface X_s (rows R, D, C of the
+    sensitivities) give the 2×2 system
 
-    where ρ = R_t + λD_t + γC_t is the part of Ṙ not given by the first law (the paper's ∂R/∂t in
-    Ṙ = −λḊ + ∂R/∂t). The matrix is the Hessian of F, negative definite by Lemma 3.
+        (D_λ − kR_λ)λ̇ + (D_γ − kR_γ)γ̇ = −(D_t − kR_t),    C_λλ̇ + C_γγ̇ = −C_t.
+
+    The paper eliminates Ṙ with the first law, Ṙ = −λḊ + ρ (ρ = ∂_tJ at fixed θ), which gives
+    D_λλ̇ + D_γγ̇ = kρ/(1 + kλ) − D_t; the two agree when σ = 0 (tests/test_processes.py), and the
+    form here stays exact with the σS term, whose σṠ the paper's form leaves out.
     """
 
     uses_mixture = True
@@ -142,14 +146,13 @@ class GeodesicTransfer(Process):
         return (0.0, 0.0, 1.0)
 
     def control_velocity(self, s: float, controls: Controls, sensitivities: Sensitivities) -> Rates:
-        k, lam, gamma = self.slope, controls.lam, controls.gamma
-        rho = sensitivities("R", "t") + lam * sensitivities("D", "t") + gamma * sensitivities("C", "t")
-        hess = sensitivities.free_energy_hessian()
-        rhs = torch.tensor([k * rho / (1 + k * lam) - sensitivities("D", "t"), -sensitivities("C", "t")],
-                           dtype=hess.dtype)
-        if torch.linalg.matrix_rank(hess) < 2:
-            raise SingularConstraintError(f"the Hessian of F must be non-singular for eq. 30, got {hess.tolist()}")
-        lam_dot, gamma_dot = torch.linalg.solve(hess, rhs).tolist()
+        k, m = self.slope, sensitivities.matrix
+        system = torch.stack([m[1, :2] - k * m[0, :2], m[2, :2]])  # rows: D − kR and C; columns λ, γ
+        rhs = -torch.stack([m[1, 2] - k * m[0, 2], m[2, 2]])
+        if torch.linalg.matrix_rank(system) < 2:
+            raise SingularConstraintError(f"the system of eq. 30 must be non-singular, got {system.tolist()} at "
+                                          f"lambda={controls.lam:.6g}, gamma={controls.gamma:.6g}, t={controls.t:.6g}")
+        lam_dot, gamma_dot = torch.linalg.solve(system, rhs).tolist()
         return lam_dot, gamma_dot, 1.0
 
     def describe(self) -> dict[str, Any]:
