@@ -46,7 +46,8 @@ class EngineConfig:
     operator: str = "hessian"  # "hessian" (exact A) or "ggn"
     damping: float = 0.0  # μ in (A + μI) for the tangent solves
     max_corrector_iterations: int = 4  # a step whose corrector needs more iterations is retried at h/2
-    min_step: float = 1e-4  # smallest step before StepSizeError
+    min_step: float = 1e-5  # smallest step before StepSizeError
+    max_control_change: float = 0.2  # a step changes λ and γ by at most this × max(|value|, 1)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -89,6 +90,7 @@ class QuasiStaticEngine:
         self.config = config
         self._warm: Tensor | None = None
         self._tangent_cg_iterations = 0  # Krylov iterations of the tangent solves in the current step
+        self._start_field: tuple[float, Tensor, Tensor] | None = None  # (s, y, dy/ds) at the step's start
 
     @staticmethod
     def pack(theta: Tensor, controls: Controls) -> Tensor:
@@ -105,7 +107,11 @@ class QuasiStaticEngine:
         return y[:-3], Controls(lam, gamma, min(max(t, 0.0), 1.0))
 
     def field(self, s: float, y: Tensor) -> Tensor:
-        """dy/ds: the process's control rates and θ̇ = θ_λλ̇ + θ_γγ̇ + θ_tṫ (eqs. 17, 24)."""
+        """dy/ds: the process's control rates and θ̇ = θ_λλ̇ + θ_γγ̇ + θ_tṫ (eqs. 17, 24). The value
+        at the start of a step is kept: the step control reads it, and the integrator's first stage
+        asks for it again."""
+        if self._start_field is not None and self._start_field[0] == s and torch.equal(self._start_field[1], y):
+            return self._start_field[2]
         theta, controls = self.unpack(y)
         tangents = equilibrium_tangents(self.objective, theta, controls, method=self.config.solver,
                                         tol=self.config.solver_tol, max_iter=self.config.max_solver_iter,
@@ -133,12 +139,18 @@ class QuasiStaticEngine:
         h_max = 1.0 / self.config.steps
         self._warm = state.warm_start
         while state.s < 1.0 - 1e-12:
+            y0 = self.pack(state.theta, state.controls)
+            self._start_field = None
+            self._tangent_cg_iterations = 0
+            slope = self.field(state.s, y0)
+            self._start_field = (state.s, y0, slope)
             h = min(state.h or h_max, 1.0 - state.s)
+            if self.corrector.adapts_step:  # without a corrector the steps stay the uniform 1/steps
+                h = min(h, self._control_step_limit(state.controls, slope))
             rejected = 0
             while True:
-                self._tangent_cg_iterations = 0
                 try:
-                    y = self.integrator.step(self.field, state.s, self.pack(state.theta, state.controls), h)
+                    y = self.integrator.step(self.field, state.s, y0, h)
                     theta, controls = self.unpack(y)
                 except ControlDomainError as error:
                     if not self.corrector.adapts_step:
@@ -151,6 +163,7 @@ class QuasiStaticEngine:
                         break
                     failure = f"the corrector did not return to the surface (|grad J| = {correction.grad_norm:.3e})"
                 rejected += 1
+                self._tangent_cg_iterations = 0
                 h /= 2
                 if h < self.config.min_step:
                     raise StepSizeError(f"the step size fell below {self.config.min_step:g} at s={state.s:.6g}: "
@@ -164,6 +177,16 @@ class QuasiStaticEngine:
             if on_step is not None:
                 on_step(StepReport(state, correction, self._tangent_cg_iterations, rejected))
         return state
+
+    def _control_step_limit(self, controls: Controls, slope: Tensor) -> float:
+        """The largest h for which a step changes λ and γ by at most ``max_control_change`` of
+        max(|value|, 1) at the current rates: a steep stretch of the path (γ̇ large, as at the start
+        of a transfer) gets small steps up front instead of rejected ones."""
+        limit = float("inf")
+        for value, rate in zip((controls.lam, controls.gamma), slope[-3:-1].tolist()):
+            if rate != 0:
+                limit = min(limit, self.config.max_control_change * max(abs(value), 1.0) / abs(rate))
+        return limit
 
     def _finish(self, correction: Correction, state: EngineState) -> Correction:
         """The last step ends at least as close to the surface as the start: one more correction

@@ -173,3 +173,29 @@ def test_transfer_process_needs_a_mixture(surface):
     with pytest.raises(InputError, match="must run on a source/target mixture"):
         QuasiStaticEngine(objective, make_process("iso-classification-transfer", START), make_integrator("rk4"),
                           make_corrector("none"))
+
+
+def test_steep_controls_get_small_steps_up_front(surface):
+    """γ̇ = 6 from γ = 4 (free process) over two nominal steps of h = 0.5: the step control caps
+    each step's change of γ at max_control_change (0.2) × γ before it is tried."""
+    objective, theta = surface
+    process = make_process("free", START, gamma_rate=6.0)
+    _, rows, reports = run(objective, theta, process, integrator="euler", corrector="newton", steps=2,
+                           grad_tol=1e-8)
+    gammas = [row["gamma"] for row in rows]
+    assert gammas[-1] == pytest.approx(10.0)
+    assert max((b - a) / a for a, b in zip(gammas[:-1], gammas[1:])) <= 0.2 + 1e-12
+    assert reports[0].state.s <= 0.2 * 4 / 6 + 1e-12
+
+
+def test_a_step_that_leaves_gamma_positive_is_retried(surface):
+    """γ̇ = −8 from γ = 4 over s ∈ [0, 1] would reach γ < 0: every accepted γ stays ≥ 0, and the
+    engine stops with a step-size error once the step cannot shrink further."""
+    objective, theta = surface
+    process = make_process("free", START, gamma_rate=-8.0)
+    engine = QuasiStaticEngine(objective, process, make_integrator("euler"),
+                               make_corrector("newton", grad_tol=1e-8, **TIGHT), EngineConfig(steps=1, min_step=1e-2))
+    gammas = []
+    with pytest.raises(StepSizeError, match="step size fell below 0.01 at s=0.4"):
+        engine.run(engine.start(theta, START), lambda report: gammas.append(report.state.controls.gamma))
+    assert gammas and min(gammas) >= 0
