@@ -45,7 +45,7 @@ class EngineConfig:
     max_solver_iter: int | None = None  # Krylov iteration cap per solve (None: the solver's default)
     operator: str = "hessian"  # "hessian" (exact A) or "ggn"
     damping: float = 0.0  # μ in (A + μI) for the tangent solves
-    max_corrector_iterations: int = 4  # a step whose corrector needs more iterations is retried at h/2
+    max_corrector_iterations: int = 6  # a step whose corrector needs more iterations is retried at h/2
     min_step: float = 1e-5  # smallest step before StepSizeError
     max_control_change: float = 0.2  # a step changes λ and γ by at most this × max(|value|, 1)
 
@@ -166,9 +166,13 @@ class QuasiStaticEngine:
                 self._tangent_cg_iterations = 0
                 h /= 2
                 if h < self.config.min_step:
-                    raise StepSizeError(f"the step size fell below {self.config.min_step:g} at s={state.s:.6g}: "
-                                        f"{failure}")
-            grow = self.corrector.adapts_step and correction.iterations <= 1
+                    raise StepSizeError(
+                        f"the step size fell below {self.config.min_step:g} at s={state.s:.6g} (lambda="
+                        f"{state.controls.lam:.6g}, gamma={state.controls.gamma:.6g}, t={state.controls.t:.6g}): "
+                        f"{failure}; a step that keeps shrinking usually means the equilibrium branch ends or "
+                        "branches here (a fold or bifurcation of the surface, where the Hessian of J becomes singular)")
+            # as in numerical continuation: grow after an easy correction (at most half the budget)
+            grow = self.corrector.adapts_step and correction.iterations <= self.config.max_corrector_iterations // 2
             if state.s + h >= 1.0 - 1e-12 and state.start_grad_norm is not None:
                 correction = self._finish(correction, state)
             state = EngineState(correction.theta.detach(), correction.controls, s=state.s + h,
