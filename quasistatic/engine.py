@@ -172,7 +172,9 @@ class QuasiStaticEngine:
                         f"{failure}; a step that keeps shrinking usually means the equilibrium branch ends or "
                         "branches here (a fold or bifurcation of the surface, where the Hessian of J becomes singular)")
             # as in numerical continuation: grow after an easy correction (at most half the budget)
-            grow = self.corrector.adapts_step and correction.iterations <= self.config.max_corrector_iterations // 2
+            # of a step that was not itself retried at a smaller h
+            grow = (self.corrector.adapts_step and not rejected
+                    and correction.iterations <= self.config.max_corrector_iterations // 2)
             if state.s + h >= 1.0 - 1e-12 and state.start_grad_norm is not None:
                 correction = self._finish(correction, state)
             state = EngineState(correction.theta.detach(), correction.controls, s=state.s + h,
