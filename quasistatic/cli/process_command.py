@@ -158,6 +158,7 @@ def _run_process(args: argparse.Namespace, name: str, params: dict) -> int:
         return code
     rows = recorder.log.rows()
     plots = plot_trajectory(rows, run.path, f"{name} ({args.method})")
-    print(f"{name} ({args.method}, {args.integrator}/{args.corrector}): {summary(rows, args.sigma, process)}")
+    how = f"engine, {args.integrator}/{args.corrector}" if args.method == "engine" else args.method
+    print(f"{name} ({how}): {summary(rows, args.sigma, process)}")
     print(f"wrote {run.file('trajectory.csv')}, " + ", ".join(str(p) for p in plots))
     return 0
