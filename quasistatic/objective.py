@@ -132,7 +132,7 @@ class Objective:
     def accuracy(self, theta: Tensor, t: float = 0.0) -> float:
         """Classification accuracy at the encoder mean under p(x, t)."""
         accuracies = [part.accuracy(theta) for part in self.parts]
-        return accuracies[0] if not self.is_mixture else float(self.mixture.mix(*map(torch.tensor, accuracies), t))
+        return accuracies[0] if not self.is_mixture else float(self.mixture.mix(accuracies[0], accuracies[1], t))
 
     def combination_gradients(self, theta: Tensor, weights: Tensor, t: float = 0.0,
                               with_entropy: Tensor | None = None) -> tuple[Tensor, Tensor]:
