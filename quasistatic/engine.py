@@ -4,8 +4,10 @@ The state y = (θ, λ, γ, t) obeys dy/ds = (θ̇, λ̇, γ̇, ṫ) over s ∈ [
 from the process (its constraint solved on the current sensitivities) and θ̇ = θ_λλ̇ + θ_γγ̇ +
 θ_tṫ (eqs. 17, 24) from one three-column Krylov solve with A = ∇²θJ per evaluation (warm-started
 from the previous one). After each step the corrector returns to ∇θJ = 0 and to the process
-constraint; as in numerical continuation, the step shrinks when the corrector struggles and grows
-back when it converges at once.
+constraint. Step control, as in numerical continuation: a step is capped before it is tried so
+that λ and γ change by at most a fraction of their size; it is retried at h/2 when the corrector
+does not converge within its budget or the step leaves λ, γ ≥ 0; it grows back after an easy
+correction. The last step is corrected at least as tightly as the start was polished.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from .objective import Controls, Objective
 from .processes import Process
 from .tangents import equilibrium_tangents
 
-__all__ = ["ControlDomainError", "EngineConfig", "EngineState", "QuasiStaticEngine", "StepReport", "StepSizeError", "first_law_residual"]
+__all__ = ["ControlDomainError", "EngineConfig", "EngineState", "QuasiStaticEngine", "StepReport", "StepSizeError",
+           "first_law_residual"]
 
 
 class StepSizeError(RuntimeError):

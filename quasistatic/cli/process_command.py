@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from ..baselines import FiniteDifferenceEquilibration
 from ..checkpoint import load_checkpoint, save_checkpoint
@@ -73,7 +74,7 @@ def check_engine_flags(args: argparse.Namespace) -> None:
 
 
 def starting_model(args: argparse.Namespace, run: RunDirectory, model_config: ModelConfig,
-                   start: Objective | None, controls: Controls) -> RepresentationModel:
+                   start: Callable[[RepresentationModel], Objective], controls: Controls) -> RepresentationModel:
     """The model a process starts from, in the requested device and dtype: the run's own start.pt
     when resuming, ``--from-checkpoint`` (its controls must equal the flags'), or a fresh model
     equilibrated on ``start``'s data at ``controls`` (``start`` builds the objective for a model)."""
