@@ -66,7 +66,6 @@ def engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--steps", type=int, default=10, help="steps over s ∈ [0, 1] (default 10)")
     group.add_argument("--integrator", default="rk4", help=f"one of {', '.join(available_integrators())}")
     group.add_argument("--corrector", default="newton", help=f"one of {', '.join(available_correctors())}")
-    group.add_argument("--method", default="engine", help="engine (default) or fd-equilibration (the paper's)")
     group.add_argument("--solver", default="cg", help="linear solver of the tangent systems (default cg)")
     group.add_argument("--solver-tol", type=float, default=1e-6,
                        help="relative residual of the tangent solves (default 1e-6; the corrector removes the rest)")

@@ -51,6 +51,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         model_arguments(sub)
         run_arguments(sub)
         engine_arguments(sub)
+        sub.add_argument("--method", default="engine", help="engine (default) or fd-equilibration (the paper's)")
         sub.set_defaults(dtype="float64")  # processes need derivatives to rounding: float64 unless asked
 
 
@@ -64,11 +65,9 @@ def _generic_process(args: argparse.Namespace) -> int:
 
 
 def check_engine_flags(args: argparse.Namespace) -> None:
-    """The process flags that need no data: steps, method, integrator and corrector names."""
+    """The engine flags that need no data: steps, integrator and corrector names."""
     if args.steps < 1:
         raise bad_value("--steps", "an integer >= 1", args.steps)
-    if args.method not in METHODS:
-        raise choice_error("method", METHODS, args.method)
     make_integrator(args.integrator, rtol=args.rtol, atol=args.atol)
     make_corrector(args.corrector)
 
@@ -94,9 +93,11 @@ def starting_model(args: argparse.Namespace, run: RunDirectory, model_config: Mo
     return model.to(dtype=dtype)
 
 
-def follow(args: argparse.Namespace, process: Process, train: Objective, recorder: TrajectoryRecorder) -> int:
-    """Polish the start onto the surface (fresh runs), then run the engine or fd-equilibration to
-    s = 1, recording every step; exit code 0, or 1 when the process cannot be followed."""
+def follow(args: argparse.Namespace, process: Process, train: Objective, recorder: TrajectoryRecorder,
+           method: str = "engine") -> int:
+    """Polish the start onto the surface (fresh runs), then run ``method`` (one of
+    :data:`METHODS`) to s = 1, recording every step; exit code 0, or 1 when the process cannot be
+    followed."""
     controls = process.start
     corrector = make_corrector(args.corrector, **({"grad_tol": args.polish_tol, "solver": args.solver}
                                                   if args.corrector == "newton" else {}))
@@ -109,11 +110,11 @@ def follow(args: argparse.Namespace, process: Process, train: Objective, recorde
         require_equilibrium(polished, args.polish_tol)
         state = engine.start(polished.theta, controls)
         recorder.record(state)
-    method = engine if args.method == "engine" else FiniteDifferenceEquilibration(
+    runner = engine if method == "engine" else FiniteDifferenceEquilibration(
         train, process, steps=args.steps, fd_step=args.fd_step, epochs=args.fd_epochs, batch_size=args.batch_size,
         seed=args.seed)
     try:
-        method.run(state, recorder.on_step)
+        runner.run(state, recorder.on_step)
     except (StepSizeError, DivergenceError) as error:
         print(f"quasistatic: {error}; the trajectory so far is in {recorder.run.file('trajectory.csv')}",
               file=sys.stderr)
@@ -144,6 +145,8 @@ def _run_process(args: argparse.Namespace, name: str, params: dict) -> int:
         raise InputError(f"process {name!r} must run on a source/target mixture, got the single data set "
                          f"{args.dataset!r} (use the transfer command)")
     check_engine_flags(args)
+    if args.method not in METHODS:
+        raise choice_error("method", METHODS, args.method)
     run, split, model_config = inputs(args)
     if args.resume:
         run.check_resumable(settings(args), ignore=RESUME_IGNORES)
@@ -154,7 +157,7 @@ def _run_process(args: argparse.Namespace, name: str, params: dict) -> int:
         write_config(run, args, model_config, split, process=process.describe())
         save_checkpoint(run.file("start.pt"), model, controls, {"dataset": split.name, "classes": args.classes})
     recorder = TrajectoryRecorder(run, train, val)
-    code = follow(args, process, train, recorder)
+    code = follow(args, process, train, recorder, args.method)
     if code:
         return code
     rows = recorder.log.rows()

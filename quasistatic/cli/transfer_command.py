@@ -37,8 +37,7 @@ PARAMETER_FLAGS = {"lam_end": "--lam-end", "slope": "--slope", "k": "--k"}
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    # "resolve": this command's --method (the transfer method) and --out (a folder of method runs)
-    # replace the shared ones (the process commands' engine|fd-equilibration and a single run).
+    # "resolve": this command's --out (a folder of method runs) replaces the shared one (a single run).
     sub = commands.add_parser("transfer", help="transfer a model from source to target classes (Sec. 4)",
                               description=__doc__.split("\n\n")[1].replace("\n", " ").replace("``", ""),
                               conflict_handler="resolve")
@@ -77,12 +76,11 @@ def run(args: argparse.Namespace) -> int:
     # The shared set-up sees this method's folder as --out and loads the whole data set.
     run_args = argparse.Namespace(**{**vars(args), "out": str(Path(args.out) / args.method), "classes": None,
                                      "relabel": False})
-    engine_args = argparse.Namespace(**{**vars(run_args), "method": "engine"})
     controls = Controls(args.lam, args.gamma)
     process = None
     if args.method in TRANSFER_PROCESSES:
         process = make_transfer_process(args.method, controls, getattr(args, TRANSFER_PROCESSES[args.method][1]))
-        check_engine_flags(engine_args)
+        check_engine_flags(run_args)
     run_dir, split, _ = inputs(run_args)
     data = transfer_data(split, args.source, args.target, args.labels, args.max_per_class)
     config = model_config(args, data.source)
@@ -111,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
                             {"dataset": split.name, "classes": args.source, "labels": args.labels})
     title = f"{split.name} {args.source} → {args.target} ({args.labels} labels)"
     if process is not None:
-        code, files = _run_process(engine_args, args.method, process, objectives, run_dir, title)
+        code, files = _run_process(run_args, args.method, process, objectives, run_dir, title)
     else:
         code, files = _run_baseline(args, objectives, run_dir, controls, title)
     if code:
