@@ -43,11 +43,11 @@ from typing import Any
 import pytest
 import torch
 
-from quasistatic.curvature import CurvatureOperator
+from quasistatic.linalg.operators import CurvatureOperator
 from quasistatic.data import load_dataset
 from quasistatic.models import ModelConfig, build_model
 from quasistatic.objective import Controls, Objective
-from quasistatic.solvers import SolveResult, solve
+from quasistatic.linalg.krylov import SolveResult, solve
 from quasistatic.work import HVP_COST
 
 # torch's first forward-mode AD call loads jvp decompositions written with torch.jit.script, which

@@ -28,6 +28,7 @@ from quasistatic import Controls, ModelConfig, Objective, build_model
 from quasistatic.baselines import FiniteDifferenceEquilibration
 from quasistatic.correctors import make_corrector
 from quasistatic.engine import EngineConfig, EngineState, QuasiStaticEngine
+from quasistatic.linalg import LinearSolve
 from quasistatic.integrators import make_integrator
 from quasistatic.polish import polish
 from quasistatic.processes import make_process
@@ -46,7 +47,7 @@ def start():
     torch.set_num_threads(1)
     model = build_model(ModelConfig(input_shape=(1, 2, 3), num_classes=3, latent_dim=1, hidden=()), seed=0).double()
     objective = Objective(model, small_labeled(12, 1), samples=2, sigma=1e-2)
-    theta = polish(objective, objective.initial_theta(), START, grad_tol=1e-10).theta
+    theta = polish(LinearSolve(objective), objective.initial_theta(), START, grad_tol=1e-10).theta
     return objective, theta
 
 
@@ -79,8 +80,8 @@ def test_engine(benchmark, start, name):
     objective, theta = start
     integrator, steps, tol = ENGINES[name]
     engine = QuasiStaticEngine(objective, make_process("iso-classification", START, lam_end=LAM_END),
-                               make_integrator(integrator), make_corrector("newton", grad_tol=max(tol, 1e-10), solver_tol=tol),
-                               EngineConfig(steps=steps, solver_tol=tol))
+                               make_integrator(integrator), make_corrector("newton"),
+                               EngineConfig(steps=steps, grad_tol=max(tol, 1e-10), drift_tol=max(tol, 1e-12), tangent_tol=min(tol, 1e-2)), LinearSolve(objective))
     RESULTS[name] = benchmark.pedantic(lambda: _drive(objective, theta, engine), rounds=1, iterations=1)
     benchmark.extra_info.update(RESULTS[name])
 

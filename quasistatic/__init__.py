@@ -23,8 +23,8 @@ from .functionals import FixedNoiseFunctionals, Functionals  # noqa: E402
 from .models import ModelConfig, RepresentationModel, available_architectures, build_model, register_architecture  # noqa: E402
 from .objective import Controls, Objective  # noqa: E402
 from .parameters import ParameterLayout  # noqa: E402
-from .curvature import CurvatureOperator  # noqa: E402
-from .solvers import available_solvers, register_solver, solve  # noqa: E402
+from .linalg.operators import CurvatureOperator  # noqa: E402
+from .linalg.krylov import available_solvers, register_solver, solve  # noqa: E402
 from .tangents import Sensitivities, Tangents, equilibrium_tangents  # noqa: E402
 from .integrators import Integrator, available_integrators, make_integrator, register_integrator  # noqa: E402
 from .processes import ConstraintProcess, Process, available_processes, make_process, register_process  # noqa: E402

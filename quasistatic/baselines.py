@@ -17,6 +17,7 @@ import torch
 from .correctors import EquilibrateCorrector
 from .engine import EngineState, StepReport
 from .errors import bad_value
+from .linalg import LinearSolve, LinearSolveConfig
 from .objective import Controls, Objective
 from .processes import Process
 from .tangents import CONTROLS, Sensitivities
@@ -36,6 +37,7 @@ class FiniteDifferenceEquilibration:
             raise bad_value("finite-difference step", "a number > 0", fd_step)
         self.objective, self.process, self.steps, self.fd_step = objective, process, steps, fd_step
         self.relax = EquilibrateCorrector(epochs=epochs, batch_size=batch_size, seed=seed)
+        self.linear_solve = LinearSolve(objective, LinearSolveConfig(preconditioner="none"))  # carries the objective
 
     def _values(self, theta: torch.Tensor, controls: Controls) -> torch.Tensor:
         """(R, D, C, F) at θ under p(x, t); F = R + λD + γC + σS."""
@@ -51,7 +53,7 @@ class FiniteDifferenceEquilibration:
                 continue
             h = self.fd_step if name != "t" or controls.t + self.fd_step <= 1 else -self.fd_step
             shifted = replace(controls, **{name: getattr(controls, name) + h})
-            relaxed = self.relax.correct(self.objective, theta, shifted, self.process, None).theta
+            relaxed = self.relax.correct(self.linear_solve, theta, shifted, self.process, None).theta
             matrix[:, column] = (self._values(relaxed, shifted) - base) / h
         return Sensitivities(matrix, base[:3])
 
@@ -64,7 +66,7 @@ class FiniteDifferenceEquilibration:
             sensitivities = self.sensitivities(state.theta, c, self._values(state.theta, c))
             lam_dot, gamma_dot, t_dot = self.process.control_velocity(state.s, c, sensitivities)
             controls = Controls(c.lam + h * lam_dot, c.gamma + h * gamma_dot, min(max(c.t + h * t_dot, 0.0), 1.0))
-            correction = self.relax.correct(self.objective, state.theta, controls, self.process, None)
+            correction = self.relax.correct(self.linear_solve, state.theta, controls, self.process, None)
             state = EngineState(correction.theta, controls, s=state.s + h, step=state.step + 1, h=h,
                                 target=state.target)
             if on_step is not None:

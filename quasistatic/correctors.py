@@ -6,7 +6,10 @@
       [ A     ∇θC ] [δθ]     [ ∇θJ      ]
       [ ∇θgᵀ  0   ] [δγ] = − [ g − g₀   ]     A = ∇²θJ, g = w·(R, D, C) the process constraint,
 
-  solved by block elimination with one two-column Krylov solve of (A + μI)[p, q] = [∇θJ, ∇θC]:
+  solved by block elimination with one two-column Krylov solve of (A + μI)[p, q] = [∇θJ, ∇θC]
+  through the run's :class:`~quasistatic.linalg.LinearSolve` (its preconditioner, warm-started from
+  the last Newton solve), to the Eisenstat–Walker-type forcing η = min(0.1, max(‖∇θJ‖,
+  ½ grad_tol / ‖∇θJ‖)): loose far from the surface, just tight enough for the last iteration:
   δγ = (g − g₀ − ∇gᵀp) / ∇gᵀq, δθ = −p − q δγ. A backtracking line search on the residual
   ‖(∇θJ, g − g₀)‖ (on J itself for an unconstrained process, so that it descends to a minimum,
   not a saddle) accepts the step; a rejected step or negative curvature in the solve raises the
@@ -27,12 +30,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .curvature import CurvatureOperator
 from .equilibrate import EquilibrationConfig, equilibrate
 from .errors import bad_value, choice_error
+from .linalg.linear_solve import LinearSolve
 from .objective import Controls, Objective
 from .processes import Process
-from .solvers import solve
 
 __all__ = ["Correction", "Corrector", "NoCorrector", "NewtonCorrector", "EquilibrateCorrector",
            "register_corrector", "available_correctors", "make_corrector"]
@@ -57,11 +59,14 @@ class Corrector(ABC):
     adapts_step: bool = True  # False: the engine keeps the step size fixed (no effort to judge)
 
     @abstractmethod
-    def correct(self, objective: Objective, theta: Tensor, controls: Controls, process: Process | None,
-                target: float | None, grad_tol: float | None = None, max_iter: int | None = None) -> Correction:
-        """Correct θ (and γ, for a constrained process, towards g = ``target``). For this call,
-        ``grad_tol`` tightens the corrector's own tolerance on ‖∇θJ‖ (the engine's last step) and
-        ``max_iter`` lowers its iteration budget (the engine retries a step that needs more)."""
+    def correct(self, linear_solve: LinearSolve, theta: Tensor, controls: Controls, process: Process | None,
+                target: float | None, grad_tol: float | None = None, drift_tol: float | None = None,
+                max_iter: int | None = None) -> Correction:
+        """Correct θ (and γ, for a constrained process, towards g = ``target``) on
+        ``linear_solve.objective``, solving through ``linear_solve``. For this call ``grad_tol``
+        (‖∇θJ‖) and ``drift_tol`` (|g − g₀| / |g₀|) replace the corrector's own tolerances (the
+        engine's, from the run's settings) and ``max_iter`` lowers its iteration budget (the engine
+        retries a step that needs more)."""
 
 
 class NoCorrector(Corrector):
@@ -69,24 +74,25 @@ class NoCorrector(Corrector):
 
     adapts_step = False
 
-    def correct(self, objective: Objective, theta: Tensor, controls: Controls, process: Process | None,
-                target: float | None, grad_tol: float | None = None, max_iter: int | None = None) -> Correction:
+    def correct(self, linear_solve: LinearSolve, theta: Tensor, controls: Controls, process: Process | None,
+                target: float | None, grad_tol: float | None = None, drift_tol: float | None = None,
+                max_iter: int | None = None) -> Correction:
         return Correction(theta, controls, 0, 0, math.nan, math.nan, True)
 
 
 class NewtonCorrector(Corrector):
     """Damped Newton–Krylov on the bordered system (see the module docstring)."""
 
-    def __init__(self, grad_tol: float = 1e-6, constraint_tol: float = 1e-9, max_iter: int = 20,
-                 solver: str = "cg", solver_tol: float = 1e-8, max_solver_iter: int | None = None,
-                 operator: str = "hessian", initial_damping: float = 1e-4, relax_steps: int = 20) -> None:
+    def __init__(self, grad_tol: float = 1e-6, drift_tol: float = 1e-9, max_iter: int = 20,
+                 initial_damping: float = 1e-4, relax_steps: int = 20) -> None:
         if not grad_tol > 0:
             raise bad_value("corrector grad_tol", "a number > 0", grad_tol)
+        if not drift_tol > 0:
+            raise bad_value("corrector drift_tol", "a number > 0", drift_tol)
         if max_iter < 1:
             raise bad_value("corrector max_iter", "an integer >= 1", max_iter)
-        self.grad_tol, self.constraint_tol, self.max_iter = grad_tol, constraint_tol, max_iter
-        self.solver, self.solver_tol, self.max_solver_iter = solver, solver_tol, max_solver_iter
-        self.operator, self.initial_damping, self.relax_steps = operator, initial_damping, relax_steps
+        self.grad_tol, self.drift_tol, self.max_iter = grad_tol, drift_tol, max_iter
+        self.initial_damping, self.relax_steps = initial_damping, relax_steps
 
     def _residual(self, objective: Objective, theta: Tensor, controls: Controls, weights: Tensor | None,
                   target: float | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -99,25 +105,30 @@ class NewtonCorrector(Corrector):
         values, gradients = objective.combination_gradients(theta, torch.stack(rows), controls.t, entropy)
         return values, gradients, torch.linalg.vector_norm(gradients[0])
 
-    def correct(self, objective: Objective, theta: Tensor, controls: Controls, process: Process | None,
-                target: float | None, grad_tol: float | None = None, max_iter: int | None = None) -> Correction:
-        grad_tol = self.grad_tol if grad_tol is None else min(grad_tol, self.grad_tol)
+    def correct(self, linear_solve: LinearSolve, theta: Tensor, controls: Controls, process: Process | None,
+                target: float | None, grad_tol: float | None = None, drift_tol: float | None = None,
+                max_iter: int | None = None) -> Correction:
+        objective = linear_solve.objective
+        grad_tol = self.grad_tol if grad_tol is None else grad_tol
+        drift_tol = self.drift_tol if drift_tol is None else drift_tol
         max_iter = self.max_iter if max_iter is None else min(max_iter, self.max_iter)
         constrained = process is not None and process.constraint is not None and target is not None
+        allowed = drift_tol * abs(target) if constrained and target else drift_tol
         weights = (torch.tensor(process.constraint, dtype=theta.dtype, device=theta.device)
                    if constrained else None)
         values, gradients, grad_norm = self._residual(objective, theta, controls, weights, target)
         damping, cg_total = 0.0, 0
         for iteration in range(max_iter + 1):
             violation = float(values[2] - target) if constrained else 0.0
-            if float(grad_norm) <= grad_tol and abs(violation) <= self.constraint_tol * max(1.0, abs(target or 0)):
+            if float(grad_norm) <= grad_tol and abs(violation) <= allowed:
                 return Correction(theta, controls, iteration, cg_total, float(grad_norm), abs(violation), True)
             if iteration == max_iter:
                 break
             accepted = None
             for _ in range(6):  # raise the damping until a step is accepted
                 d_theta, d_gamma, iterations, negative = self._newton_step(
-                    objective, theta, controls, gradients, violation, constrained, damping, float(grad_norm))
+                    linear_solve, theta, controls, gradients, violation, constrained, damping, float(grad_norm),
+                    grad_tol)
                 cg_total += iterations
                 if not negative:
                     accepted = self._line_search(objective, theta, controls, d_theta, d_gamma, values, gradients,
@@ -135,15 +146,15 @@ class NewtonCorrector(Corrector):
         violation = float(values[2] - target) if constrained else 0.0
         return Correction(theta, controls, max_iter, cg_total, float(grad_norm), abs(violation), False)
 
-    def _newton_step(self, objective: Objective, theta: Tensor, controls: Controls, gradients: Tensor,
-                     violation: float, constrained: bool, damping: float,
-                     grad_norm: float) -> tuple[Tensor, float, int, bool]:
+    def _newton_step(self, linear_solve: LinearSolve, theta: Tensor, controls: Controls, gradients: Tensor,
+                     violation: float, constrained: bool, damping: float, grad_norm: float,
+                     grad_tol: float) -> tuple[Tensor, float, int, bool]:
         """(δθ, δγ, Krylov iterations, negative curvature met) from (A + μI)[p, q] = [∇J, ∇C]."""
-        op = CurvatureOperator(objective, theta, controls, kind=self.operator, damping=damping)
         rhs = gradients[:2].T if constrained else gradients[:1].T  # (N, 2) or (N, 1)
-        # Eisenstat–Walker forcing: solve loosely far from the surface, tightly near it.
-        tol = min(0.1, max(self.solver_tol, grad_norm))
-        result = solve(op, rhs.contiguous(), method=self.solver, tol=tol, max_iter=self.max_solver_iter)
+        # forcing: loose far from the surface (quadratic convergence does the rest), near it just
+        # tight enough that the linear model's residual lands below grad_tol
+        tol = min(0.1, max(grad_norm, 0.5 * grad_tol / grad_norm, 1e-12))
+        result = linear_solve.solve(theta, controls, rhs.contiguous(), tol=tol, kind="newton", damping=damping)
         negative = bool(result.negative_curvature.any())
         p = result.solution[:, 0]
         if not constrained:
@@ -222,8 +233,10 @@ class EquilibrateCorrector(Corrector):
         self.seed = seed
         self.calls = 0
 
-    def correct(self, objective: Objective, theta: Tensor, controls: Controls, process: Process | None,
-                target: float | None, grad_tol: float | None = None, max_iter: int | None = None) -> Correction:
+    def correct(self, linear_solve: LinearSolve, theta: Tensor, controls: Controls, process: Process | None,
+                target: float | None, grad_tol: float | None = None, drift_tol: float | None = None,
+                max_iter: int | None = None) -> Correction:
+        objective = linear_solve.objective
         objective.layout.write(objective.model, theta)
         self.calls += 1
         theta = equilibrate(objective, controls, self.config, seed=self.seed + self.calls, progress=False)

@@ -1,13 +1,19 @@
-"""The quasi-static engine: predictor (an ODE integrator), corrector, step control, recording.
+"""The quasi-static engine: predictor (an ODE integrator or the secant), corrector, step control,
+recording.
 
 The state y = (θ, λ, γ, t) obeys dy/ds = (θ̇, λ̇, γ̇, ṫ) over s ∈ [0, 1], with the control rates
 from the process (its constraint solved on the current sensitivities) and θ̇ = θ_λλ̇ + θ_γγ̇ +
-θ_tṫ (eqs. 17, 24) from one three-column Krylov solve with A = ∇²θJ per evaluation (warm-started
-from the previous one). After each step the corrector returns to ∇θJ = 0 and to the process
-constraint. Step control, as in numerical continuation: a step is capped before it is tried so
-that λ and γ change by at most a fraction of their size; it is retried at h/2 when the corrector
-does not converge within its budget or the step leaves λ, γ ≥ 0; it grows back after an easy
-correction. The last step is corrected at least as tightly as the start was polished.
+θ_tṫ (eqs. 17, 24) from one multi-column Krylov solve with A = ∇²θJ per evaluation, through the
+run's :class:`~quasistatic.linalg.LinearSolve` (its preconditioner, warm-started from the last
+tangents). After each step the corrector returns to ∇θJ = 0 and to the process constraint.
+
+Tolerance-driven: the run states what every accepted step must hold, ‖∇θJ‖ ≤ ``grad_tol`` and
+|g − g₀| ≤ ``drift_tol`` |g₀| for the process constraint g, both on the full training set; the
+engine derives its inner tolerances from them (the tangent solves to ``tangent_tol``: 1e-2 when a
+corrector removes the predictor's error, 0.1·drift_tol without one; the corrector's Newton forcing
+from grad_tol). A step whose corrector does not reach both within its budget, that leaves the
+control domain, or whose tangent solve does not converge is not accepted: it is retried at h/2
+(:mod:`quasistatic.step_control`). The last step is corrected at least as tightly as the start.
 """
 
 from __future__ import annotations
@@ -21,40 +27,50 @@ from torch import Tensor
 from .correctors import Correction, Corrector
 from .errors import InputError, bad_value
 from .integrators import Integrator
+from .linalg.linear_solve import LinearSolve
 from .objective import Controls, Objective
 from .processes import Process
+from .step_control import StepControl, StepSizeError
 from .tangents import equilibrium_tangents
 
 __all__ = ["ControlDomainError", "EngineConfig", "EngineState", "QuasiStaticEngine", "StepReport", "StepSizeError",
            "first_law_residual"]
 
 
-class StepSizeError(RuntimeError):
-    """The step had to shrink below ``EngineConfig.min_step``: the process cannot be followed."""
-
-
 class ControlDomainError(StepSizeError):
-    """A step left the domain of the process (λ or γ below 0, or a non-finite tangent, as at a fold
-    of the constraint); fatal only when the step cannot shrink (no corrector to judge it)."""
+    """A step left the domain of the process (λ or γ below 0, a non-finite tangent, as at a fold
+    of the constraint, or a tangent solve that did not converge); fatal only when the step cannot
+    shrink (no corrector to judge it)."""
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Settings of the predictor and the step control."""
+    """What every accepted step must hold, and the step control's settings."""
 
     steps: int = 10  # steps over s ∈ [0, 1] at the nominal (largest) step size h = 1/steps
-    solver: str = "cg"  # linear solver of the tangent systems (solvers.available_solvers())
-    solver_tol: float = 1e-8  # relative residual of the tangent solves
-    max_solver_iter: int | None = None  # Krylov iteration cap per solve (None: the solver's default)
-    operator: str = "hessian"  # "hessian" (exact A) or "ggn"
-    damping: float = 0.0  # μ in (A + μI) for the tangent solves
+    grad_tol: float = 1e-6  # ‖∇θJ‖ (full data) at every accepted step
+    drift_tol: float = 1e-4  # |g − g₀| / |g₀| of the process constraint at every accepted step
+    tangent_tol: float | None = None  # relative residual of the tangent solves (None: from the tolerances)
     max_corrector_iterations: int = 6  # a step whose corrector needs more iterations is retried at h/2
     min_step: float = 1e-5  # smallest step before StepSizeError
     max_control_change: float = 0.2  # a step changes λ and γ by at most this × max(|value|, 1)
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise bad_value("steps", "an integer >= 1", self.steps)
+        for name in ("grad_tol", "drift_tol"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise bad_value(name.replace("_", "-"), "a number > 0", value)
+        if self.tangent_tol is not None and not 0 < self.tangent_tol < 1:
+            raise bad_value("tangent-tol", "a number in (0, 1)", self.tangent_tol)
+
+    def tangent_tolerance(self, corrected: bool) -> float:
+        """The tangent solves' relative residual: loose when a corrector removes the predictor's
+        error (it only costs corrector work), 0.1·drift_tol when nothing does."""
+        if self.tangent_tol is not None:
+            return self.tangent_tol
+        return 1e-2 if corrected else min(1e-2, 0.1 * self.drift_tol)
 
 
 @dataclass
@@ -67,8 +83,8 @@ class EngineState:
     step: int = 0
     h: float = 0.0
     target: float | None = None  # the constraint value g₀ the corrector holds
-    warm_start: Tensor | None = None  # the last tangent solution (N, 3)
     start_grad_norm: float | None = None  # ‖∇θJ‖ at s = 0: the last step's correction ends at least as close
+    previous: tuple[float, Tensor] | None = None  # the accepted (s, y) before this one (the secant predictor)
 
 
 @dataclass(frozen=True)
@@ -82,16 +98,22 @@ class StepReport:
 
 
 class QuasiStaticEngine:
-    """Runs ``process`` on ``objective`` with ``integrator`` and ``corrector``."""
+    """Runs ``process`` on ``objective`` with ``integrator`` (the predictor) and ``corrector``;
+    every linear solve goes through ``linear_solve`` (a default one on ``objective`` when None)."""
 
     def __init__(self, objective: Objective, process: Process, integrator: Integrator, corrector: Corrector,
-                 config: EngineConfig = EngineConfig()) -> None:
+                 config: EngineConfig = EngineConfig(), linear_solve: LinearSolve | None = None) -> None:
         if process.uses_mixture and not objective.is_mixture:
             raise InputError(f"process {type(process).__name__} must run on a source/target mixture, "
                              "got a single data set")
+        if linear_solve is not None and linear_solve.objective is not objective:
+            raise InputError("the engine's linear solve must be built on the engine's objective")
         self.objective, self.process, self.integrator, self.corrector = objective, process, integrator, corrector
         self.config = config
-        self._warm: Tensor | None = None
+        self.linear_solve = linear_solve or LinearSolve(objective)
+        self.control = StepControl(1.0 / config.steps, config.min_step, config.max_control_change,
+                                   config.max_corrector_iterations)
+        self._tangent_tol = config.tangent_tolerance(corrector.adapts_step)
         self._tangent_cg_iterations = 0  # Krylov iterations of the tangent solves in the current step
         self._start_field: tuple[float, Tensor, Tensor] | None = None  # (s, y, dy/ds) at the step's start
 
@@ -116,17 +138,15 @@ class QuasiStaticEngine:
         if self._start_field is not None and self._start_field[0] == s and torch.equal(self._start_field[1], y):
             return self._start_field[2]
         theta, controls = self.unpack(y)
-        tangents = equilibrium_tangents(self.objective, theta, controls, method=self.config.solver,
-                                        tol=self.config.solver_tol, max_iter=self.config.max_solver_iter,
-                                        operator=self.config.operator, damping=self.config.damping,
-                                        x0=self._warm)
+        tangents = equilibrium_tangents(self.objective, theta, controls, self.linear_solve, tol=self._tangent_tol)
         self._tangent_cg_iterations += tangents.solve.iterations
+        if not tangents.solve.converged:
+            raise ControlDomainError(f"the tangent solve did not converge at s={s:.6g} ({tangents.solve.summary()})")
         rates = self.process.control_velocity(s, controls, tangents.sensitivities())
         velocity = torch.cat([tangents.velocity(*rates), torch.tensor(rates, dtype=theta.dtype, device=theta.device)])
         if not bool(torch.isfinite(velocity).all()):
             raise ControlDomainError(f"the tangent is not finite at s={s:.6g}, lambda={controls.lam:.6g}, "
                                      f"gamma={controls.gamma:.6g}, t={controls.t:.6g} (a fold of the constraint?)")
-        self._warm = tangents.directions
         return velocity
 
     def start(self, theta: Tensor, controls: Controls) -> EngineState:
@@ -139,72 +159,51 @@ class QuasiStaticEngine:
 
     def run(self, state: EngineState, on_step: Callable[[StepReport], None] | None = None) -> EngineState:
         """Integrate from ``state`` to s = 1, calling ``on_step`` after every accepted step."""
-        h_max = 1.0 / self.config.steps
-        self._warm = state.warm_start
+        adapts = self.corrector.adapts_step
         while state.s < 1.0 - 1e-12:
             y0 = self.pack(state.theta, state.controls)
             self._start_field = None
             self._tangent_cg_iterations = 0
-            slope = self.field(state.s, y0)
+            slope = self.integrator.slope(self.field, state.s, y0, state.previous)
             self._start_field = (state.s, y0, slope)
-            h = min(state.h or h_max, 1.0 - state.s)
-            if self.corrector.adapts_step:  # without a corrector the steps stay the uniform 1/steps
-                h = min(h, self._control_step_limit(state.controls, slope))
+            h = self.control.first(state.h, state.s, state.controls, slope, adapts)
             rejected = 0
             while True:
                 try:
-                    y = self.integrator.step(self.field, state.s, y0, h)
+                    y = self.integrator.predict(self.field, state.s, y0, h, state.previous)
                     theta, controls = self.unpack(y)
                 except ControlDomainError as error:
-                    if not self.corrector.adapts_step:
+                    if not adapts:
                         raise
                     failure = str(error)
                 else:
-                    correction = self.corrector.correct(self.objective, theta, controls, self.process, state.target,
+                    correction = self.corrector.correct(self.linear_solve, theta, controls, self.process, state.target,
+                                                        grad_tol=self.config.grad_tol, drift_tol=self.config.drift_tol,
                                                         max_iter=self.config.max_corrector_iterations)
-                    if not self.corrector.adapts_step or correction.converged:
+                    if not adapts or correction.converged:
                         break
-                    failure = f"the corrector did not return to the surface (|grad J| = {correction.grad_norm:.3e})"
+                    failure = (f"the corrector did not reach the tolerances (|grad J| = {correction.grad_norm:.3e}, "
+                               f"|g - g0| = {correction.constraint_error:.3e})")
                 rejected += 1
                 self._tangent_cg_iterations = 0
-                h /= 2
-                if h < self.config.min_step:
-                    raise StepSizeError(
-                        f"the step size fell below {self.config.min_step:g} at s={state.s:.6g} (lambda="
-                        f"{state.controls.lam:.6g}, gamma={state.controls.gamma:.6g}, t={state.controls.t:.6g}): "
-                        f"{failure}; a step that keeps shrinking usually means the equilibrium branch ends or "
-                        "branches here (a fold or bifurcation of the surface, where the Hessian of J becomes singular)")
-            # as in numerical continuation: grow after an easy correction (at most half the budget)
-            # of a step that was not itself retried at a smaller h
-            grow = (self.corrector.adapts_step and not rejected
-                    and correction.iterations <= self.config.max_corrector_iterations // 2)
+                h = self.control.retry(h, state.s, state.controls, failure)
             if state.s + h >= 1.0 - 1e-12 and state.start_grad_norm is not None:
                 correction = self._finish(correction, state)
-            state = EngineState(correction.theta.detach(), correction.controls, s=state.s + h,
-                                step=state.step + 1, h=min(2 * h, h_max) if grow else h,
-                                target=state.target, warm_start=self._warm, start_grad_norm=state.start_grad_norm)
+            state = EngineState(correction.theta.detach(), correction.controls, s=state.s + h, step=state.step + 1,
+                                h=self.control.next(h, correction.iterations, rejected, adapts), target=state.target,
+                                start_grad_norm=state.start_grad_norm, previous=(state.s, y0))
             if on_step is not None:
                 on_step(StepReport(state, correction, self._tangent_cg_iterations, rejected))
         return state
 
-    def _control_step_limit(self, controls: Controls, slope: Tensor) -> float:
-        """The largest h for which a step changes λ and γ by at most ``max_control_change`` of
-        max(|value|, 1) at the current rates: a steep stretch of the path (γ̇ large, as at the start
-        of a transfer) gets small steps up front instead of rejected ones."""
-        limit = float("inf")
-        for value, rate in zip((controls.lam, controls.gamma), slope[-3:-1].tolist()):
-            if rate != 0:
-                limit = min(limit, self.config.max_control_change * max(abs(value), 1.0) / abs(rate))
-        return limit
-
     def _finish(self, correction: Correction, state: EngineState) -> Correction:
         """The last step ends at least as close to the surface as the start: one more correction
-        with the tolerance ‖∇θJ‖(s = 0) when the corrector's own is looser (a Newton iteration or
-        two, converging quadratically there)."""
+        with the tolerance ‖∇θJ‖(s = 0) when the run's is looser (a Newton iteration or two,
+        converging quadratically there)."""
         if not correction.grad_norm > state.start_grad_norm:  # also when the corrector does not measure it
             return correction
-        final = self.corrector.correct(self.objective, correction.theta, correction.controls, self.process,
-                                       state.target, grad_tol=state.start_grad_norm)
+        final = self.corrector.correct(self.linear_solve, correction.theta, correction.controls, self.process,
+                                       state.target, grad_tol=state.start_grad_norm, drift_tol=self.config.drift_tol)
         return replace(final, iterations=correction.iterations + final.iterations,
                        cg_iterations=correction.cg_iterations + final.cg_iterations)
 

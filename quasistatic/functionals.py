@@ -77,6 +77,17 @@ class FixedNoiseFunctionals:
         self._mean_logits = _Method(model, "mean_logits")
         self._outputs = _Method(model, "outputs")
 
+    def subset(self, index: Tensor) -> "FixedNoiseFunctionals":
+        """The same functionals on the examples at ``index``, each with its own fixed noise: an
+        unbiased estimate of this one (for subsampled curvature)."""
+        part = object.__new__(FixedNoiseFunctionals)
+        part.model, part.layout = self.model, self.layout
+        part.data = self.data.subset(index.to(self.data.y.device))
+        part.noise = self.noise[:, index.to(self.noise.device)]
+        part.chunk_size = min(self.chunk_size, len(index))
+        part._mean_logits, part._outputs = self._mean_logits, self._outputs
+        return part
+
     def per_example(self, theta: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
         """(3, m) per-example R, D, C for examples start:stop at parameters θ."""
         x, y = self.data.x[start:stop], self.data.y[start:stop]

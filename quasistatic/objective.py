@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
-from torch.func import grad, jacrev
+from torch.func import grad, grad_and_value, jacrev
 
 from .data.base import LabeledData
 from .data.mixture import DataMixture, mixture_weights
@@ -73,6 +73,27 @@ class Objective:
                       for i, part in enumerate(sets)]
         self.work = WorkCounter()
 
+    def subsample(self, fraction: float, seed: int = 0) -> "Objective":
+        """J on a fixed random ``fraction`` of each part's examples (same model, the same noise
+        for each kept example), with its own work counter: subsampled curvature. ``fraction`` 1
+        returns this objective."""
+        if not 0 < fraction <= 1:
+            raise bad_value("subsample fraction", "a number in (0, 1]", fraction)
+        if fraction == 1:
+            return self
+        generator = torch.Generator().manual_seed(seed)
+        sub = object.__new__(Objective)
+        sub.sigma, sub.model, sub.layout, sub.mixture = self.sigma, self.model, self.layout, self.mixture
+        sub.parts = [part.subset(torch.randperm(len(part.data), generator=generator)[:max(1, round(fraction * len(part.data)))])
+                     for part in self.parts]
+        sub.work = WorkCounter()
+        return sub
+
+    @property
+    def examples(self) -> int:
+        """Training examples over all parts (a subsample's cost relative to its parent is the ratio)."""
+        return sum(len(part.data) for part in self.parts)
+
     @property
     def is_mixture(self) -> bool:
         return self.mixture is not None
@@ -109,6 +130,12 @@ class Objective:
         """∇θJ (N,); zero on the equilibrium surface (eq. 15). Counts one gradient."""
         self.work.gradients += 1
         return grad(self.value)(theta, controls)
+
+    def value_and_gradient(self, theta: Tensor, controls: Controls) -> tuple[Tensor, Tensor]:
+        """J and ∇θJ from one forward and one backward pass. Counts one gradient."""
+        self.work.gradients += 1
+        gradient, value = grad_and_value(self.value)(theta, controls)
+        return value.detach(), gradient
 
     def epoch_batches(self, batch_size: int, generator: torch.Generator) -> list[list[Tensor]]:
         """One epoch of minibatch indices: for each batch, one index tensor per part. Each part is

@@ -23,10 +23,10 @@ import torch
 from torch import Tensor
 from torch.func import jacrev
 
-from .curvature import CurvatureOperator
-from .errors import choice_error
+from .errors import InputError, choice_error
+from .linalg.krylov import SolveResult
+from .linalg.linear_solve import LinearSolve
 from .objective import Controls, Objective
-from .solvers import SolveResult, solve
 
 __all__ = ["Tangents", "Sensitivities", "equilibrium_tangents", "FUNCTIONALS", "CONTROLS"]
 
@@ -98,14 +98,16 @@ class Sensitivities:
         return self.matrix[1:3, 0:2]
 
 
-def equilibrium_tangents(objective: Objective, theta: Tensor, controls: Controls, *, method: str = "cg",
-                         tol: float = 1e-8, max_iter: int | None = None, operator: str = "hessian",
-                         damping: float = 0.0, x0: Tensor | None = None) -> Tangents:
-    """θ_λ, θ_γ, θ_t at (θ, λ, γ, t) from one solve of A X = −[∇D, ∇C, ∂_t∇J] (eqs. 18, 25).
-
-    ``method`` names a linear solver (``quasistatic.solvers.available_solvers()``); ``operator``
-    is "hessian" (exact) or "ggn"; ``damping`` adds μI; ``x0`` warm-starts (N, 3).
-    """
+def equilibrium_tangents(objective: Objective, theta: Tensor, controls: Controls,
+                         linear_solve: LinearSolve | None = None, *, tol: float = 1e-8,
+                         damping: float = 0.0) -> Tangents:
+    """θ_λ, θ_γ, θ_t at (θ, λ, γ, t) from one solve of (A + μI) X = −[∇D, ∇C, ∂_t∇J] (eqs. 18, 25)
+    to relative residual ``tol``, through ``linear_solve`` (the run's: its preconditioner and its
+    warm start of the last tangents; a fresh default one when None)."""
+    if linear_solve is None:
+        linear_solve = LinearSolve(objective)
+    elif linear_solve.objective is not objective:
+        raise InputError("the linear solve of equilibrium_tangents must be built on the same objective")
     theta = theta.detach()
     if objective.is_mixture:
         parts = jacrev(objective.part_functionals)(theta)  # (2, 3, N)
@@ -124,8 +126,7 @@ def equilibrium_tangents(objective: Objective, theta: Tensor, controls: Controls
     objective.work.forwards += 1
     weights = controls.weights(theta)
     rhs = -torch.stack([gradients[1], gradients[2], weights @ d_parts], dim=1)  # (N, 3)
-    op = CurvatureOperator(objective, theta, controls, kind=operator, damping=damping)
-    result = solve(op, rhs.detach(), method=method, tol=tol, max_iter=max_iter, x0=x0)
+    result = linear_solve.solve(theta, controls, rhs.detach(), tol=tol, kind="tangent", damping=damping)
     partials = torch.zeros(3, 3, dtype=theta.dtype, device=theta.device)
     partials[:, 2] = partial_t
     entropy_rates = objective.sigma * (theta @ result.solution)

@@ -10,6 +10,7 @@ import torch
 
 from .engine import EngineState, StepReport
 from .evaluation import measure
+from .linalg import LinearSolve
 from .objective import Objective
 from .plots import plot_columns
 from .rundir import CsvLog, RunDirectory, atomic_save
@@ -17,7 +18,8 @@ from .rundir import CsvLog, RunDirectory, atomic_save
 __all__ = ["TRAJECTORY_COLUMNS", "TARGET_COLUMNS", "TrajectoryRecorder", "plot_trajectory"]
 
 TRAJECTORY_COLUMNS = ("step", "s", "lam", "gamma", "t", "R", "D", "C", "F", "val_C", "val_acc", "grad_norm",
-                      "cg_iters", "grad_evals", "wall_s", "S", "corrector_iters", "rejected_steps", "h")
+                      "cg_iters", "grad_evals", "wall_s", "S", "corrector_iters", "rejected_steps", "h",
+                      "precond_builds", "unconverged_solves")
 TARGET_COLUMNS = ("target_val_C", "target_val_acc")  # with ``target_val``: C and accuracy on the target alone
 STATE_FILE = "state.pt"
 
@@ -37,6 +39,7 @@ class TrajectoryRecorder:
         self.wall_before = 0.0
         self.started = time.perf_counter()
         self.extra: dict | None = None  # after ``restore``: what the last ``record`` saved with the state
+        self.linear_solve: LinearSolve | None = None  # the run's: its statistics go into every row
 
     def row(self, state: EngineState, cg_iters: int = 0, corrector_iters: int = 0, rejected: int = 0) -> dict:
         """Measurements at ``state`` (bookkeeping: not counted as the method's work)."""
@@ -49,6 +52,8 @@ class TrajectoryRecorder:
         return {"step": state.step, "s": state.s, "lam": c.lam, "gamma": c.gamma, "t": c.t, **measured,
                 "cg_iters": cg_iters, "corrector_iters": corrector_iters, "rejected_steps": rejected, "h": state.h,
                 "grad_evals": self.train.work.gradient_equivalents,
+                "precond_builds": self.linear_solve.stats.builds if self.linear_solve else 0,
+                "unconverged_solves": self.linear_solve.stats.unconverged if self.linear_solve else 0,
                 "wall_s": self.wall_before + time.perf_counter() - self.started}
 
     def record(self, state: EngineState, extra: dict | None = None, **counts: int) -> dict:
@@ -56,7 +61,9 @@ class TrajectoryRecorder:
         in the same atomic file, so that the two never disagree after an interruption)."""
         row = self.row(state, **counts)
         self.log.append(row)
-        atomic_save({"state": state, "work": self.train.work.snapshot(), "wall_s": row["wall_s"], "extra": extra},
+        solves = self.linear_solve.checkpoint() if self.linear_solve else None
+        atomic_save({"state": state, "work": self.train.work.snapshot(), "wall_s": row["wall_s"], "extra": extra,
+                     "solves": solves},
                     self.run.file(STATE_FILE))
         return row
 
@@ -75,6 +82,8 @@ class TrajectoryRecorder:
         self.train.work.restore(saved["work"])
         self.wall_before = saved["wall_s"]
         self.extra = saved.get("extra")
+        if self.linear_solve is not None and saved.get("solves"):
+            self.linear_solve.restore(saved["solves"])
         return state
 
 

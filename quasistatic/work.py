@@ -38,6 +38,12 @@ class WorkCounter:
         """Continue counting from a snapshot (resumed runs)."""
         self.forwards, self.gradients, self.hvps = saved["forwards"], saved["gradients"], saved["hvps"]
 
+    def add(self, other: "WorkCounter", scale: float = 1.0) -> None:
+        """Count ``other``'s work, scaled (a subsample's passes cost ``scale`` of a full pass)."""
+        self.forwards += scale * other.forwards
+        self.gradients += scale * other.gradients
+        self.hvps += scale * other.hvps
+
     @contextmanager
     def paused(self) -> Iterator[None]:
         """Work done inside is bookkeeping (recording a row), not part of the method's cost."""

@@ -24,8 +24,8 @@ import torch
 from torch.func import hessian, jacrev
 
 from quasistatic import Controls, DataMixture, InputError, LabeledData, ModelConfig, Objective, build_model
-from quasistatic.curvature import MODES, CurvatureOperator
-from quasistatic.solvers import available_solvers, solve
+from quasistatic.linalg.operators import MODES, CurvatureOperator
+from quasistatic.linalg.krylov import available_solvers, solve
 
 CONTROLS = Controls(lam=1.5, gamma=0.7)
 MIXED = Controls(lam=1.5, gamma=0.7, t=0.4)

@@ -17,6 +17,7 @@ from quasistatic.correctors import available_correctors, make_corrector
 from quasistatic.engine import EngineConfig, QuasiStaticEngine, StepSizeError, first_law_residual
 from quasistatic.errors import InputError
 from quasistatic.integrators import available_integrators, make_integrator
+from quasistatic.linalg import LinearSolve
 from quasistatic.polish import NotOnSurfaceError, polish, require_equilibrium
 from quasistatic.processes import ConstraintProcess, SingularConstraintError, make_process
 from small_problem import small_labeled
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated
 SIGMA = 1e-2
 START = Controls(1.0, 4.0)
 LAM_END = 1.1
-TIGHT = {"solver_tol": 1e-12}
+TIGHT = {"tangent_tol": 1e-12, "drift_tol": 1e-12}
 
 
 def small_objective(mixture: bool = False) -> Objective:
@@ -38,15 +39,14 @@ def small_objective(mixture: bool = False) -> Objective:
 @pytest.fixture(scope="module")
 def surface():
     objective = small_objective()
-    result = polish(objective, objective.initial_theta(), START, grad_tol=1e-10)
+    result = polish(LinearSolve(objective), objective.initial_theta(), START, grad_tol=1e-10)
     require_equilibrium(result, 1e-10)
     return objective, result.theta
 
 
-def run(objective, theta, process, integrator="rk4", corrector="none", steps=4, **corrector_options):
-    options = {"grad_tol": 1e-10, **TIGHT, **corrector_options} if corrector == "newton" else corrector_options
-    engine = QuasiStaticEngine(objective, process, make_integrator(integrator), make_corrector(corrector, **options),
-                               EngineConfig(steps=steps, **TIGHT))
+def run(objective, theta, process, integrator="rk4", corrector="none", steps=4, grad_tol=1e-10, **corrector_options):
+    engine = QuasiStaticEngine(objective, process, make_integrator(integrator), make_corrector(corrector, **corrector_options),
+                               EngineConfig(steps=steps, grad_tol=grad_tol, **TIGHT))
     state = engine.start(theta, process.start)
     rows = [row_of(objective, theta, process.start)]
     reports = []
@@ -77,7 +77,8 @@ def test_polish_reaches_the_surface(surface):
 
 def test_polish_refuses_when_it_cannot_reach_the_surface():
     objective = small_objective()
-    result = polish(objective, objective.initial_theta(), START, grad_tol=1e-10, max_iter=1, newton_iterations=1)
+    result = polish(LinearSolve(objective), objective.initial_theta(), START, grad_tol=1e-10, max_iter=1,
+                    newton_iterations=1)
     with pytest.raises(NotOnSurfaceError, match=r"starting model must reach equilibrium \|grad J\| <= 1e-10"):
         require_equilibrium(result, 1e-10)
 
@@ -128,7 +129,7 @@ def test_every_integrator_and_corrector_runs_the_process(surface, integrator, co
 
 def test_transfer_process_moves_the_data_at_constant_c():
     objective = small_objective(mixture=True)
-    theta = polish(objective, objective.initial_theta(), START, grad_tol=1e-10).theta
+    theta = polish(LinearSolve(objective), objective.initial_theta(), START, grad_tol=1e-10).theta
     process = make_process("iso-classification-transfer", START)
     target, rows, _ = run(objective, theta, process, corrector="newton", steps=4)
     assert rows[-1]["t"] == pytest.approx(1.0)
@@ -145,7 +146,7 @@ def test_a_process_defined_by_subclassing_runs():
             return 0.1, 0.0
 
     objective = small_objective()
-    theta = polish(objective, objective.initial_theta(), START, grad_tol=1e-10).theta
+    theta = polish(LinearSolve(objective), objective.initial_theta(), START, grad_tol=1e-10).theta
     target, rows, _ = run(objective, theta, IsoDistortion(START), corrector="newton", steps=2)
     assert max(abs(row["D"] - target) for row in rows) <= 1e-10 * abs(target)
     assert rows[-1]["lam"] == pytest.approx(START.lam + 0.1)
@@ -163,7 +164,7 @@ def test_step_size_underflow_is_a_clear_error(surface):
     objective, theta = surface
     process = make_process("iso-classification", START, lam_end=3.0)
     engine = QuasiStaticEngine(objective, process, make_integrator("euler"),
-                               make_corrector("newton", grad_tol=1e-30, max_iter=1), EngineConfig(steps=1, min_step=0.2))
+                               make_corrector("newton", max_iter=1), EngineConfig(steps=1, min_step=0.2, grad_tol=1e-30))
     with pytest.raises(StepSizeError, match="step size fell below 0.2"):
         engine.run(engine.start(theta, START))
 
@@ -194,7 +195,7 @@ def test_a_step_that_leaves_gamma_positive_is_retried(surface):
     objective, theta = surface
     process = make_process("free", START, gamma_rate=-8.0)
     engine = QuasiStaticEngine(objective, process, make_integrator("euler"),
-                               make_corrector("newton", grad_tol=1e-8, **TIGHT), EngineConfig(steps=1, min_step=1e-2))
+                               make_corrector("newton"), EngineConfig(steps=1, min_step=1e-2, grad_tol=1e-8, **TIGHT))
     gammas = []
     with pytest.raises(StepSizeError, match="step size fell below 0.01 at s=0.4"):
         engine.run(engine.start(theta, START), lambda report: gammas.append(report.state.controls.gamma))

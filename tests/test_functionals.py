@@ -145,7 +145,7 @@ def test_bad_controls_and_samples():
 def test_sigma_adds_the_weight_entropy_term_everywhere():
     """J = R + λD + γC + σS with S = ½‖θ‖² (eq. 6): in the value, the gradient, the Gauss–Newton
     operator (+σI) and the combination gradients used by the corrector."""
-    from quasistatic.curvature import CurvatureOperator
+    from quasistatic.linalg.operators import CurvatureOperator
 
     data, model = tiny_data(), tiny_model()
     plain, weighted = Objective(model, data), Objective(model, data, sigma=0.3)

@@ -16,9 +16,9 @@ import pytest
 import scipy.sparse.linalg
 import torch
 
-from quasistatic import solvers
+from quasistatic.linalg import krylov as solvers
 from quasistatic.errors import InputError
-from quasistatic.solvers import (SolveResult, available_solvers, cg, direct, get_solver, minres,
+from quasistatic.linalg.krylov import (SolveResult, available_solvers, cg, direct, get_solver, minres,
                                  register_solver, solve)
 
 N = 60
@@ -291,7 +291,7 @@ def test_direct_singular_falls_back_to_least_squares() -> None:
 
 
 def test_direct_warns_about_unused_options() -> None:
-    with pytest.warns(UserWarning, match="ignores x0 and max_iter"):
+    with pytest.warns(UserWarning, match="ignores x0, max_iter and the preconditioner"):
         solve(operator(MATRICES["spd"]), torch.tensor(rhs(1)), method="direct", max_iter=5)
 
 

@@ -32,8 +32,9 @@ import torch
 from torch.func import grad, grad_and_value, hessian
 
 from quasistatic import Controls, DataMixture, ModelConfig, Objective, build_model
-from quasistatic.curvature import CurvatureOperator
-from quasistatic.solvers import available_solvers
+from quasistatic.linalg.operators import CurvatureOperator
+from quasistatic.linalg.krylov import available_solvers
+from quasistatic.linalg import LinearSolve, LinearSolveConfig
 from quasistatic.tangents import CONTROLS, FUNCTIONALS, equilibrium_tangents
 from small_problem import small_labeled
 
@@ -66,6 +67,11 @@ def gauge_basis(objective: Objective) -> torch.Tensor:
         u = objective.layout.flatten(params)
         columns.append(u / u.norm())
     return torch.stack(columns, dim=1)
+
+
+def exact_solve(objective: Objective, method: str, **options) -> LinearSolve:
+    """Unpreconditioned solves with ``method`` (the references here need no preconditioner)."""
+    return LinearSolve(objective, LinearSolveConfig(solver=method, preconditioner="none", **options))
 
 
 def minimize(objective: Objective, controls: Controls, theta0: torch.Tensor, gauge: torch.Tensor) -> torch.Tensor:
@@ -152,8 +158,8 @@ class Surface:
             with warnings.catch_warnings():
                 # the direct solver warns that A is singular (the gauge null space) and uses pinv
                 warnings.filterwarnings("ignore", "A is singular to working precision")
-                self._tangents[method] = equilibrium_tangents(self.objective, self.theta, BASE, method=method,
-                                                              tol=TANGENT_TOL)
+                self._tangents[method] = equilibrium_tangents(self.objective, self.theta, BASE,
+                                                              exact_solve(self.objective, method), tol=TANGENT_TOL)
         return self._tangents[method]
 
 
@@ -248,8 +254,8 @@ def test_plain_data_set_has_no_t_tangent_and_matches_mixture_at_t0(surface: Surf
     c = Controls(BASE.lam, BASE.gamma, 0.0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "A is singular to working precision")
-        one = equilibrium_tangents(plain, theta, Controls(BASE.lam, BASE.gamma), method="direct")
-        two = equilibrium_tangents(at_source, theta, c, method="direct")
+        one = equilibrium_tangents(plain, theta, Controls(BASE.lam, BASE.gamma), exact_solve(plain, "direct"))
+        two = equilibrium_tangents(at_source, theta, c, exact_solve(at_source, "direct"))
     assert torch.equal(one.directions[:, 2], torch.zeros_like(theta))
     assert torch.equal(one.partials, torch.zeros(3, 3, dtype=torch.float64))
     assert relative(surface.project(one.directions[:, :2]), surface.project(two.directions[:, :2])) <= 1e-10
@@ -261,7 +267,9 @@ def test_warm_start_from_the_solution_needs_no_iterations(surface: Surface, meth
     if method not in available_solvers():
         pytest.skip(f"{method} is not registered")
     exact = surface.tangents("direct").directions
-    tangents = equilibrium_tangents(surface.objective, surface.theta, BASE, method=method, tol=1e-10, x0=exact)
+    linear_solve = exact_solve(surface.objective, method)
+    linear_solve.remember("tangent", exact)
+    tangents = equilibrium_tangents(surface.objective, surface.theta, BASE, linear_solve, tol=1e-10)
     assert tangents.solve.converged and tangents.solve.iterations == 0, tangents.solve.summary()
     assert relative(tangents.directions, exact) <= 1e-14
 
@@ -271,8 +279,8 @@ def test_damped_gauss_newton_tangents_solve_the_damped_ggn_system(surface: Surfa
     test_curvature checks against an independent dense Gauss–Newton matrix); velocity = X·(λ̇, γ̇, ṫ)."""
     mu = 1e-2
     exact_hessian = surface.tangents("direct")
-    tangents = equilibrium_tangents(surface.objective, surface.theta, BASE, method="direct", operator="ggn",
-                                    damping=mu)
+    tangents = equilibrium_tangents(surface.objective, surface.theta, BASE,
+                                    exact_solve(surface.objective, "direct", operator="ggn"), damping=mu)
     g = CurvatureOperator(surface.objective, surface.theta, BASE, kind="ggn").dense()
     rhs, _ = right_hand_sides(surface)
     expected = torch.linalg.solve(g + mu * torch.eye(g.shape[0], dtype=g.dtype), rhs)

@@ -11,13 +11,16 @@ import torch
 from .. import __version__
 from ..correctors import available_correctors
 from ..data import DataSplit, available_datasets, load_dataset
+from ..engine import EngineConfig
 from ..errors import bad_value, choice_error
 from ..integrators import available_integrators
+from ..linalg import LinearSolveConfig, available_preconditioners, available_solvers
 from ..models import ModelConfig, available_architectures
 from ..objective import Objective
 from ..rundir import RunDirectory
 
-__all__ = ["DTYPES", "data_arguments", "model_arguments", "run_arguments", "engine_arguments", "device_option",
+__all__ = ["DTYPES", "data_arguments", "model_arguments", "run_arguments", "engine_arguments", "linalg_arguments",
+           "linear_solve_config", "engine_config", "device_option",
            "dtype_option", "hidden_option", "model_config", "inputs", "objectives", "write_config", "settings",
            "versions"]
 
@@ -64,13 +67,18 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
 def engine_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("process")
     group.add_argument("--steps", type=int, default=10, help="steps over s ∈ [0, 1] (default 10)")
-    group.add_argument("--integrator", default="rk4", help=f"one of {', '.join(available_integrators())}")
+    group.add_argument("--integrator", default="euler",
+                       help=f"predictor: one of {', '.join(available_integrators())} (default euler: the cheapest "
+                            "at the default tolerances, benchmarks/README.md)")
     group.add_argument("--corrector", default="newton", help=f"one of {', '.join(available_correctors())}")
-    group.add_argument("--solver", default="cg", help="linear solver of the tangent systems (default cg)")
-    group.add_argument("--solver-tol", type=float, default=1e-6,
-                       help="relative residual of the tangent solves (default 1e-6; the corrector removes the rest)")
-    group.add_argument("--polish-tol", type=float, default=1e-6,
-                       help="‖∇θJ‖ the start must reach, and the newton corrector's tolerance (default 1e-6)")
+    group.add_argument("--grad-tol", type=float, default=1e-6,
+                       help="‖∇θJ‖ the start and every accepted step must reach, on the full data (default 1e-6)")
+    group.add_argument("--drift-tol", type=float, default=1e-4,
+                       help="|g − g0|/|g0| of the process constraint at every accepted step (default 1e-4)")
+    group.add_argument("--tangent-tol", type=float, default=None,
+                       help="relative residual of the tangent solves (default: 1e-2 with a corrector, "
+                            "0.1·drift-tol without)")
+    linalg_arguments(parser)
     group.add_argument("--rtol", type=float, default=None, help="adaptive integrators: relative tolerance")
     group.add_argument("--atol", type=float, default=None, help="adaptive integrators: absolute tolerance")
     group.add_argument("--from-checkpoint", default=None, help="start from this checkpoint instead of equilibrating")
@@ -78,6 +86,34 @@ def engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=32, help="minibatch size of equilibrations (default 32)")
     group.add_argument("--fd-step", type=float, default=1e-2, help="fd-equilibration: finite-difference step")
     group.add_argument("--fd-epochs", type=int, default=10, help="fd-equilibration: epochs per equilibration")
+
+
+def linalg_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("linear algebra (every solve of the run: tangents, corrector, polish)")
+    group.add_argument("--solver", default="cg", help=f"Krylov solver: one of {', '.join(available_solvers())} (default cg)")
+    group.add_argument("--preconditioner", default="dense",
+                       help=f"one of {', '.join(available_preconditioners())} (default dense: the Hessian on a "
+                            "subsample, eigendecomposed; for models up to 6,000 parameters)")
+    group.add_argument("--preconditioner-sample", type=float, default=0.1,
+                       help="fraction of the training set the preconditioner is built on (default 0.1; changes only "
+                            "the iteration counts)")
+    group.add_argument("--hvp-sample", type=float, default=1.0,
+                       help="fraction of the training set of the solves' Hessian-vector products (default 1: exact; "
+                            "< 1 is subsampled curvature, an approximation)")
+    group.add_argument("--curvature", default="hessian", help="hessian (default, exact) or ggn (Gauss–Newton)")
+
+
+def linear_solve_config(args: argparse.Namespace) -> LinearSolveConfig:
+    """The run's LinearSolveConfig from the linear-algebra flags (checked here: exit 2 on a bad one)."""
+    return LinearSolveConfig(operator=args.curvature, solver=args.solver, preconditioner=args.preconditioner,
+                             preconditioner_sample=args.preconditioner_sample, hvp_sample=args.hvp_sample,
+                             seed=args.seed)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The run's EngineConfig from the process flags (checked here: exit 2 on a bad one)."""
+    return EngineConfig(steps=args.steps, grad_tol=args.grad_tol, drift_tol=args.drift_tol,
+                        tangent_tol=args.tangent_tol)
 
 
 def device_option(name: str) -> torch.device:

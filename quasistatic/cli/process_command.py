@@ -14,18 +14,19 @@ from collections.abc import Callable
 from ..baselines import FiniteDifferenceEquilibration
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..correctors import make_corrector
-from ..engine import EngineConfig, QuasiStaticEngine, StepSizeError, first_law_residual
+from ..engine import QuasiStaticEngine, StepSizeError, first_law_residual
 from ..equilibrate import DivergenceError, EquilibrationConfig, equilibrate
 from ..errors import InputError, bad_value, choice_error
 from ..integrators import make_integrator
+from ..linalg import LinearSolve
 from ..models import ModelConfig, RepresentationModel, build_model
 from ..objective import Controls, Objective
 from ..polish import polish, require_equilibrium
 from ..processes import Process, available_processes, make_process
 from ..rundir import RunDirectory
 from ..trajectory import TrajectoryRecorder, plot_trajectory
-from .options import (data_arguments, device_option, dtype_option, engine_arguments, inputs, model_arguments,
-                      objectives, run_arguments, settings, write_config)
+from .options import (data_arguments, device_option, dtype_option, engine_arguments, engine_config, inputs,
+                      linear_solve_config, model_arguments, objectives, run_arguments, settings, write_config)
 
 __all__ = ["METHODS", "add_parsers", "check_engine_flags", "starting_model", "follow", "summary"]
 
@@ -65,9 +66,12 @@ def _generic_process(args: argparse.Namespace) -> int:
 
 
 def check_engine_flags(args: argparse.Namespace) -> None:
-    """The engine flags that need no data: steps, integrator and corrector names."""
+    """The engine flags that need no data: steps, tolerances, integrator, corrector and linear-algebra
+    names."""
     if args.steps < 1:
         raise bad_value("--steps", "an integer >= 1", args.steps)
+    engine_config(args)
+    linear_solve_config(args)
     make_integrator(args.integrator, rtol=args.rtol, atol=args.atol)
     make_corrector(args.corrector)
 
@@ -99,15 +103,15 @@ def follow(args: argparse.Namespace, process: Process, train: Objective, recorde
     :data:`METHODS`) to s = 1, recording every step; exit code 0, or 1 when the process cannot be
     followed."""
     controls = process.start
-    corrector = make_corrector(args.corrector, **({"grad_tol": args.polish_tol, "solver": args.solver}
-                                                  if args.corrector == "newton" else {}))
+    linear_solve = LinearSolve(train, linear_solve_config(args))
     engine = QuasiStaticEngine(train, process, make_integrator(args.integrator, rtol=args.rtol, atol=args.atol),
-                               corrector, EngineConfig(steps=args.steps, solver=args.solver, solver_tol=args.solver_tol))
+                               make_corrector(args.corrector), engine_config(args), linear_solve)
+    recorder.linear_solve = linear_solve
     state = recorder.restore() if args.resume else None
     if state is None:
-        polished = polish(train, train.initial_theta(), controls, grad_tol=args.polish_tol,
+        polished = polish(linear_solve, train.initial_theta(), controls, grad_tol=args.grad_tol,
                           progress=not args.no_progress)
-        require_equilibrium(polished, args.polish_tol)
+        require_equilibrium(polished, args.grad_tol)
         state = engine.start(polished.theta, controls)
         recorder.record(state)
     runner = engine if method == "engine" else FiniteDifferenceEquilibration(

@@ -32,6 +32,17 @@ class Integrator(ABC):
     def step(self, field: VectorField, s: float, y: Tensor, h: float) -> Tensor:
         """y(s + h) for dy/ds = field(s, y)."""
 
+    def slope(self, field: VectorField, s: float, y: Tensor, previous: tuple[float, Tensor] | None) -> Tensor:
+        """dy/ds at the start of a step as this method sees it (the engine's step control reads
+        it): the field, by default. ``previous`` is the last accepted (s, y), or None."""
+        return field(s, y)
+
+    def predict(self, field: VectorField, s: float, y: Tensor, h: float,
+                previous: tuple[float, Tensor] | None) -> Tensor:
+        """The engine's predictor step: :meth:`step`, by default; a method that extrapolates from
+        the last accepted point (``previous``) overrides it."""
+        return self.step(field, s, y, h)
+
 
 _INTEGRATORS: dict[str, Callable[..., Integrator]] = {}
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .base import Integrator, VectorField, register_integrator
 
-__all__ = ["ExplicitRungeKutta", "Euler", "Heun", "RK4"]
+__all__ = ["ExplicitRungeKutta", "Euler", "Heun", "RK4", "Secant"]
 
 
 class ExplicitRungeKutta(Integrator):
@@ -62,3 +62,25 @@ class RK4(ExplicitRungeKutta):
 register_integrator("euler", Euler)
 register_integrator("heun", Heun)
 register_integrator("rk4", RK4)
+
+
+class Secant(Euler):
+    """The secant predictor of numerical continuation: y + h (y − y_prev)/(s − s_prev) from the last
+    two accepted points, with no field evaluation, hence no tangent solve (BifurcationKit's
+    ``Secant``). The controls are extrapolated too: exact for processes whose control rates are
+    constant (iso-classification to ``lam_end``, transfers in t), an approximation of the process's
+    rates otherwise (e.g. Remark 7's α-form), which the corrector does not undo. The first step,
+    with no previous point, is an Euler step."""
+
+    def slope(self, field: VectorField, s: float, y: Tensor, previous: tuple[float, Tensor] | None) -> Tensor:
+        if previous is None:
+            return field(s, y)
+        s_previous, y_previous = previous
+        return (y - y_previous) / (s - s_previous)
+
+    def predict(self, field: VectorField, s: float, y: Tensor, h: float,
+                previous: tuple[float, Tensor] | None) -> Tensor:
+        return y + h * self.slope(field, s, y, previous)
+
+
+register_integrator("secant", Secant)

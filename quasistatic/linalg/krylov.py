@@ -56,6 +56,7 @@ __all__ = [
     "cg",
     "minres",
     "direct",
+    "assemble",
 ]
 
 Matvec = Callable[[Tensor], Tensor]  # V (n, k) -> A @ V (n, k)
@@ -96,11 +97,13 @@ class Solver(Protocol):
 
     It receives what :func:`solve` has checked: rhs a finite floating-point (n, k) block, tol > 0,
     max_iter an integer ≥ 1 or None (the solver's default), x0 None or finite, (n, k), same dtype and
-    device as rhs. It returns a :class:`SolveResult` whose solution is (n, k).
+    device as rhs, and ``preconditioner`` None or V ↦ M⁻¹V for a symmetric positive definite M
+    (a solver that cannot use one warns when given one). It returns a :class:`SolveResult` whose
+    solution is (n, k).
     """
 
     def __call__(self, matvec: Matvec, rhs: Tensor, *, tol: float, max_iter: int | None,
-                 x0: Tensor | None) -> SolveResult: ...
+                 x0: Tensor | None, preconditioner: Matvec | None = None) -> SolveResult: ...
 
 
 _SOLVERS: dict[str, Solver] = {}
@@ -134,7 +137,8 @@ def get_solver(name: str) -> Solver:
 
 
 def solve(matvec: Matvec, rhs: Tensor, *, method: str = "cg", tol: float = 1e-6,
-          max_iter: int | None = None, x0: Tensor | None = None) -> SolveResult:
+          max_iter: int | None = None, x0: Tensor | None = None,
+          preconditioner: Matvec | None = None) -> SolveResult:
     """Solve A X = B for X with the solver registered as ``method``.
 
     matvec: V (n, k) -> A @ V (n, k), A symmetric, n × n.
@@ -170,13 +174,15 @@ def solve(matvec: Matvec, rhs: Tensor, *, method: str = "cg", tol: float = 1e-6,
     if vector:
         rhs = rhs[:, None]
         x0 = None if x0 is None else x0[:, None]
-    result = solver(matvec, rhs, tol=float(tol), max_iter=max_iter, x0=x0)
+    result = solver(matvec, rhs, tol=float(tol), max_iter=max_iter, x0=x0,
+                    **({} if preconditioner is None else {"preconditioner": preconditioner}))
     return replace(result, solution=result.solution[:, 0]) if vector else result
 
 
 def cg(matvec: Matvec, rhs: Tensor, *, tol: float, max_iter: int | None, x0: Tensor | None,
-       check_every: int = 10) -> SolveResult:
-    """Conjugate gradients (Hestenes & Stiefel 1952) on the k columns of rhs (n, k) in lockstep.
+       preconditioner: Matvec | None = None, check_every: int = 10) -> SolveResult:
+    """Conjugate gradients (Hestenes & Stiefel 1952) on the k columns of rhs (n, k) in lockstep,
+    preconditioned by M⁻¹ = ``preconditioner`` when given (z = M⁻¹r, β = rᵀz / r_oldᵀz_old).
 
     Each column runs its own CG recurrence (its own α, β; not block CG) and stops once its recurrence
     residual ‖r‖ ≤ tol ‖b‖; a stopped column is frozen (masked updates), so it does not drift.
@@ -185,24 +191,27 @@ def cg(matvec: Matvec, rhs: Tensor, *, tol: float, max_iter: int | None, x0: Ten
     taken, and it is not restarted), and counts as not converged unless that iterate meets tol.
     Restarts and sync discipline: see :func:`_restarted`.
     """
-    return _restarted(_cg_steps, matvec, rhs, tol, max_iter, x0, check_every, stop_on_negative=True)
+    return _restarted(_cg_steps, matvec, preconditioner, rhs, tol, max_iter, x0, check_every, stop_on_negative=True)
 
 
 def minres(matvec: Matvec, rhs: Tensor, *, tol: float, max_iter: int | None, x0: Tensor | None,
-           check_every: int = 10) -> SolveResult:
-    """MINRES (Paige & Saunders 1975) on the k columns of rhs (n, k) in lockstep.
+           preconditioner: Matvec | None = None, check_every: int = 10) -> SolveResult:
+    """MINRES (Paige & Saunders 1975) on the k columns of rhs (n, k) in lockstep, preconditioned by
+    M⁻¹ = ``preconditioner`` (symmetric positive definite) when given, as scipy's ``psolve``.
 
     For symmetric, possibly indefinite (or singular but consistent) A: x_j minimizes ‖b − A x‖ over
     x0 + K_j(A, r0). The Lanczos recurrence and the Givens-rotated QR of its tridiagonal T_j follow
-    ``scipy.sparse.linalg.minres`` (unpreconditioned), vectorized over columns; a column stops once its
-    residual estimate φ̄_j (= ‖b − A x_j‖ in exact arithmetic) ≤ tol ‖b‖, and is frozen (masked updates).
+    ``scipy.sparse.linalg.minres``, vectorized over columns; a column stops once its residual estimate
+    φ̄_j (= ‖b − A x_j‖ in exact arithmetic, the M⁻¹-norm when preconditioned) ≤ tol ‖b‖ (scaled by
+    ‖r0‖_{M⁻¹}/‖r0‖ when preconditioned), and is frozen (masked updates).
     Negative curvature: set when the Krylov space was found to hold a direction with pᵀAp ≤ 0, i.e.
     T_j = V_jᵀ A V_j is not positive definite. It is detected by the LDLᵀ pivots of T_j,
     d_1 = α_1, d_j = α_j − β_j² / d_{j−1} ≤ 0, which catches every Lanczos vector with vᵀAv = α_j ≤ 0
     and is exactly when CG on the same column would meet pᵀAp ≤ 0. MINRES keeps stepping through it.
     Restarts and sync discipline: see :func:`_restarted`.
     """
-    return _restarted(_minres_steps, matvec, rhs, tol, max_iter, x0, check_every, stop_on_negative=False)
+    return _restarted(_minres_steps, matvec, preconditioner, rhs, tol, max_iter, x0, check_every,
+                      stop_on_negative=False)
 
 
 class _RunningColumns:
@@ -227,13 +236,18 @@ class _RunningColumns:
         return out
 
 
-# (running-column matvec, x, r = b − A x, active (k,), target = tol ‖b‖ (k,), budget, check_every)
+# (running-column matvec, M⁻¹, x, r = b − A x, active (k,), target = tol ‖b‖ (k,), budget, check_every)
 #   -> (x, negative (k,), steps taken per column (k,), lockstep iterations run = matvecs used)
-_Steps = Callable[[_RunningColumns, Tensor, Tensor, Tensor, Tensor, int, int], tuple[Tensor, Tensor, Tensor, int]]
+_Steps = Callable[[_RunningColumns, Matvec, Tensor, Tensor, Tensor, Tensor, int, int],
+                  tuple[Tensor, Tensor, Tensor, int]]
 
 
-def _restarted(steps_fn: _Steps, matvec: Matvec, rhs: Tensor, tol: float, max_iter: int | None,
-               x0: Tensor | None, check_every: int, *, stop_on_negative: bool) -> SolveResult:
+def _identity(block: Tensor) -> Tensor:
+    return block
+
+
+def _restarted(steps_fn: _Steps, matvec: Matvec, preconditioner: Matvec | None, rhs: Tensor, tol: float,
+               max_iter: int | None, x0: Tensor | None, check_every: int, *, stop_on_negative: bool) -> SolveResult:
     """Run a Krylov recurrence from the exact residual, and again from the new exact one while it helps.
 
     After a run, r = b − A x is recomputed exactly (one matvec; it gives relative_residual). In finite
@@ -254,13 +268,15 @@ def _restarted(steps_fn: _Steps, matvec: Matvec, rhs: Tensor, tol: float, max_it
     else:
         x = torch.where(bnorm > 0, x0, 0)                             # a zero rhs column gets x = 0
         r, matvecs = rhs - matvec(x), 1
+        worse = torch.linalg.vector_norm(r, dim=0) > bnorm            # a guess worse than 0 is dropped
+        x, r = torch.where(worse, 0, x), torch.where(worse, rhs, r)
     relative = _relative(r, bnorm)                                    # (k,) exact
     negative = torch.zeros(k, dtype=torch.bool, device=rhs.device)
     steps = torch.zeros(k, dtype=torch.long, device=rhs.device)
     active, done = relative > tol, 0
     while done < budget and bool(active.any()):                       # synchronization per run
-        x, run_negative, run_steps, ran = steps_fn(_RunningColumns(matvec, active), x, r, active, tol * bnorm,
-                                                   budget - done, check_every)
+        x, run_negative, run_steps, ran = steps_fn(_RunningColumns(matvec, active), preconditioner or _identity,
+                                                   x, r, active, tol * bnorm, budget - done, check_every)
         negative, steps, done = negative | run_negative, steps + run_steps, done + ran
         r, matvecs = rhs - matvec(x), matvecs + ran + 1
         previous, relative = relative, _relative(r, bnorm)
@@ -270,11 +286,12 @@ def _restarted(steps_fn: _Steps, matvec: Matvec, rhs: Tensor, tol: float, max_it
     return SolveResult(x, int(steps.max()), matvecs, relative, negative, bool((relative <= tol).all()))
 
 
-def _cg_steps(matvec: _RunningColumns, x: Tensor, r: Tensor, active: Tensor, target: Tensor, budget: int,
-              check_every: int) -> tuple[Tensor, Tensor, Tensor, int]:
-    """CG iterations from x with residual r, in lockstep over the columns (see :func:`cg`)."""
-    rr = _dot(r, r)                                                   # (k,) ‖r‖²
-    p = r                                                             # (n, k) search directions
+def _cg_steps(matvec: _RunningColumns, psolve: Matvec, x: Tensor, r: Tensor, active: Tensor, target: Tensor,
+              budget: int, check_every: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Preconditioned CG iterations from x with residual r, in lockstep over the columns (see :func:`cg`)."""
+    z = psolve(r)                                                     # (n, k) M⁻¹ r
+    rz = _dot(r, z)                                                   # (k,) rᵀ M⁻¹ r
+    p = z                                                             # (n, k) search directions
     negative = torch.zeros_like(active)
     steps = torch.zeros_like(active, dtype=torch.long)
     done = 0
@@ -284,26 +301,30 @@ def _cg_steps(matvec: _RunningColumns, x: Tensor, r: Tensor, active: Tensor, tar
             pap = _dot(p, ap)                                         # (k,) pᵀAp
             negative = negative | (active & (pap <= 0))
             active = active & (pap > 0)                               # also freezes a column on NaN
-            alpha = rr / torch.where(active, pap, 1)
+            alpha = rz / torch.where(active, pap, 1)
             r_new = r - alpha * ap
-            rr_new = _dot(r_new, r_new)
-            p_new = r_new + (rr_new / torch.where(active, rr, 1)) * p  # β = ‖r_new‖² / ‖r‖²
-            x, r, p, rr = _keep(active, (x + alpha * p, r_new, p_new, rr_new), (x, r, p, rr))
+            z_new = psolve(r_new)
+            rz_new = _dot(r_new, z_new)
+            p_new = z_new + (rz_new / torch.where(active, rz, 1)) * p  # β = r_newᵀz_new / rᵀz
+            x, r, p, rz = _keep(active, (x + alpha * p, r_new, p_new, rz_new), (x, r, p, rz))
             steps += active
-            active = active & (rr.sqrt() > target)
+            active = active & (torch.linalg.vector_norm(r, dim=0) > target)
             done += 1
         if done >= budget or not bool(active.any()):                  # synchronization per check
             return x, negative, steps, done
         matvec.update(active)
 
 
-def _minres_steps(matvec: _RunningColumns, x: Tensor, r: Tensor, active: Tensor, target: Tensor, budget: int,
-                  check_every: int) -> tuple[Tensor, Tensor, Tensor, int]:
-    """MINRES iterations from x with residual r, in lockstep over the columns (see :func:`minres`)."""
+def _minres_steps(matvec: _RunningColumns, psolve: Matvec, x: Tensor, r: Tensor, active: Tensor, target: Tensor,
+                  budget: int, check_every: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Preconditioned MINRES iterations from x with residual r, in lockstep over the columns (see
+    :func:`minres`)."""
     eps = torch.finfo(r.dtype).eps
-    beta = torch.linalg.vector_norm(r, dim=0)                         # (k,) β_1 = ‖r0‖
+    z = psolve(r)                                                     # (n, k) M⁻¹ r0
+    beta = _dot(r, z).clamp_min(0).sqrt()                             # (k,) β_1 = ‖r0‖_{M⁻¹}
+    target = target * beta / torch.linalg.vector_norm(r, dim=0).clamp_min(torch.finfo(r.dtype).tiny)
     zero = torch.zeros_like(beta)
-    # Lanczos: r1, r2 are the last two unnormalized Lanczos vectors β_{j-1} v_{j-1}, β_j v_j (n, k).
+    # Lanczos: r1, r2 are the last two unnormalized Lanczos vectors (n, k), z = M⁻¹ r2.
     # QR of T_j: rotation (cs, sn), dbar, epsln; φ̄ (phibar) is the residual norm; w, w2 the last two
     # directions of the update x += φ w; pivot is d_{j-1} of the LDLᵀ of T_j.
     r1, r2, w, w2 = r, r, torch.zeros_like(r), torch.zeros_like(r)
@@ -314,7 +335,7 @@ def _minres_steps(matvec: _RunningColumns, x: Tensor, r: Tensor, active: Tensor,
     while True:                                                       # active.any() holds on entry
         for _ in range(min(check_every, budget - done)):
             first = done == 0
-            v = r2 / torch.where(active, beta, 1)                     # (n, k) Lanczos vector v_j
+            v = z / torch.where(active, beta, 1)                      # (n, k) Lanczos vector v_j
             y = matvec(v)                                             # (n, k)
             if not first:
                 y = y - (beta / torch.where(active, oldb, 1)) * r1
@@ -322,17 +343,18 @@ def _minres_steps(matvec: _RunningColumns, x: Tensor, r: Tensor, active: Tensor,
             y = y - (alfa / torch.where(active, beta, 1)) * r2
             d = alfa if first else alfa - beta ** 2 / pivot           # LDLᵀ pivot of T_j
             negative = negative | (active & (d <= 0))
-            beta_new = torch.linalg.vector_norm(y, dim=0)             # β_{j+1}
+            z_new = psolve(y)
+            beta_new = _dot(y, z_new).clamp_min(0).sqrt()             # β_{j+1}
             delta = cs * dbar + sn * alfa
             gbar = sn * dbar - cs * alfa
             gamma = torch.hypot(gbar, beta_new).clamp_min(eps)
             cs_new, sn_new = gbar / gamma, beta_new / gamma
             w_new = (v - epsln * w2 - delta * w) / gamma
-            x, r1, r2, w, w2, oldb, beta, dbar, epsln, phibar, cs, sn, pivot = _keep(
+            x, r1, r2, z, w, w2, oldb, beta, dbar, epsln, phibar, cs, sn, pivot = _keep(
                 active,
-                (x + cs_new * phibar * w_new, r2, y, w_new, w, beta, beta_new, -cs * beta_new,
+                (x + cs_new * phibar * w_new, r2, y, z_new, w_new, w, beta, beta_new, -cs * beta_new,
                  sn * beta_new, sn_new * phibar, cs_new, sn_new, d),
-                (x, r1, r2, w, w2, oldb, beta, dbar, epsln, phibar, cs, sn, pivot))
+                (x, r1, r2, z, w, w2, oldb, beta, dbar, epsln, phibar, cs, sn, pivot))
             steps += active
             active = active & (phibar > target)
             done += 1
@@ -342,7 +364,7 @@ def _minres_steps(matvec: _RunningColumns, x: Tensor, r: Tensor, active: Tensor,
 
 
 def direct(matvec: Matvec, rhs: Tensor, *, tol: float, max_iter: int | None, x0: Tensor | None,
-           block_size: int = 256) -> SolveResult:
+           preconditioner: Matvec | None = None, block_size: int = 256) -> SolveResult:
     """Dense solve: assemble A column block by column block, then LU-solve (``torch.linalg.solve``).
 
     A = [matvec(E_1), matvec(E_2), ...] for identity blocks E_i of ``block_size`` columns; this needs
@@ -354,15 +376,10 @@ def direct(matvec: Matvec, rhs: Tensor, *, tol: float, max_iter: int | None, x0:
     x0 and max_iter do not apply; giving one warns. iterations is 0; matvecs is the number of blocks.
     """
     _check_positive_int("block_size", block_size)
-    if x0 is not None or max_iter is not None:
-        warnings.warn("the direct solver ignores x0 and max_iter", UserWarning, stacklevel=3)
+    if x0 is not None or max_iter is not None or preconditioner is not None:
+        warnings.warn("the direct solver ignores x0, max_iter and the preconditioner", UserWarning, stacklevel=3)
     n, k = rhs.shape
-    blocks = []
-    for start in range(0, n, block_size):
-        identity = torch.zeros(n, min(block_size, n - start), dtype=rhs.dtype, device=rhs.device)
-        identity[start:start + identity.shape[1]].fill_diagonal_(1)
-        blocks.append(matvec(identity))                               # (n, block) columns of A
-    a = torch.cat(blocks, dim=1)                                      # (n, n)
+    a = assemble(matvec, n, rhs, block_size)                          # (n, n)
     sym = (a + a.mT) / 2
     eigenvalues = torch.linalg.eigvalsh(sym)                          # (n,) ascending
     cutoff = n * torch.finfo(rhs.dtype).eps
@@ -375,8 +392,19 @@ def direct(matvec: Matvec, rhs: Tensor, *, tol: float, max_iter: int | None, x0:
         x = torch.linalg.solve(a, rhs)
     bnorm = torch.linalg.vector_norm(rhs, dim=0)
     relative = _relative(rhs - a @ x, bnorm)
-    return SolveResult(x, 0, len(blocks), relative, (eigenvalues[0] <= 0).repeat(k),
+    return SolveResult(x, 0, -(-n // block_size), relative, (eigenvalues[0] <= 0).repeat(k),
                        bool((relative <= tol).all()))
+
+
+def assemble(matvec: Matvec, n: int, like: Tensor, block_size: int = 256) -> Tensor:
+    """The dense (n, n) matrix of ``matvec`` from its products with blocks of ``block_size``
+    columns of the identity (dtype and device of ``like``)."""
+    columns = []
+    for start in range(0, n, block_size):
+        identity = torch.zeros(n, min(block_size, n - start), dtype=like.dtype, device=like.device)
+        identity[start:start + identity.shape[1]].fill_diagonal_(1)
+        columns.append(matvec(identity))                              # (n, block) columns
+    return torch.cat(columns, dim=1)
 
 
 def _check_positive_int(what: str, value: Any) -> None:

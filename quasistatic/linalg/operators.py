@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 from torch.func import grad, hessian, jvp, vjp, vmap
 
-from .data.mixture import mixture_weights
-from .errors import InputError, bad_value, choice_error
-from .objective import Controls, Objective
+from ..data.mixture import mixture_weights
+from ..errors import InputError, bad_value, choice_error
+from ..objective import Controls, Objective
 
 __all__ = ["CurvatureOperator", "OPERATORS", "MODES", "dense_hessian"]
 

@@ -1,0 +1,14 @@
+"""The linear algebra of the engine: curvature operators on θ (Hessian and Gauss–Newton products),
+Krylov solvers, preconditioners, and the stateful :class:`LinearSolve` that every solve of a run
+goes through. It knows the objective but nothing of processes or continuation."""
+
+from . import kfac  # noqa: F401  (registers the "kfac" preconditioner)
+from .krylov import SolveResult, available_solvers, register_solver, solve
+from .linear_solve import LinearSolve, LinearSolveConfig, SolveStats
+from .operators import CurvatureOperator, dense_hessian
+from .preconditioners import (Preconditioner, available_preconditioners, make_preconditioner,
+                              register_preconditioner)
+
+__all__ = ["CurvatureOperator", "LinearSolve", "LinearSolveConfig", "Preconditioner", "SolveResult", "SolveStats",
+           "available_preconditioners", "available_solvers", "dense_hessian", "make_preconditioner",
+           "register_preconditioner", "register_solver", "solve"]

@@ -1,0 +1,211 @@
+"""The stateful linear solve of a run: every solve with A = ∇²θJ (the tangents of eqs. 18 and 25,
+the corrector's Newton systems, the polish) goes through one :class:`LinearSolve`, built once per
+run from one :class:`LinearSolveConfig`.
+
+It owns what lives across solves (PETSc's KSP and BifurcationKit's linear-solver object play the
+same part):
+
+- the preconditioner, built at one point and reused at the next ones (a chord method on the
+  preconditioner: the solves stay exact Hessian solves, only their iteration count depends on how
+  well P fits). After a build, the first solve sets the reference effort (Krylov iterations per
+  decade of residual reduction); a later solve that needs more than ``stale_factor`` times that
+  marks P stale, and it is rebuilt before the next solve. A solve that does not converge with a
+  stale P is retried once with a fresh one.
+- warm starts: the last solution of each kind of solve ("tangent", "newton", …) starts the next
+  one of the same kind (a column whose guess is worse than 0 starts from 0).
+- the fallbacks: a CG solve that meets negative curvature (A indefinite: off the surface, or past
+  a fold) is redone with MINRES and the same preconditioner.
+- the subsamples: P is built on a fixed ``preconditioner_sample`` of the training examples (this
+  changes no result, only the iteration count); ``hvp_sample`` < 1 makes the solves themselves use
+  subsampled Hessian-vector products (an approximation: the corrector's gradients and the step
+  acceptance stay on the full data).
+- the statistics the trajectory records: builds, solves, Krylov iterations, unconverged solves.
+
+Work is counted on the run's objective: a pass over a subsample costs its share of a full pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from ..errors import bad_value, choice_error
+from ..objective import Controls, Objective
+from ..work import WorkCounter
+from .krylov import SolveResult, available_solvers, solve
+from .operators import MODES, OPERATORS, CurvatureOperator
+from .preconditioners import PRECONDITIONERS, IdentityPreconditioner, Preconditioner, available_preconditioners, make_preconditioner
+
+__all__ = ["LinearSolveConfig", "LinearSolve", "SolveStats"]
+
+
+@dataclass(frozen=True)
+class LinearSolveConfig:
+    """How every linear solve of a run is done."""
+
+    operator: str = "hessian"  # "hessian" (exact A) or "ggn" (Gauss–Newton, an approximation)
+    mode: str = "reverse"  # Hessian-vector products: "reverse" (cached pullback) or "forward"
+    solver: str = "cg"  # a name from krylov.available_solvers()
+    preconditioner: str = "dense"  # a name from available_preconditioners()
+    preconditioner_options: dict[str, Any] = field(default_factory=dict)  # passed to its factory
+    preconditioner_sample: float = 0.1  # fraction of training examples P is built on (no effect on results)
+    stale_factor: float = 2.0  # P is rebuilt after a solve that needs this × the effort measured after its build
+    hvp_sample: float = 1.0  # fraction of examples of the solves' HVPs: 1 is exact, < 1 is subsampled curvature
+    max_iter: int | None = None  # Krylov iterations per solve (None: the solver's default, 10 n)
+    seed: int = 0  # of the subsamples
+
+    def __post_init__(self) -> None:
+        if self.operator not in OPERATORS:
+            raise choice_error("curvature operator", OPERATORS, self.operator)
+        if self.mode not in MODES:
+            raise choice_error("Hessian-vector product mode", MODES, self.mode)
+        if self.solver not in available_solvers():
+            raise choice_error("linear solver", available_solvers(), self.solver)
+        if self.preconditioner not in PRECONDITIONERS:
+            raise choice_error("preconditioner", available_preconditioners(), self.preconditioner)
+        for name in ("preconditioner_sample", "hvp_sample"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise bad_value(name.replace("_", "-"), "a number in (0, 1]", value)
+        if not self.stale_factor >= 1:
+            raise bad_value("stale-factor", "a number >= 1", self.stale_factor)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def exact(self) -> bool:
+        """Whether the solves are exact Hessian solves (the preconditioner never matters)."""
+        return self.operator == "hessian" and self.hvp_sample == 1
+
+
+@dataclass
+class SolveStats:
+    """Running totals over the solves of a run."""
+
+    solves: int = 0
+    iterations: int = 0  # Krylov iterations, the most of any column per solve, summed
+    builds: int = 0  # preconditioner builds
+    unconverged: int = 0  # solves returned without reaching their tolerance (after the retry)
+    retries: int = 0  # solves repeated with a fresh preconditioner
+
+    def snapshot(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class LinearSolve:
+    """Solves (A + μI) X = B at points (θ, controls) of one objective, keeping the preconditioner,
+    the warm starts and the statistics between solves (see the module docstring)."""
+
+    def __init__(self, objective: Objective, config: LinearSolveConfig = LinearSolveConfig()) -> None:
+        self.objective, self.config = objective, config
+        self._build_on = objective.subsample(config.preconditioner_sample, config.seed)
+        self._products_on = objective.subsample(config.hvp_sample, config.seed + 1)
+        self.preconditioner: Preconditioner | None = None
+        self.stats = SolveStats()
+        self._effort: float | None = None  # iterations per decade in the first solve after a build
+        self._stale = True
+        self._warm: dict[str, Tensor] = {}
+        self._built_at: tuple[Tensor, Controls] | None = None
+
+    def operator(self, theta: Tensor, controls: Controls, damping: float = 0.0) -> CurvatureOperator:
+        """A + μI at (θ, controls), on the HVP subsample when one is configured."""
+        return CurvatureOperator(self._products_on, theta, controls, kind=self.config.operator, damping=damping,
+                                 mode=self.config.mode)
+
+    def rebuild(self, theta: Tensor, controls: Controls) -> Preconditioner:
+        """Build the preconditioner at (θ, controls) and count its work."""
+        self.preconditioner = make_preconditioner(self.config.preconditioner, self._build_on, theta, controls,
+                                                  **self.config.preconditioner_options)
+        self._charge(self._build_on)
+        self.stats.builds += 1
+        self._effort, self._stale, self._built_at = None, False, (theta.detach(), controls)
+        return self.preconditioner
+
+    def current(self, theta: Tensor, controls: Controls) -> Preconditioner:
+        """The preconditioner to use at (θ, controls): the kept one, or a new one when there is
+        none yet or it was marked stale."""
+        if self.preconditioner is None or self._stale:
+            return self.rebuild(theta, controls)
+        return self.preconditioner
+
+    def mark_stale(self) -> None:
+        """Rebuild before the next solve (a caller that saw P stop fitting, e.g. a Newton
+        iteration that contracted badly)."""
+        self._stale = True
+
+    def remember(self, kind: str, solution: Tensor) -> None:
+        """Warm-start the next solve of ``kind`` from ``solution``."""
+        self._warm[kind] = solution
+
+    def checkpoint(self) -> dict[str, Any]:
+        """What a resumed run needs to continue with the same solves: the point the preconditioner
+        was built at (it is rebuilt there, not saved: 2n² floats for ``dense``), its reference
+        effort, the warm starts and the statistics."""
+        return {"built_at": self._built_at, "effort": self._effort, "stale": self._stale, "warm": dict(self._warm),
+                "stats": self.stats.snapshot()}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Continue from :meth:`checkpoint`; the rebuild of the preconditioner is counted as work."""
+        if saved["built_at"] is not None:
+            self.rebuild(*saved["built_at"])
+        self._effort, self._stale, self._warm = saved["effort"], saved["stale"], dict(saved["warm"])
+        self.stats = SolveStats(**{**saved["stats"], "builds": saved["stats"]["builds"] + self.stats.builds})
+
+    def solve(self, theta: Tensor, controls: Controls, rhs: Tensor, *, tol: float, kind: str,
+              damping: float = 0.0, warm: bool = True) -> SolveResult:
+        """X with ‖B − (A + μI)X‖ ≤ tol ‖B‖ per column, warm-started from the last solve of this
+        ``kind`` (when ``warm``). Retried once with a fresh preconditioner when it does not
+        converge with a kept one; an unconverged result is returned with ``converged`` False
+        and counted in ``stats.unconverged`` (the caller decides: retry the step or report)."""
+        fresh = self.preconditioner is None or self._stale
+        result = self._run(theta, controls, rhs, tol, kind, damping, warm, self.config.solver)
+        if not result.converged and bool(result.negative_curvature.any()) and self.config.solver == "cg":
+            # A is indefinite here (off the surface, or past a fold): CG's step is undefined, MINRES's is not
+            self.stats.retries += 1
+            result = self._run(theta, controls, rhs, tol, kind, damping, warm, "minres")
+        elif not result.converged and not fresh and self.config.preconditioner != "none":
+            self.stats.retries += 1
+            self.rebuild(theta, controls)
+            result = self._run(theta, controls, rhs, tol, kind, damping, warm, self.config.solver)
+        self.stats.unconverged += not result.converged
+        return result
+
+    def _run(self, theta: Tensor, controls: Controls, rhs: Tensor, tol: float, kind: str, damping: float,
+             warm: bool, method: str) -> SolveResult:
+        preconditioner = self.current(theta, controls)
+        x0 = self._warm.get(kind) if warm else None
+        if x0 is not None and x0.shape != rhs.shape:
+            x0 = None
+        result = solve(self.operator(theta, controls, damping), rhs, method=method, tol=tol,
+                       max_iter=self.config.max_iter, x0=x0,
+                       preconditioner=None if isinstance(preconditioner, IdentityPreconditioner) else preconditioner.apply)
+        self._charge(self._products_on)
+        self.stats.solves += 1
+        self.stats.iterations += result.iterations
+        if result.converged:
+            self._warm[kind] = result.solution
+            self._judge(result)
+        return result
+
+    def _judge(self, result: SolveResult) -> None:
+        """Compare this solve's effort (iterations per decade of residual) with the first one
+        after the build; mark the preconditioner stale when it grew by ``stale_factor``."""
+        if result.iterations == 0:
+            return
+        achieved = float(result.relative_residual.max())
+        effort = result.iterations / max(1.0, -math.log10(max(achieved, 1e-300)))
+        if self._effort is None:
+            self._effort = effort
+        elif effort > self.config.stale_factor * self._effort:
+            self._stale = True
+
+    def _charge(self, sub: Objective) -> None:
+        """Move a subsample's work onto the run's objective, at its share of a full pass."""
+        if sub is self.objective:
+            return
+        self.objective.work.add(sub.work, sub.examples / self.objective.examples)
+        sub.work = WorkCounter()
