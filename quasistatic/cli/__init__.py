@@ -13,8 +13,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import torch
+
 from .. import __version__
-from ..errors import InputError
+from ..errors import InputError, bad_value
 from . import equilibrate_command, process_command, transfer_command
 
 __all__ = ["main"]
@@ -23,6 +25,10 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quasistatic", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"quasistatic {__version__}")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: on the 2-core machines measured, the README's main "
+                             "job took 30 s for its start with 1 thread and 91 s with torch's default; "
+                             "benchmarks/README.md)")
     commands = parser.add_subparsers(dest="command", required=True)
     equilibrate_command.add_parser(commands)
     process_command.add_parsers(commands)
@@ -33,8 +39,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``quasistatic`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
+    threads = torch.get_num_threads()
     try:
+        if args.threads < 1:
+            raise bad_value("--threads", "an integer >= 1", args.threads)
+        torch.set_num_threads(args.threads)
         return args.run(args)
     except InputError as error:
         print(f"quasistatic: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)

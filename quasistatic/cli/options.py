@@ -94,8 +94,8 @@ def linalg_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--preconditioner", default="dense",
                        help=f"one of {', '.join(available_preconditioners())} (default dense: the Hessian on a "
                             "subsample, eigendecomposed; for models up to 6,000 parameters)")
-    group.add_argument("--preconditioner-sample", type=float, default=0.1,
-                       help="fraction of the training set the preconditioner is built on (default 0.1; changes only "
+    group.add_argument("--preconditioner-sample", type=float, default=0.25,
+                       help="fraction of the training set the preconditioner is built on (default 0.25; changes only "
                             "the iteration counts)")
     group.add_argument("--hvp-sample", type=float, default=1.0,
                        help="fraction of the training set of the solves' Hessian-vector products (default 1: exact; "

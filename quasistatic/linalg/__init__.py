@@ -2,7 +2,7 @@
 Krylov solvers, preconditioners, and the stateful :class:`LinearSolve` that every solve of a run
 goes through. It knows the objective but nothing of processes or continuation."""
 
-from . import kfac  # noqa: F401  (registers the "kfac" preconditioner)
+from . import deflation, kfac  # noqa: F401  (register the "deflation" and "kfac" preconditioners)
 from .krylov import SolveResult, available_solvers, register_solver, solve
 from .linear_solve import LinearSolve, LinearSolveConfig, SolveStats
 from .operators import CurvatureOperator, dense_hessian

@@ -1,0 +1,294 @@
+"""The run's LinearSolve against dense references: every registered preconditioner, the reused
+preconditioner, warm starts, unconverged solves, checkpoint/restore; the engine's tolerances and
+step acceptance; bad linear-algebra input through the CLI."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch.func import jacrev
+
+from quasistatic import Controls, ModelConfig, Objective, build_model
+from quasistatic.cli import main
+from quasistatic.correctors import make_corrector
+from quasistatic.data import DataSplit, available_datasets, register_dataset
+from quasistatic.engine import EngineConfig, QuasiStaticEngine, StepSizeError
+from quasistatic.errors import InputError
+from quasistatic.integrators import make_integrator
+from quasistatic.linalg import (LinearSolve, LinearSolveConfig, available_preconditioners, dense_hessian,
+                                make_preconditioner)
+from quasistatic.polish import polish, require_equilibrium
+from quasistatic.processes import make_process
+from quasistatic.tangents import equilibrium_tangents
+from small_problem import small_labeled
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+SIGMA = 1e-2
+START = Controls(1.0, 4.0)
+
+
+def small_objective() -> Objective:
+    model = build_model(ModelConfig(input_shape=(1, 2, 3), num_classes=3, latent_dim=1, hidden=()), seed=0).double()
+    return Objective(model, small_labeled(12, 1, 0.0), samples=2, sigma=SIGMA)
+
+
+@pytest.fixture(scope="module")
+def surface():
+    objective = small_objective()
+    result = polish(LinearSolve(objective), objective.initial_theta(), START, grad_tol=1e-10)
+    require_equilibrium(result, 1e-10)
+    return objective, result.theta.detach()
+
+
+def tangent_rhs(objective, theta):
+    """−[∇D, ∇C] (N, 2)."""
+    gradients = jacrev(objective.functionals)(theta.detach())
+    return -torch.stack([gradients[1], gradients[2]], dim=1).detach()
+
+
+def reference(objective, theta, controls, rhs):
+    hessian = dense_hessian(objective, theta, controls).detach().numpy()
+    return np.linalg.solve(hessian, rhs.numpy())
+
+
+def nearby(theta, scale, seed):
+    """θ + a fixed random perturbation of norm ``scale`` (still well inside the convex basin)."""
+    direction = torch.randn(theta.shape, generator=torch.Generator().manual_seed(seed), dtype=theta.dtype)
+    return theta + scale * direction / torch.linalg.vector_norm(direction)
+
+
+def relative_error(x, ref):
+    x = x.detach().numpy() if isinstance(x, torch.Tensor) else x
+    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+# 1. every registered preconditioner, CG and MINRES, against numpy.linalg.solve
+
+
+@pytest.mark.parametrize("solver", ["cg", "minres"])
+@pytest.mark.parametrize("name", available_preconditioners())
+def test_every_preconditioner_solves_the_dense_system(surface, name, solver):
+    objective, theta = surface
+    controls = Controls(1.02, 4.0)  # off the point the problem was polished at: a generic SPD system
+    theta = nearby(theta, 1e-2, seed=3)
+    rhs = tangent_rhs(objective, theta)
+    options = {"rank": 4} if name == "deflation" else {}  # the tiny model has n = 30 parameters
+    ls = LinearSolve(objective, LinearSolveConfig(solver=solver, preconditioner=name, preconditioner_sample=0.5,
+                                                  preconditioner_options=options))
+    result = ls.solve(theta, controls, rhs, tol=1e-10, kind="tangent")
+    assert result.converged, (name, solver, result.relative_residual)
+    assert ls.stats.builds == 1 and ls.preconditioner is not None
+    error = relative_error(result.solution, reference(objective, theta, controls, rhs))
+    assert error <= 1e-8, (name, solver, error)
+
+
+# 2. a preconditioner built at another point still gives the exact tangents
+
+
+def test_reused_preconditioner_gives_the_exact_tangents(surface):
+    objective, theta1 = surface
+    c1, c2 = START, Controls(1.05, 4.1)
+    theta2 = nearby(theta1, 2e-2, seed=5)
+    ls = LinearSolve(objective, LinearSolveConfig(preconditioner="dense", preconditioner_sample=0.5))
+    ls.rebuild(theta1, c1)
+    tangents = equilibrium_tangents(objective, theta2, c2, ls, tol=1e-10)
+    assert tangents.solve.converged
+    expected = reference(objective, theta2, c2, tangent_rhs(objective, theta2))
+    assert relative_error(tangents.directions[:, :2], expected) <= 1e-6
+    assert torch.count_nonzero(tangents.directions[:, 2]) == 0  # θ_t = 0 on a single data set
+    assert ls.stats.builds == 1  # reused, not rebuilt at (θ2, c2)
+
+
+# 3. reused + warm-started solves on slowly changing systems cost fewer products than cold ones
+
+
+def test_reuse_and_warm_starts_cost_fewer_products_than_cold_solves(surface):
+    objective, theta = surface
+    systems = []
+    for j in range(10):
+        theta_j = nearby(theta, 1e-3 * j, seed=7) if j else theta
+        controls_j = Controls(1.0 + 0.01 * j, 4.0)
+        systems.append((theta_j, controls_j, tangent_rhs(objective, theta_j)))
+    references = [reference(objective, *system) for system in systems]
+
+    kept = LinearSolve(objective, LinearSolveConfig(preconditioner="dense", preconditioner_sample=0.1))
+    before = objective.work.hvps
+    for (theta_j, controls_j, rhs), ref in zip(systems, references):
+        result = kept.solve(theta_j, controls_j, rhs, tol=1e-10, kind="tangent")
+        assert result.converged and relative_error(result.solution, ref) <= 1e-8
+    reused = objective.work.hvps - before
+
+    before = objective.work.hvps
+    for (theta_j, controls_j, rhs), ref in zip(systems, references):
+        cold = LinearSolve(objective, LinearSolveConfig(preconditioner="none"))
+        result = cold.solve(theta_j, controls_j, rhs, tol=1e-10, kind="tangent", warm=False)
+        assert result.converged and relative_error(result.solution, ref) <= 1e-8
+    fresh = objective.work.hvps - before
+
+    # the same reuse without the warm starts: the warm starts alone also save products
+    unwarmed = LinearSolve(objective, LinearSolveConfig(preconditioner="dense", preconditioner_sample=0.1))
+    before = objective.work.hvps
+    for theta_j, controls_j, rhs in systems:
+        assert unwarmed.solve(theta_j, controls_j, rhs, tol=1e-10, kind="tangent", warm=False).converged
+    reused_cold_start = objective.work.hvps - before
+
+    print(f"operator products: reused+warm {reused:g}, reused without warm starts {reused_cold_start:g}, "
+          f"cold {fresh:g} (builds {kept.stats.builds})")
+    assert kept.stats.builds < 10
+    assert reused < fresh, (reused, fresh)
+    assert reused < reused_cold_start, (reused, reused_cold_start)
+
+
+# 4. the engine holds its stated tolerances at every accepted step
+
+
+@pytest.mark.parametrize("drift_tol", [1e-3, 1e-6])
+def test_engine_holds_drift_and_gradient_tolerances(surface, drift_tol):
+    objective, theta = surface
+    grad_tol = 1e-8
+    process = make_process("iso-classification", START, lam_end=1.1)
+    engine = QuasiStaticEngine(objective, process, make_integrator("euler"), make_corrector("newton"),
+                               EngineConfig(steps=4, drift_tol=drift_tol, grad_tol=grad_tol), LinearSolve(objective))
+    state = engine.start(theta, START)
+    c0 = objective.report(theta, START.t).C
+    drifts, grads, reports = [], [], []
+
+    def on_step(report):
+        reports.append(report)
+        drifts.append(abs(objective.report(report.state.theta, report.state.controls.t).C - c0) / c0)
+        grads.append(float(torch.linalg.vector_norm(objective.gradient(report.state.theta, report.state.controls))))
+
+    final = engine.run(state, on_step)
+    assert final.controls.lam == pytest.approx(1.1)
+    assert len(reports) >= 4 and all(r.correction.converged for r in reports)
+    print(f"drift_tol {drift_tol:g}: drifts {max(drifts):.3e}, grad norms {max(grads):.3e}")
+    assert max(drifts) <= drift_tol, drifts
+    assert max(grads) <= grad_tol, grads
+
+
+# 5. a step whose full-data check fails is never accepted
+
+
+def test_a_step_whose_correction_fails_is_not_accepted(surface, monkeypatch):
+    objective, theta = surface
+    corrector = make_corrector("newton")
+    original = corrector.correct
+
+    def never_converged(*args, **kwargs):
+        return replace(original(*args, **kwargs), converged=False)
+
+    monkeypatch.setattr(corrector, "correct", never_converged)
+    process = make_process("iso-classification", START, lam_end=1.1)
+    engine = QuasiStaticEngine(objective, process, make_integrator("euler"), corrector,
+                               EngineConfig(steps=4, min_step=0.2), LinearSolve(objective))
+    calls = []
+    with pytest.raises(StepSizeError):
+        engine.run(engine.start(theta, START), calls.append)
+    assert calls == []
+
+
+def test_a_step_that_cannot_reach_grad_tol_is_not_accepted(surface):
+    objective, theta = surface
+    process = make_process("iso-classification", START, lam_end=1.1)
+    engine = QuasiStaticEngine(objective, process, make_integrator("euler"), make_corrector("newton", max_iter=1),
+                               EngineConfig(steps=4, grad_tol=1e-30, min_step=0.2), LinearSolve(objective))
+    calls = []
+    with pytest.raises(StepSizeError):
+        engine.run(engine.start(theta, START), calls.append)
+    assert calls == []
+
+
+# 6. unconverged solves are reported, and a tangent solve that does not converge fails the step
+
+
+def test_unconverged_solve_is_reported(surface):
+    objective, theta = surface
+    ls = LinearSolve(objective, LinearSolveConfig(max_iter=1, preconditioner="none"))
+    result = ls.solve(theta, START, tangent_rhs(objective, theta), tol=1e-12, kind="tangent")
+    assert not result.converged
+    assert float(result.relative_residual.max()) > 1e-12
+    assert ls.stats.unconverged == 1 and ls.stats.solves == 1 and ls.stats.retries == 0
+
+
+def test_engine_refuses_an_unconverged_tangent_solve(surface):
+    objective, theta = surface
+    process = make_process("iso-classification", START, lam_end=1.1)
+    ls = LinearSolve(objective, LinearSolveConfig(max_iter=1, preconditioner="none"))
+    engine = QuasiStaticEngine(objective, process, make_integrator("euler"), make_corrector("newton"),
+                               EngineConfig(steps=4, tangent_tol=1e-12, min_step=0.2), ls)
+    calls = []
+    with pytest.raises(StepSizeError, match="tangent solve did not converge"):
+        engine.run(engine.start(theta, START), calls.append)
+    assert calls == []
+    assert ls.stats.unconverged >= 1
+
+
+# 7. bad linear-algebra input through the CLI
+
+SMALL = "small-test-set"
+
+
+def _small(data_dir=None, *, download=False, seed=0, val_fraction=0.2) -> DataSplit:
+    train, val = small_labeled(12, 1), small_labeled(8, 2)
+    return DataSplit(train.to(dtype=torch.float32), val.to(dtype=torch.float32), SMALL)
+
+
+if SMALL not in available_datasets():
+    register_dataset(SMALL, _small)
+
+BASE = ["--dataset", SMALL, "--hidden", "", "--latent-dim", "1", "--samples", "2", "--sigma", "1e-2",
+        "--lam", "1", "--gamma", "4", "--epochs", "30", "--batch-size", "4", "--no-progress",
+        "--grad-tol", "1e-9", "--drift-tol", "1e-10", "--tangent-tol", "1e-12", "--lam-end", "1.1", "--steps", "2"]
+
+
+@pytest.mark.parametrize("extra, messages", [
+    (["--preconditioner", "nosuch"], ["preconditioner must be one of", *available_preconditioners(), "'nosuch'"]),
+    (["--drift-tol", "0"], ["drift-tol must be a number > 0, got 0"]),
+    (["--grad-tol", "-1"], ["grad-tol must be a number > 0, got -1"]),
+    (["--preconditioner-sample", "0"], ["preconditioner-sample must be a number in (0, 1], got 0"]),
+])
+def test_bad_linear_algebra_input_exits_2_and_writes_nothing(tmp_path, capsys, extra, messages):
+    out = tmp_path / "run"
+    assert main(["iso-classification", *BASE, *extra, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("quasistatic: error:") and "\n" not in err, err
+    for message in messages:
+        assert message in err, (message, err)
+    assert not out.exists()
+
+
+def test_dense_preconditioner_refuses_a_model_above_its_size_limit(surface):
+    objective, theta = surface
+    assert theta.numel() > 5
+    with pytest.raises(InputError, match="kfac") as caught:
+        make_preconditioner("dense", objective, theta, START, max_size=5)
+    assert str(theta.numel()) in str(caught.value)
+    make_preconditioner("dense", objective, theta, START, max_size=theta.numel())  # at the limit: built
+
+
+# 8. checkpoint / restore
+
+
+def test_restored_linear_solve_continues_bit_identically(surface):
+    objective, theta = surface
+    config = LinearSolveConfig(preconditioner="dense", preconditioner_sample=0.5)
+    points = [(nearby(theta, 1e-3 * j, seed=11), Controls(1.0 + 0.01 * j, 4.0)) for j in range(4)]
+    original = LinearSolve(objective, config)
+    for theta_j, controls_j in points[:2]:
+        original.solve(theta_j, controls_j, tangent_rhs(objective, theta_j), tol=1e-8, kind="tangent")
+    saved = original.checkpoint()
+
+    restored = LinearSolve(objective, config)
+    restored.restore(saved)
+    assert restored.stats.builds == original.stats.builds + 1  # the rebuild is counted
+    assert restored.stats.solves == original.stats.solves
+    for theta_j, controls_j in points[2:]:
+        rhs = tangent_rhs(objective, theta_j)
+        a = original.solve(theta_j, controls_j, rhs, tol=1e-8, kind="tangent")
+        b = restored.solve(theta_j, controls_j, rhs, tol=1e-8, kind="tangent")
+        assert a.iterations == b.iterations
+        assert torch.equal(a.solution, b.solution)
+        assert torch.equal(a.relative_residual, b.relative_residual)
+    assert restored.stats.iterations == original.stats.iterations
