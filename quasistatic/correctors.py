@@ -13,9 +13,11 @@
   δγ = (g − g₀ − ∇gᵀp) / ∇gᵀq, δθ = −p − q δγ. A backtracking line search on the residual
   ‖(∇θJ, g − g₀)‖ (on J itself for an unconstrained process, so that it descends to a minimum,
   not a saddle) accepts the step; a rejected step or negative curvature in the solve raises the
-  damping μ (Levenberg–Marquardt), a full step lowers it. A plain Newton step with small damping
-  diverges here because A is indefinite away from the surface; when damping does not help either,
-  the corrector falls back to gradient relaxation (steepest descent on J with a line search).
+  damping μ (Levenberg–Marquardt, up to ``max_damping``), a full step lowers it. A plain Newton step
+  with small damping diverges here because A is indefinite away from the surface. The corrector
+  gives up (not converged) when no damping up to ``max_damping`` gives an accepted step, or when the
+  residual fails twice in a row to shrink by ``contraction``: the predicted point is outside
+  Newton's basin, and the engine's answer is a smaller step, not more iterations.
 - ``equilibrate``: the paper's relaxation, Adam with the η(s) schedule (Sec. 5.1).
 """
 
@@ -84,7 +86,7 @@ class NewtonCorrector(Corrector):
     """Damped Newton–Krylov on the bordered system (see the module docstring)."""
 
     def __init__(self, grad_tol: float = 1e-6, drift_tol: float = 1e-9, max_iter: int = 20,
-                 initial_damping: float = 1e-4, relax_steps: int = 20) -> None:
+                 initial_damping: float = 1e-4, max_damping: float = 1.0, contraction: float = 0.5) -> None:
         if not grad_tol > 0:
             raise bad_value("corrector grad_tol", "a number > 0", grad_tol)
         if not drift_tol > 0:
@@ -92,7 +94,7 @@ class NewtonCorrector(Corrector):
         if max_iter < 1:
             raise bad_value("corrector max_iter", "an integer >= 1", max_iter)
         self.grad_tol, self.drift_tol, self.max_iter = grad_tol, drift_tol, max_iter
-        self.initial_damping, self.relax_steps = initial_damping, relax_steps
+        self.initial_damping, self.max_damping, self.contraction = initial_damping, max_damping, contraction
 
     def _residual(self, objective: Objective, theta: Tensor, controls: Controls, weights: Tensor | None,
                   target: float | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -117,15 +119,21 @@ class NewtonCorrector(Corrector):
         weights = (torch.tensor(process.constraint, dtype=theta.dtype, device=theta.device)
                    if constrained else None)
         values, gradients, grad_norm = self._residual(objective, theta, controls, weights, target)
-        damping, cg_total = 0.0, 0
-        for iteration in range(max_iter + 1):
+        damping, cg_total, stalls, iteration = 0.0, 0, 0, 0
+        residual = math.inf
+        while True:
             violation = float(values[2] - target) if constrained else 0.0
             if float(grad_norm) <= grad_tol and abs(violation) <= allowed:
                 return Correction(theta, controls, iteration, cg_total, float(grad_norm), abs(violation), True)
-            if iteration == max_iter:
+            # a residual that no longer contracts (twice) means the start is outside Newton's basin:
+            # give up early, so that the engine retries with a smaller step
+            previous, residual = residual, math.hypot(float(grad_norm), violation)
+            stalls = stalls + 1 if residual > self.contraction * previous else 0
+            if iteration == max_iter or stalls == 2:
                 break
+            iteration += 1
             accepted = None
-            for _ in range(6):  # raise the damping until a step is accepted
+            while accepted is None and damping <= self.max_damping:  # raise the damping until a step is accepted
                 d_theta, d_gamma, iterations, negative = self._newton_step(
                     linear_solve, theta, controls, gradients, violation, constrained, damping, float(grad_norm),
                     grad_tol)
@@ -133,18 +141,15 @@ class NewtonCorrector(Corrector):
                 if not negative:
                     accepted = self._line_search(objective, theta, controls, d_theta, d_gamma, values, gradients,
                                                  grad_norm, violation, weights, target, constrained)
-                if accepted is not None:
-                    break
-                damping = max(10 * damping, self.initial_damping)
+                if accepted is None:
+                    damping = max(10 * damping, self.initial_damping)
             if accepted is None:
-                theta = self._relax(objective, theta, controls)
-                values, gradients, grad_norm = self._residual(objective, theta, controls, weights, target)
-                continue
+                break
             theta, controls, values, gradients, grad_norm, full_step = accepted
             if full_step:
                 damping /= 10
         violation = float(values[2] - target) if constrained else 0.0
-        return Correction(theta, controls, max_iter, cg_total, float(grad_norm), abs(violation), False)
+        return Correction(theta, controls, iteration, cg_total, float(grad_norm), abs(violation), False)
 
     def _newton_step(self, linear_solve: LinearSolve, theta: Tensor, controls: Controls, gradients: Tensor,
                      violation: float, constrained: bool, damping: float, grad_norm: float,
@@ -201,22 +206,6 @@ class NewtonCorrector(Corrector):
             if ok:
                 return trial, trial_controls, trial_values, trial_gradients, trial_norm, halvings == 0
         return None
-
-    def _relax(self, objective: Objective, theta: Tensor, controls: Controls) -> Tensor:
-        """Fallback: steepest descent on J at fixed controls, step from a backtracking search."""
-        step = 1e-2
-        value = objective.value(theta, controls)
-        for _ in range(self.relax_steps):
-            gradient = objective.gradient(theta, controls)
-            while step > 1e-12:
-                trial = theta - step * gradient
-                trial_value = objective.value(trial, controls)
-                objective.work.forwards += 1
-                if trial_value <= value - 1e-4 * step * gradient.dot(gradient):
-                    theta, value, step = trial, trial_value, step * 2
-                    break
-                step /= 2
-        return theta.detach()
 
 
 class EquilibrateCorrector(Corrector):
