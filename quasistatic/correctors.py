@@ -86,7 +86,7 @@ class NewtonCorrector(Corrector):
     """Damped Newton–Krylov on the bordered system (see the module docstring)."""
 
     def __init__(self, grad_tol: float = 1e-6, drift_tol: float = 1e-9, max_iter: int = 20,
-                 initial_damping: float = 1e-4, max_damping: float = 1.0, contraction: float = 0.5) -> None:
+                 initial_damping: float = 1e-4, max_damping: float = 1.0, contraction: float = 0.9) -> None:
         if not grad_tol > 0:
             raise bad_value("corrector grad_tol", "a number > 0", grad_tol)
         if not drift_tol > 0:

@@ -84,7 +84,8 @@ class Objective:
         generator = torch.Generator().manual_seed(seed)
         sub = object.__new__(Objective)
         sub.sigma, sub.model, sub.layout, sub.mixture = self.sigma, self.model, self.layout, self.mixture
-        sub.parts = [part.subset(torch.randperm(len(part.data), generator=generator)[:max(1, round(fraction * len(part.data)))])
+        sub.parts = [part.subset(torch.randperm(len(part.data), generator=generator)
+                                 [:max(1, round(fraction * len(part.data)))])
                      for part in self.parts]
         sub.work = WorkCounter()
         return sub

@@ -52,7 +52,7 @@ class LinearSolveConfig:
     preconditioner: str = "dense"  # a name from available_preconditioners()
     preconditioner_options: dict[str, Any] = field(default_factory=dict)  # passed to its factory
     preconditioner_sample: float = 0.25  # fraction of training examples P is built on (no effect on results)
-    stale_factor: float = 2.0  # P is rebuilt after a solve that needs this × the effort measured after its build
+    stale_factor: float = 4.0  # rebuild P after a solve needing this × the effort after its build (2: too often)
     hvp_sample: float = 1.0  # fraction of examples of the solves' HVPs: 1 is exact, < 1 is subsampled curvature
     max_iter: int | None = None  # Krylov iterations per solve (None: the solver's default, 10 n)
     seed: int = 0  # of the subsamples
