@@ -77,12 +77,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--lam-end", type=float, default=1.2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "continuation.json"))
+    parser.add_argument("--hidden", default="16", help="mlp hidden widths, e.g. 64,64 (default 16)")
+    parser.add_argument("--preconditioner", default="dense", help="the runs' preconditioner (default dense)")
+    parser.add_argument("--engine-only", action="store_true",
+                        help="only the start and the engine at the default tolerances (no table, no fd)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     split = qs.load_dataset("digits", seed=0)
     config = qs.ModelConfig(input_shape=split.train.input_shape, num_classes=split.train.num_classes,
-                            latent_dim=8, hidden=(16,))
+                            latent_dim=8, hidden=tuple(int(w) for w in args.hidden.split(",")))
+    settings = LinearSolveConfig(preconditioner=args.preconditioner)
     results: dict = {"path": {"lam": [START.lam, args.lam_end], "gamma": START.gamma, "steps": args.steps},
+                     "model": {"hidden": args.hidden, "preconditioner": args.preconditioner},
                      "environment": {"torch": torch.__version__, "threads": 1, "cpu": platform.processor(),
                                      "cpus": os.cpu_count(), "load_avg": os.getloadavg()}}
 
@@ -94,9 +100,13 @@ def main() -> None:
     results["adam"] = {"GE": adam.work.gradient_equivalents, "wall_s": time.perf_counter() - started}
     model = model.double()
     theta_adam = objective_for(model, split).initial_theta()
-    for name, preconditioner in (("polish, L-BFGS only", "none"), ("polish, whitened (dense 25%)", "dense")):
+    polishes = {"polish, L-BFGS only": LinearSolveConfig(preconditioner="none"),
+                f"polish, whitened ({args.preconditioner})": settings}
+    for name, config in polishes.items():
+        if args.engine_only and config.preconditioner == "none":
+            continue
         objective = objective_for(model, split)
-        linear_solve = LinearSolve(objective, LinearSolveConfig(preconditioner=preconditioner))
+        linear_solve = LinearSolve(objective, config)
         started = time.perf_counter()
         polished = qs.polish(linear_solve, theta_adam, START, grad_tol=1e-6)
         results[name] = {"GE": objective.work.gradient_equivalents, "wall_s": time.perf_counter() - started,
@@ -108,7 +118,7 @@ def main() -> None:
     # preconditioners at the start: iterations of the tangent right-hand sides [∇D, ∇C]
     rhs = -torch.func.jacrev(objective.functionals)(theta)[1:3].T.contiguous()
     table = {}
-    for name, layers in PRECONDITIONERS.items():
+    for name, layers in ({} if args.engine_only else PRECONDITIONERS).items():
         started, build_ge, preconditioner = time.perf_counter(), 0.0, None
         for kind, options, sample in layers:
             build_on = objective.subsample(sample)
@@ -127,16 +137,18 @@ def main() -> None:
     process = qs.make_process("iso-classification", START, lam_end=args.lam_end)
     results["engine"] = {}
     for name, (drift_tol, grad_tol) in ENGINE_SETTINGS.items():
+        if args.engine_only and name != "default":
+            continue
         def engine_run():
             engine = QuasiStaticEngine(objective, process, qs.make_integrator("euler"), qs.make_corrector("newton"),
                                        EngineConfig(steps=args.steps, drift_tol=drift_tol, grad_tol=grad_tol),
-                                       LinearSolve(objective))
+                                       LinearSolve(objective, settings))
             return engine.start(theta, START), engine
         results["engine"][name] = {"drift_tol": drift_tol, "grad_tol": grad_tol, **follow(objective, theta, engine_run,
                                                                                            args.steps)}
         print("engine", name, results["engine"][name], flush=True)
     results["fd-equilibration"] = {}
-    for epochs in FD_EPOCHS:
+    for epochs in () if args.engine_only else FD_EPOCHS:
         def fd_run():
             engine = QuasiStaticEngine(objective, process, qs.make_integrator("euler"), qs.make_corrector("none"))
             return engine.start(theta, START), FiniteDifferenceEquilibration(objective, process, steps=args.steps,
