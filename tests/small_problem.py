@@ -17,3 +17,20 @@ def small_labeled(n: int, seed: int, shift: float = 0.0) -> LabeledData:
               + 0.3 * torch.randn(n, 6, generator=g, dtype=torch.float64))
     y = torch.randint(0, 3, (n,), generator=g)
     return LabeledData(torch.sigmoid(logits).reshape(n, 1, 2, 3), y, 3, ("a", "b", "c"))
+
+
+SMALL = "small-test-set"  # the CLI's name of this problem: 12 training and 8 validation examples
+
+
+def _small_split(data_dir=None, *, download=False, seed=0, val_fraction=0.2):
+    from quasistatic import DataSplit
+    train, val = small_labeled(12, 1), small_labeled(8, 2)
+    return DataSplit(train.to(dtype=torch.float32), val.to(dtype=torch.float32), SMALL)
+
+
+def register_small_dataset() -> str:
+    """Make this problem a CLI data set (``--dataset small-test-set``), once; its name."""
+    from quasistatic import available_datasets, register_dataset
+    if SMALL not in available_datasets():
+        register_dataset(SMALL, _small_split)
+    return SMALL

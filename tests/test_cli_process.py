@@ -6,25 +6,14 @@ import hashlib
 from pathlib import Path
 
 import pytest
-import torch
 
 from quasistatic.cli import main
-from quasistatic.data import DataSplit, available_datasets, register_dataset
 from quasistatic.engine import first_law_residual
-from small_problem import small_labeled
+from small_problem import register_small_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
-SMALL = "small-test-set"
-
-
-def _small(data_dir=None, *, download=False, seed=0, val_fraction=0.2) -> DataSplit:
-    train, val = small_labeled(12, 1), small_labeled(8, 2)
-    return DataSplit(train.to(dtype=torch.float32), val.to(dtype=torch.float32), SMALL)
-
-
-if SMALL not in available_datasets():
-    register_dataset(SMALL, _small)
+SMALL = register_small_dataset()
 
 BASE = ["--dataset", SMALL, "--hidden", "", "--latent-dim", "1", "--samples", "2", "--sigma", "1e-2",
         "--lam", "1", "--gamma", "4", "--epochs", "30", "--batch-size", "4", "--no-progress",

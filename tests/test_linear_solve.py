@@ -12,7 +12,6 @@ from torch.func import jacrev
 from quasistatic import Controls, ModelConfig, Objective, build_model
 from quasistatic.cli import main
 from quasistatic.correctors import make_corrector
-from quasistatic.data import DataSplit, available_datasets, register_dataset
 from quasistatic.engine import EngineConfig, QuasiStaticEngine, StepSizeError
 from quasistatic.errors import InputError
 from quasistatic.integrators import make_integrator
@@ -21,7 +20,7 @@ from quasistatic.linalg import (LinearSolve, LinearSolveConfig, available_precon
 from quasistatic.polish import polish, require_equilibrium
 from quasistatic.processes import make_process
 from quasistatic.tangents import equilibrium_tangents
-from small_problem import small_labeled
+from small_problem import register_small_dataset, small_labeled
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
@@ -227,16 +226,7 @@ def test_engine_refuses_an_unconverged_tangent_solve(surface):
 
 # 7. bad linear-algebra input through the CLI
 
-SMALL = "small-test-set"
-
-
-def _small(data_dir=None, *, download=False, seed=0, val_fraction=0.2) -> DataSplit:
-    train, val = small_labeled(12, 1), small_labeled(8, 2)
-    return DataSplit(train.to(dtype=torch.float32), val.to(dtype=torch.float32), SMALL)
-
-
-if SMALL not in available_datasets():
-    register_dataset(SMALL, _small)
+SMALL = register_small_dataset()
 
 BASE = ["--dataset", SMALL, "--hidden", "", "--latent-dim", "1", "--samples", "2", "--sigma", "1e-2",
         "--lam", "1", "--gamma", "4", "--epochs", "30", "--batch-size", "4", "--no-progress",
