@@ -7,7 +7,8 @@ Run (about 10 minutes on one core of the 2-core VM)::
 
 The model is the CLI's digits default (one hidden layer of 16, latent 8, σ = 3e-2, K = 1, float64);
 the path is iso-classification from (λ, γ) = (1, 10) to ``--lam-end`` in ``--steps`` nominal steps
-with the euler predictor and the newton corrector. Work is counted in gradient-equivalents (GE):
+with the newton corrector and, per setting, a predictor (hermite, the CLI's default, or euler), a
+Newton border (tangent, the default, or solve) and a preconditioner (the run's, or kfac for loose). Work is counted in gradient-equivalents (GE):
 every gradient, Hessian-vector product and preconditioner build (a pass over a subsample at its
 share of a full pass). The JSON holds every number below and the environment; the markdown tables
 printed at the end are the ones in benchmarks/README.md. Nothing asserts on time.
@@ -16,6 +17,7 @@ printed at the end are the ones in benchmarks/README.md. Nothing asserts on time
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import os
 import platform
@@ -31,7 +33,12 @@ from quasistatic.linalg import LinearSolve, LinearSolveConfig, make_precondition
 
 START = qs.Controls(1.0, 10.0)
 SIGMA = 3e-2
-ENGINE_SETTINGS = {"loose": (1e-2, 1e-4), "default": (1e-4, 1e-6), "tight": (1e-6, 1e-8)}  # (drift, grad)
+# name: (drift-tol, grad-tol, predictor, Newton border, preconditioner or None for the run's)
+ENGINE_SETTINGS = {"loose": (1e-2, 1e-2, "hermite", "tangent", "kfac"),
+                   "default": (1e-4, 1e-6, "hermite", "tangent", None),
+                   "default, euler": (1e-4, 1e-6, "euler", "tangent", None),
+                   "default, border solve": (1e-4, 1e-6, "hermite", "solve", None),
+                   "tight": (1e-6, 1e-8, "hermite", "tangent", None)}
 FD_EPOCHS = (10, 20, 40)
 PRECONDITIONERS = {  # name: [(kind, options, share of the training set it is built on), ...] built in turn,
     # each later one on top of the earlier (``base``)
@@ -78,7 +85,7 @@ def main() -> None:
     parser.add_argument("--lam-end", type=float, default=1.2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "continuation.json"))
     parser.add_argument("--hidden", default="16", help="mlp hidden widths, e.g. 64,64 (default 16)")
-    parser.add_argument("--preconditioner", default="dense", help="the runs' preconditioner (default dense)")
+    parser.add_argument("--preconditioner", default="auto", help="the runs' preconditioner (default auto)")
     parser.add_argument("--engine-only", action="store_true",
                         help="only the start and the engine at the default tolerances (no table, no fd)")
     args = parser.parse_args()
@@ -136,16 +143,19 @@ def main() -> None:
 
     process = qs.make_process("iso-classification", START, lam_end=args.lam_end)
     results["engine"] = {}
-    for name, (drift_tol, grad_tol) in ENGINE_SETTINGS.items():
+    for name, (drift_tol, grad_tol, predictor, border, preconditioner) in ENGINE_SETTINGS.items():
         if args.engine_only and name != "default":
             continue
+        run_settings = settings if preconditioner is None else replace(settings, preconditioner=preconditioner)
         def engine_run():
-            engine = QuasiStaticEngine(objective, process, qs.make_integrator("euler"), qs.make_corrector("newton"),
+            engine = QuasiStaticEngine(objective, process, qs.make_integrator(predictor),
+                                       qs.make_corrector("newton", border=border),
                                        EngineConfig(steps=args.steps, drift_tol=drift_tol, grad_tol=grad_tol),
-                                       LinearSolve(objective, settings))
+                                       LinearSolve(objective, run_settings))
             return engine.start(theta, START), engine
-        results["engine"][name] = {"drift_tol": drift_tol, "grad_tol": grad_tol, **follow(objective, theta, engine_run,
-                                                                                           args.steps)}
+        results["engine"][name] = {"drift_tol": drift_tol, "grad_tol": grad_tol, "predictor": predictor,
+                                   "border": border, "preconditioner": run_settings.preconditioner,
+                                   **follow(objective, theta, engine_run, args.steps)}
         print("engine", name, results["engine"][name], flush=True)
     results["fd-equilibration"] = {}
     for epochs in () if args.engine_only else FD_EPOCHS:
@@ -164,11 +174,14 @@ def main() -> None:
     for name, t in table.items():
         print(f"| {name} | {t['iterations_1e-2']} | {t['iterations_1e-6']} | {t['setup_GE']:.0f} | {t['setup_s']:.1f} | "
               f"{t['memory_MB']:.1f} |")
-    print("\n| method | setting | accepted steps | GE | GE/step | wall s | max drift | final ‖∇J‖ | first law / |ΔR| |")
+    print("\n| method | setting (drift-tol, grad-tol, predictor, border, preconditioner) | accepted steps | GE | GE/step | wall s "
+          "| max drift | final ‖∇J‖ | first law / |ΔR| |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for method in ("engine", "fd-equilibration"):
         for name, r in results[method].items():
-            print(f"| {method} | {name} | {r['accepted_steps']} | {r['GE']:.0f} | {r['GE_per_step']:.0f} | {r['wall_s']:.0f} | "
+            what = (f"{name} ({r['drift_tol']:g}, {r['grad_tol']:g}, {r['predictor']}, {r['border']}, "
+                    f"{r['preconditioner']})" if method == "engine" else name)
+            print(f"| {method} | {what} | {r['accepted_steps']} | {r['GE']:.0f} | {r['GE_per_step']:.0f} | {r['wall_s']:.0f} | "
                   f"{r['drift']:.1e} | {r['final_grad_norm']:.1e} | {r['first_law'] / max(r['delta_R'], 1e-300):.1e} |"
                   + (f" stopped: {r['error'][:60]}" if r["error"] else ""))
     print(f"\nstart: Adam {results['adam']['GE']:.0f} GE / {results['adam']['wall_s']:.0f} s; " + "; ".join(

@@ -21,9 +21,9 @@ class Checkpoint(dict):
     """The loaded dictionary: model_config, state_dict, controls, data, and run-specific extras."""
 
     def model(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> RepresentationModel:
-        model = build_model(ModelConfig(**self["model_config"]))
-        model.load_state_dict(self["state_dict"])
-        return model.to(device=device, dtype=dtype)
+        model = build_model(ModelConfig(**self["model_config"])).to(device=device, dtype=dtype)
+        model.load_state_dict(self["state_dict"])  # cast into dtype: a float64 checkpoint keeps its digits in float64
+        return model
 
     @property
     def controls(self) -> Controls:

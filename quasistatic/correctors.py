@@ -6,11 +6,15 @@
       [ A     ∇θC ] [δθ]     [ ∇θJ      ]
       [ ∇θgᵀ  0   ] [δγ] = − [ g − g₀   ]     A = ∇²θJ, g = w·(R, D, C) the process constraint,
 
-  solved by block elimination with one two-column Krylov solve of (A + μI)[p, q] = [∇θJ, ∇θC]
-  through the run's :class:`~quasistatic.linalg.LinearSolve` (its preconditioner, warm-started from
-  the last Newton solve), to the Eisenstat–Walker-type forcing η = min(0.1, max(‖∇θJ‖,
-  ½ grad_tol / ‖∇θJ‖)): loose far from the surface, just tight enough for the last iteration:
-  δγ = (g − g₀ − ∇gᵀp) / ∇gᵀq, δθ = −p − q δγ. A backtracking line search on the residual
+  solved by block elimination, δγ = (g − g₀ − ∇gᵀp) / ∇gᵀq, δθ = −p − q δγ, with p = (A + μI)⁻¹∇θJ
+  from a Krylov solve through the run's :class:`~quasistatic.linalg.LinearSolve` (its
+  preconditioner) to the Eisenstat–Walker-type forcing η = min(0.1, max(‖∇θJ‖, ½ grad_tol /
+  ‖∇θJ‖)): loose far from the surface, just tight enough for the last iteration. The border
+  column q = A⁻¹∇θC is, with ``border="tangent"`` (the default), −θ_γ of the run's last tangent
+  solve (eq. 18, at the start of the step): a chord on the one-dimensional border, which halves the
+  Krylov work of an iteration and leaves the convergence test, on the full residual, unchanged
+  (the error (∇θC − Aq)δγ it leaves in the first row shrinks with δγ); ``border="solve"`` solves
+  for q beside p in every iteration (exact bordered Newton). A backtracking line search on the residual
   ‖(∇θJ, g − g₀)‖ (on J itself for an unconstrained process, so that it descends to a minimum,
   not a saddle) accepts the step; a rejected step or negative curvature in the solve raises the
   damping μ (Levenberg–Marquardt, up to ``max_damping``), a full step lowers it. A plain Newton step
@@ -39,7 +43,9 @@ from .objective import Controls, Objective
 from .processes import Process
 
 __all__ = ["Correction", "Corrector", "NoCorrector", "NewtonCorrector", "EquilibrateCorrector",
-           "register_corrector", "available_correctors", "make_corrector"]
+           "register_corrector", "available_correctors", "make_corrector", "BORDERS"]
+
+BORDERS = ("tangent", "solve")  # where the Newton corrector's border column q = A⁻¹∇θC comes from
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,10 @@ class NewtonCorrector(Corrector):
     """Damped Newton–Krylov on the bordered system (see the module docstring)."""
 
     def __init__(self, grad_tol: float = 1e-6, drift_tol: float = 1e-9, max_iter: int = 20,
-                 initial_damping: float = 1e-4, max_damping: float = 1.0, contraction: float = 0.9) -> None:
+                 initial_damping: float = 1e-4, max_damping: float = 1.0, contraction: float = 0.9,
+                 border: str = "tangent") -> None:
+        if border not in BORDERS:
+            raise choice_error("corrector border", BORDERS, border)
         if not grad_tol > 0:
             raise bad_value("corrector grad_tol", "a number > 0", grad_tol)
         if not drift_tol > 0:
@@ -95,6 +104,7 @@ class NewtonCorrector(Corrector):
             raise bad_value("corrector max_iter", "an integer >= 1", max_iter)
         self.grad_tol, self.drift_tol, self.max_iter = grad_tol, drift_tol, max_iter
         self.initial_damping, self.max_damping, self.contraction = initial_damping, max_damping, contraction
+        self.border = border
 
     def _residual(self, objective: Objective, theta: Tensor, controls: Controls, weights: Tensor | None,
                   target: float | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -154,8 +164,11 @@ class NewtonCorrector(Corrector):
     def _newton_step(self, linear_solve: LinearSolve, theta: Tensor, controls: Controls, gradients: Tensor,
                      violation: float, constrained: bool, damping: float, grad_norm: float,
                      grad_tol: float) -> tuple[Tensor, float, int, bool]:
-        """(δθ, δγ, Krylov iterations, negative curvature met) from (A + μI)[p, q] = [∇J, ∇C]."""
-        rhs = gradients[:2].T if constrained else gradients[:1].T  # (N, 2) or (N, 1)
+        """(δθ, δγ, Krylov iterations, negative curvature met) from (A + μI)p = ∇J and the border
+        column q = A⁻¹∇C (solved beside p, or −θ_γ of the last tangent solve)."""
+        tangents = linear_solve.last("tangent") if self.border == "tangent" and constrained else None
+        chord = tangents is not None and tangents.shape[0] == gradients.shape[1]
+        rhs = gradients[:2].T if constrained and not chord else gradients[:1].T  # (N, 2) or (N, 1)
         # forcing: loose far from the surface (quadratic convergence does the rest), near it just
         # tight enough that the linear model's residual lands below grad_tol
         tol = min(0.1, max(grad_norm, 0.5 * grad_tol / grad_norm, 1e-12))
@@ -164,7 +177,7 @@ class NewtonCorrector(Corrector):
         p = result.solution[:, 0]
         if not constrained:
             return -p, 0.0, result.iterations, negative
-        q = result.solution[:, 1]
+        q = -tangents[:, 1] if chord else result.solution[:, 1]
         grad_g = gradients[2]
         denominator = float(grad_g @ q)
         if denominator == 0:

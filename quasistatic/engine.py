@@ -9,11 +9,16 @@ tangents). After each step the corrector returns to ∇θJ = 0 and to the proces
 
 Tolerance-driven: the run states what every accepted step must hold, ‖∇θJ‖ ≤ ``grad_tol`` and
 |g − g₀| ≤ ``drift_tol`` |g₀| for the process constraint g, both on the full training set; the
-engine derives its inner tolerances from them (the tangent solves to ``tangent_tol``: 1e-2 when a
-corrector removes the predictor's error, 0.1·drift_tol without one; the corrector's Newton forcing
-from grad_tol). A step whose corrector does not reach both within its budget, that leaves the
-control domain, or whose tangent solve does not converge is not accepted: it is retried at h/2
-(:mod:`quasistatic.step_control`). The last step is corrected at least as tightly as the start.
+engine derives its inner tolerances from them (the tangent solves to ``tangent_tol``: 10·grad_tol
+within [1e-2, 0.1] when a corrector removes the predictor's error, 0.1·drift_tol without one; the
+corrector's Newton forcing from grad_tol). A step whose corrector does not reach both within its
+budget, that leaves the control domain, or whose tangent solve does not converge is not accepted:
+it is retried at h/2 (:mod:`quasistatic.step_control`).
+
+At every accepted point the smallest eigenvalue λ_min of A is tracked (a few warm-started LOBPCG
+iterations, ``eigen_iterations``); when the steps collapse where λ_min was falling towards 0, the
+fold ahead is located (:mod:`quasistatic.folds`) and a :class:`~quasistatic.folds.FoldError`
+names it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch import Tensor
 
 from .correctors import Correction, Corrector
 from .errors import InputError, bad_value
+from .folds import FoldError, StabilityPoint, locate_fold
 from .integrators import Integrator
 from .linalg.linear_solve import LinearSolve
 from .objective import Controls, Objective
@@ -33,8 +39,8 @@ from .processes import Process
 from .step_control import StepControl, StepSizeError
 from .tangents import equilibrium_tangents
 
-__all__ = ["ControlDomainError", "EngineConfig", "EngineState", "QuasiStaticEngine", "StepReport", "StepSizeError",
-           "first_law_residual"]
+__all__ = ["ControlDomainError", "EngineConfig", "EngineState", "FoldError", "QuasiStaticEngine", "StepReport",
+           "StepSizeError", "first_law_residual"]
 
 
 class ControlDomainError(StepSizeError):
@@ -54,6 +60,7 @@ class EngineConfig:
     max_corrector_iterations: int = 6  # a step whose corrector needs more iterations is retried at h/2
     min_step: float = 1e-5  # smallest step before StepSizeError
     max_control_change: float = 0.2  # a step changes λ and γ by at most this × max(|value|, 1)
+    eigen_iterations: int = 8  # LOBPCG iterations for λ_min(∇²θJ) at every accepted point (0: not tracked)
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -62,15 +69,20 @@ class EngineConfig:
             value = getattr(self, name)
             if not value > 0:
                 raise bad_value(name.replace("_", "-"), "a number > 0", value)
+        if isinstance(self.eigen_iterations, bool) or not isinstance(self.eigen_iterations, int) \
+                or self.eigen_iterations < 0:
+            raise bad_value("eigen-iterations", "an integer >= 0", self.eigen_iterations)
         if self.tangent_tol is not None and not 0 < self.tangent_tol < 1:
             raise bad_value("tangent-tol", "a number in (0, 1)", self.tangent_tol)
 
     def tangent_tolerance(self, corrected: bool) -> float:
-        """The tangent solves' relative residual: loose when a corrector removes the predictor's
-        error (it only costs corrector work), 0.1·drift_tol when nothing does."""
+        """The tangent solves' relative residual. With a corrector it only sets how far from the
+        surface the prediction lands (its θ error is ~h·rate·tol), which the corrector removes:
+        10·grad_tol within [1e-2, 0.1], so that a loose run (grad_tol ≥ 1e-2) often accepts the
+        prediction as it is. Without one, 0.1·drift_tol (at most 1e-2)."""
         if self.tangent_tol is not None:
             return self.tangent_tol
-        return 1e-2 if corrected else min(1e-2, 0.1 * self.drift_tol)
+        return min(0.1, max(1e-2, 10 * self.grad_tol)) if corrected else min(1e-2, 0.1 * self.drift_tol)
 
 
 @dataclass
@@ -83,8 +95,8 @@ class EngineState:
     step: int = 0
     h: float = 0.0
     target: float | None = None  # the constraint value g₀ the corrector holds
-    start_grad_norm: float | None = None  # ‖∇θJ‖ at s = 0: the last step's correction ends at least as close
     previous: tuple[float, Tensor] | None = None  # the accepted (s, y) before this one (the secant predictor)
+    stability: tuple[StabilityPoint, ...] = ()  # λ_min(A) at the last (up to 3) accepted points, this one last
 
 
 @dataclass(frozen=True)
@@ -153,9 +165,19 @@ class QuasiStaticEngine:
         """The initial state: the constraint target g₀ at the (already polished) starting point."""
         values = self.objective.functionals(theta.detach(), controls.t).detach()
         target = self.process.constraint_value(values)
-        grad_norm = float(torch.linalg.vector_norm(self.objective.gradient(theta.detach(), controls)))
-        return EngineState(theta.detach(), controls, h=1.0 / self.config.steps,
-                           target=None if target is None else float(target), start_grad_norm=grad_norm)
+        state = EngineState(theta.detach(), controls, h=1.0 / self.config.steps,
+                            target=None if target is None else float(target))
+        return self._tracked(state)
+
+    def _tracked(self, state: EngineState) -> EngineState:
+        """``state`` with λ_min(A) at its point appended to its stability history (when tracked)."""
+        if not self.config.eigen_iterations:
+            return state
+        pairs = self.linear_solve.smallest_eigenpair(state.theta, state.controls,
+                                                     iterations=self.config.eigen_iterations)
+        c = state.controls
+        point = StabilityPoint(state.s, c.lam, c.gamma, c.t, float(pairs.values[0]))
+        return replace(state, stability=(*state.stability, point)[-3:])
 
     def run(self, state: EngineState, on_step: Callable[[StepReport], None] | None = None) -> EngineState:
         """Integrate from ``state`` to s = 1, calling ``on_step`` after every accepted step."""
@@ -186,26 +208,20 @@ class QuasiStaticEngine:
                                f"|g - g0| = {correction.constraint_error:.3e})")
                 rejected += 1
                 self._tangent_cg_iterations = 0
-                h = self.control.retry(h, state.s, state.controls, failure)
-            if state.s + h >= 1.0 - 1e-12 and state.start_grad_norm is not None:
-                correction = self._finish(correction, state)
-            state = EngineState(correction.theta.detach(), correction.controls, s=state.s + h, step=state.step + 1,
-                                h=self.control.next(h, correction.iterations, rejected, adapts), target=state.target,
-                                start_grad_norm=state.start_grad_norm, previous=(state.s, y0))
+                try:
+                    h = self.control.retry(h, state.s, state.controls, failure)
+                except StepSizeError as error:
+                    fold = locate_fold(state.stability, state.s + h)
+                    if fold is None:
+                        raise
+                    raise FoldError(f"{fold.describe()}: {error}", fold) from error
+            state = self._tracked(EngineState(
+                correction.theta.detach(), correction.controls, s=state.s + h, step=state.step + 1,
+                h=self.control.next(h, correction.iterations, rejected, adapts), target=state.target,
+                previous=(state.s, y0), stability=state.stability))
             if on_step is not None:
                 on_step(StepReport(state, correction, self._tangent_cg_iterations, rejected))
         return state
-
-    def _finish(self, correction: Correction, state: EngineState) -> Correction:
-        """The last step ends at least as close to the surface as the start: one more correction
-        with the tolerance ‖∇θJ‖(s = 0) when the run's is looser (a Newton iteration or two,
-        converging quadratically there)."""
-        if not correction.grad_norm > state.start_grad_norm:  # also when the corrector does not measure it
-            return correction
-        final = self.corrector.correct(self.linear_solve, correction.theta, correction.controls, self.process,
-                                       state.target, grad_tol=state.start_grad_norm, drift_tol=self.config.drift_tol)
-        return replace(final, iterations=correction.iterations + final.iterations,
-                       cg_iterations=correction.cg_iterations + final.cg_iterations)
 
 
 def first_law_residual(rows: list[dict[str, float]], sigma: float = 0.0) -> tuple[float, float]:

@@ -3,6 +3,8 @@ every step, and the paper's figures (Fig. 2: R–D curve, (λ, γ) path, C and a
 
 from __future__ import annotations
 
+import math
+
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ __all__ = ["TRAJECTORY_COLUMNS", "TARGET_COLUMNS", "TrajectoryRecorder", "plot_t
 
 TRAJECTORY_COLUMNS = ("step", "s", "lam", "gamma", "t", "R", "D", "C", "F", "val_C", "val_acc", "grad_norm",
                       "cg_iters", "grad_evals", "wall_s", "S", "corrector_iters", "rejected_steps", "h",
-                      "precond_builds", "unconverged_solves")
+                      "precond_builds", "unconverged_solves", "lambda_min")
 TARGET_COLUMNS = ("target_val_C", "target_val_acc")  # with ``target_val``: C and accuracy on the target alone
 STATE_FILE = "state.pt"
 
@@ -54,6 +56,8 @@ class TrajectoryRecorder:
                 "grad_evals": self.train.work.gradient_equivalents,
                 "precond_builds": self.linear_solve.stats.builds if self.linear_solve else 0,
                 "unconverged_solves": self.linear_solve.stats.unconverged if self.linear_solve else 0,
+                "lambda_min": (state.stability[-1].lambda_min if state.stability and state.stability[-1].s == state.s
+                               else math.nan),
                 "wall_s": self.wall_before + time.perf_counter() - self.started}
 
     def record(self, state: EngineState, extra: dict | None = None, **counts: int) -> dict:

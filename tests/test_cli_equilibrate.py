@@ -22,10 +22,11 @@ from quasistatic import (Controls, EquilibrationConfig, ModelConfig, Objective, 
                          load_checkpoint, load_dataset, save_checkpoint)
 from quasistatic.cli import main
 from quasistatic.data.idx import IMAGES_MAGIC, LABELS_MAGIC
+from small_problem import register_small_dataset
 
 MNIST_T10K = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-t10k"
 COLUMNS = ["epoch", "lam", "gamma", "R", "D", "C", "F", "val_C", "val_acc", "grad_norm", "wall_s", "S"]
-FAST = ["--hidden", "16,16", "--no-progress", "--batch-size", "128"]
+FAST = ["--hidden", "16,16", "--no-progress", "--batch-size", "128", "--no-polish"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -112,12 +113,14 @@ def test_run_writes_config_metrics_checkpoint_and_curves(reference, capsys):
 def test_run_prints_a_summary(tmp_path, capsys):
     assert equilibrate_cli(tmp_path / "eq", "--epochs", "1", *FAST) == 0
     captured = capsys.readouterr()
-    assert captured.out.startswith("equilibrated: R=") and "metrics.csv" in captured.out
+    assert captured.out.startswith("equilibrated (Adam): R=") and "metrics.csv" in captured.out
+    assert "polish" not in captured.out and not (tmp_path / "eq" / "polish.json").exists()
     assert captured.err == ""  # --no-progress: no bar
 
 
 def test_progress_bar_goes_to_stderr(tmp_path, capsys):
-    assert equilibrate_cli(tmp_path / "eq", "--epochs", "1", "--hidden", "16,16", "--batch-size", "128") == 0
+    assert equilibrate_cli(tmp_path / "eq", "--epochs", "1", "--hidden", "16,16", "--batch-size", "128",
+                           "--no-polish") == 0
     err = capsys.readouterr().err
     assert "equilibrate" in err and "1/1" in err
 
@@ -314,6 +317,9 @@ BAD_INPUTS = {
     "nan-lam": (["--lam", "nan"], "--overwrite", ["lambda must be a number >= 0, got nan"]),
     "zero-samples": (["--samples", "0"], "--overwrite", ["--samples must be an integer >= 1, got 0"]),
     "zero-epochs": (["--epochs", "0"], "--overwrite", ["epochs must be an integer >= 1, got 0"]),
+    "zero-grad-tol": (["--grad-tol", "0"], "--overwrite", ["--grad-tol must be a number > 0, got 0.0"]),
+    "unknown-preconditioner": (["--preconditioner", "ilu"], "--overwrite", ["preconditioner must be one of",
+                                                                             "auto", "dense", "kfac", "'ilu'"]),
     "bad-hidden": (["--hidden", "16,x"], "--overwrite", ["--hidden must be comma-separated positive integers",
                                                          "'16,x'"]),
     "cuda": (["--device", "cuda"], "--overwrite", ["device", "must be one of {{cpu}}", "'cuda'"]),
@@ -393,10 +399,40 @@ def test_mnist_test_split_runs_one_epoch(tmp_path, capsys):
     out = tmp_path / "mnist"
     with pytest.warns(UserWarning, match=r"only the MNIST test split \(t10k\)"):
         code = equilibrate_cli(out, "--dataset", "mnist", "--data-dir", str(MNIST_T10K), "--epochs", "1",
-                               "--hidden", "16,16", "--batch-size", "256", "--no-progress")
+                               "--hidden", "16,16", "--batch-size", "256", "--no-progress", "--no-polish")
     assert code == 0
     rows = read_rows(out)
     assert len(rows) == 1 and np.isfinite(float(rows[0]["F"]))
     config = json.loads((out / "config.json").read_text())
     assert config["data"] == {"name": "mnist", "train": 8000, "val": 2000}
     assert config["model"]["input_shape"] == [1, 28, 28]
+
+
+# ---------------------------------------------------------------- the polish after Adam
+
+def test_polish_ends_on_the_surface_and_reports_both_gradient_norms(tmp_path, capsys):
+    name = register_small_dataset()
+    out = tmp_path / "eq"
+    flags = ["--dataset", name, "--hidden", "8", "--epochs", "3", "--batch-size", "4", "--lam", "1", "--gamma", "10",
+             "--seed", "0", "--no-progress", "--grad-tol", "1e-7"]
+    assert equilibrate_cli(out, *flags) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "polish.json").read_text())
+    assert summary["converged"] and summary["grad_norm"] <= 1e-7 < 1e-3 < summary["grad_norm_adam"]
+    assert f"{summary['grad_norm_adam']:.3e} -> {summary['grad_norm']:.3e}" in printed
+    assert summary["gradient_equivalents"] > 0
+    # the checkpoint holds the polished model, in float64: ‖∇θJ‖ recomputed here, from the file
+    model = load_checkpoint(out / "checkpoint.pt").model(dtype=torch.float64)
+    train = Objective(model, load_dataset(name, seed=0).train, samples=1, noise_seed=0, sigma=3e-2)
+    theta = train.initial_theta()
+    assert theta.dtype == torch.float64
+    assert float(torch.linalg.vector_norm(train.gradient(theta, Controls(1.0, 10.0)))) <= 1e-7
+    assert train.report(theta).C == pytest.approx(summary["C"], rel=1e-9)
+
+
+def test_dense_asked_for_above_its_size_limit_is_refused_before_training(tmp_path, capsys):
+    out = tmp_path / "eq"
+    assert equilibrate_cli(out, "--hidden", "64,64", "--epochs", "1", "--no-progress", "--preconditioner", "dense") == 2
+    err = capsys.readouterr().err
+    assert "preconditioner 'dense'" in err and "kfac" in err and "max_size = 6000" in err
+    assert not out.exists()

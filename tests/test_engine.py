@@ -200,3 +200,34 @@ def test_a_step_that_leaves_gamma_positive_is_retried(surface):
     with pytest.raises(StepSizeError, match="step size fell below 0.01 at s=0.4"):
         engine.run(engine.start(theta, START), lambda report: gammas.append(report.state.controls.gamma))
     assert gammas and min(gammas) >= 0
+
+
+def test_the_tangent_border_reaches_the_exact_bordered_newton_point(surface, monkeypatch):
+    """border="tangent" (q = −θ_γ of the step's tangent solve, a chord on the border) and
+    border="solve" (q solved in every iteration) end each step on the same point of the branch,
+    within the tolerances; the chord's Newton solves have one column, the exact ones two."""
+    objective, theta = surface
+    process = make_process("iso-classification", START, lam_end=LAM_END)
+    ends, columns = {}, {}
+    solve = LinearSolve.solve
+
+    def counting(self, theta, controls, rhs, *, kind, **options):
+        columns[border].add((kind, rhs.shape[1]))
+        return solve(self, theta, controls, rhs, kind=kind, **options)
+
+    monkeypatch.setattr(LinearSolve, "solve", counting)
+    for border in ("tangent", "solve"):
+        columns[border] = set()
+        target, rows, reports = run(objective, theta, process, integrator="hermite", corrector="newton", border=border)
+        ends[border] = reports[-1].state
+        assert drift(rows, target) <= 1e-10 and all(r.correction.converged for r in reports)
+    assert ends["tangent"].controls.lam == ends["solve"].controls.lam == pytest.approx(LAM_END)
+    assert ends["tangent"].controls.gamma == pytest.approx(ends["solve"].controls.gamma, rel=1e-8)
+    assert torch.allclose(ends["tangent"].theta, ends["solve"].theta, rtol=0, atol=1e-6)
+    assert {k for k in columns["tangent"] if k[0] == "newton"} == {("newton", 1)}
+    assert {k for k in columns["solve"] if k[0] == "newton"} == {("newton", 2)}
+
+
+def test_unknown_border_lists_the_accepted_ones():
+    with pytest.raises(InputError, match=r"corrector border must be one of \{solve, tangent\}, got 'exact'"):
+        make_corrector("newton", border="exact")

@@ -84,3 +84,28 @@ def test_register_a_new_tableau():
     finally:
         from quasistatic.integrators import base
         base._INTEGRATORS.pop("midpoint-test")
+
+
+def test_hermite_predictor_is_exact_on_a_quadratic_path_and_euler_is_not():
+    """y(s) = a + b s + c s²: the parabola through the last point with the current slope is y itself."""
+    a, b, c = (torch.tensor(v, dtype=torch.float64) for v in ([1.0, -2.0], [0.5, 3.0], [-4.0, 1.5]))
+    path = lambda s: a + b * s + c * s**2  # noqa: E731
+    field = lambda s, y: b + 2 * c * s  # noqa: E731
+    s, h, previous = 0.3, 0.2, (0.15, path(0.15))
+    hermite = make_integrator("hermite").predict(field, s, path(s), h, previous)
+    euler = make_integrator("euler").predict(field, s, path(s), h, previous)
+    assert torch.allclose(hermite, path(s + h), rtol=0, atol=1e-14)
+    assert torch.allclose(euler - path(s + h), -c * h**2, rtol=0, atol=1e-14)
+    # without a previous point it is an Euler step
+    assert torch.equal(make_integrator("hermite").predict(field, s, path(s), h, None), euler)
+
+
+def test_hermite_prediction_error_is_third_order():
+    """On y'' = −y from the exact previous point: the one-step error falls as h³ (Euler's as h²)."""
+    exact = lambda s: torch.tensor([math.cos(s), -math.sin(s)], dtype=torch.float64)  # noqa: E731
+    errors = []
+    for h in (0.1, 0.05, 0.025):
+        predicted = make_integrator("hermite").predict(harmonic, 1.0, exact(1.0), h, (1.0 - h, exact(1.0 - h)))
+        errors.append(float(torch.linalg.vector_norm(predicted - exact(1.0 + h))))
+    slope = np.log(errors[0] / errors[2]) / np.log(4)
+    assert abs(slope - 3) < 0.15, errors

@@ -1,19 +1,27 @@
-"""``quasistatic equilibrate``: train a model towards the equilibrium surface at (λ, γ) (Sec. 5.1)."""
+"""``quasistatic equilibrate``: train a model to the equilibrium surface at (λ, γ): the paper's Adam
+schedule (Sec. 5.1), then the full-batch polish of the processes' start (:func:`quasistatic.polish`,
+in float64) to ‖∇θJ‖ ≤ ``--grad-tol``, so that the checkpoint lies on the surface (eq. 15)."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 
+import torch
+
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..equilibrate import DivergenceError, EquilibrationConfig, equilibrate
-from ..models import build_model
+from ..errors import bad_value
+from ..linalg import LinearSolve
+from ..models import RepresentationModel, build_model
 from ..objective import Controls
 from ..plots import plot_columns
-from ..rundir import CsvLog
-from .options import (data_arguments, device_option, dtype_option, inputs, model_arguments, objectives,
-                      run_arguments, settings, write_config)
+from ..polish import PolishResult, polish
+from ..rundir import CsvLog, RunDirectory
+from .options import (data_arguments, device_option, dtype_option, inputs, linalg_arguments, linear_solve_config,
+                      model_arguments, objectives, run_arguments, settings, write_config)
 
 __all__ = ["EQUILIBRATE_COLUMNS", "add_parser", "run"]
 
@@ -29,6 +37,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     eq.add_argument("--batch-size", type=int, default=32, help="minibatch size (default 32)")
     eq.add_argument("--from-checkpoint", default=None,
                     help="start from this checkpoint with the equilibration schedule η(s) instead of from scratch")
+    eq.add_argument("--grad-tol", type=float, default=1e-4,
+                    help="after Adam, polish (full batch, float64) until ‖∇θJ‖ ≤ this (default 1e-4)")
+    eq.add_argument("--no-polish", action="store_true", help="stop after Adam (the paper's procedure alone)")
+    linalg_arguments(eq)
     eq.set_defaults(run=run)
 
 
@@ -38,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = device_option(args.device), dtype_option(args.dtype)
     config = EquilibrationConfig(epochs=args.epochs, batch_size=args.batch_size,
                                  schedule="equilibration" if args.from_checkpoint else "initial")
+    if not args.grad_tol > 0:
+        raise bad_value("--grad-tol", "a number > 0", args.grad_tol)
+    solve_config = linear_solve_config(args)
     run, split, model_config = inputs(args)
     state = None
     if args.resume:
@@ -50,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = build_model(model_config, seed=args.seed).to(device=device, dtype=dtype)
 
+    if not args.no_polish:
+        solve_config.resolved(sum(p.numel() for p in model.parameters()))  # refused before the training
     train, val = objectives(args, model, split)
     run.prepare()
     if not args.resume:
@@ -80,7 +97,41 @@ def run(args: argparse.Namespace) -> int:
     plot_columns(rows, "epoch", [("R", "D"), ("C", "val_C"), ("val_acc",), ("grad_norm",)],
                  run.file("curves.png"), title=f"equilibration at λ={controls.lam:g}, γ={controls.gamma:g}")
     last = rows[-1]
-    print(f"equilibrated: R={float(last['R']):.4f} D={float(last['D']):.4f} C={float(last['C']):.4f} "
+    print(f"equilibrated (Adam): R={float(last['R']):.4f} D={float(last['D']):.4f} C={float(last['C']):.4f} "
           f"val_acc={float(last['val_acc']):.4f} (encoder mean) grad_norm={float(last['grad_norm']):.3e}")
-    print(f"wrote {run.file('metrics.csv')}, {run.file('curves.png')}, {run.file('checkpoint.pt')}")
+    code = 0
+    if not args.no_polish:
+        code = _polish(args, run, model, split, controls, data_info, len(rows) - 1, wall_before + time.perf_counter()
+                       - started)
+    print(f"wrote {run.file('metrics.csv')}, {run.file('curves.png')}, {run.file('checkpoint.pt')}"
+          + ("" if args.no_polish else f", {run.file('polish.json')}"))
+    return code
+
+
+def _polish(args: argparse.Namespace, run: RunDirectory, model: RepresentationModel, split, controls: Controls,
+            data_info: dict, epoch: int, wall: float) -> int:
+    """Polish the trained model in float64 to ‖∇θJ‖ ≤ --grad-tol, save it as the checkpoint, write
+    polish.json (both gradient norms, the work, the validation metrics) and print it; 1 when the
+    tolerance was not reached (the better model is still saved)."""
+    exact = copy.deepcopy(model).to(dtype=torch.float64)
+    train, val = objectives(args, exact, split)
+    started = time.perf_counter()
+    result: PolishResult = polish(LinearSolve(train, linear_solve_config(args)), train.initial_theta(), controls,
+                                  grad_tol=args.grad_tol, progress=not args.no_progress)
+    train.layout.write(exact, result.theta)
+    wall += time.perf_counter() - started
+    values = train.report(result.theta)
+    summary = {"grad_tol": args.grad_tol, "grad_norm_adam": result.grad_norm_before, "grad_norm": result.grad_norm,
+               "converged": result.converged, "iterations": result.iterations,
+               "gradient_equivalents": train.work.gradient_equivalents, "wall_s": wall, "R": values.R, "D": values.D,
+               "C": values.C, "val_C": val.report(result.theta).C, "val_acc": val.accuracy(result.theta)}
+    run.write_json("polish.json", summary)
+    save_checkpoint(run.file("checkpoint.pt"), exact, controls, data_info, epoch=epoch, optimizer=None, wall_s=wall)
+    print(f"polished (float64, full batch): grad_norm {result.grad_norm_before:.3e} -> {result.grad_norm:.3e} "
+          f"(--grad-tol {args.grad_tol:g}) C={values.C:.4f} val_acc={summary['val_acc']:.4f}, "
+          f"{summary['gradient_equivalents']:.0f} gradient-equivalents")
+    if not result.converged:
+        print(f"quasistatic: the polish did not reach --grad-tol {args.grad_tol:g}; the checkpoint holds the "
+              "polished model; equilibrate longer or raise --grad-tol", file=sys.stderr)
+        return 1
     return 0

@@ -67,8 +67,8 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
 def engine_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("process")
     group.add_argument("--steps", type=int, default=10, help="steps over s ∈ [0, 1] (default 10)")
-    group.add_argument("--integrator", default="euler",
-                       help=f"predictor: one of {', '.join(available_integrators())} (default euler: the cheapest "
+    group.add_argument("--integrator", default="hermite",
+                       help=f"predictor: one of {', '.join(available_integrators())} (default hermite: the cheapest "
                             "at the default tolerances, benchmarks/README.md)")
     group.add_argument("--corrector", default="newton", help=f"one of {', '.join(available_correctors())}")
     group.add_argument("--grad-tol", type=float, default=1e-6,
@@ -76,8 +76,11 @@ def engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--drift-tol", type=float, default=1e-4,
                        help="|g − g0|/|g0| of the process constraint at every accepted step (default 1e-4)")
     group.add_argument("--tangent-tol", type=float, default=None,
-                       help="relative residual of the tangent solves (default: 1e-2 with a corrector, "
-                            "0.1·drift-tol without)")
+                       help="relative residual of the tangent solves (default: 10·grad-tol within [1e-2, 0.1] "
+                            "with a corrector, 0.1·drift-tol without)")
+    group.add_argument("--eigen-iterations", type=int, default=8,
+                       help="LOBPCG iterations for the smallest Hessian eigenvalue at every accepted step (the "
+                            "trajectory's lambda_min, which locates folds; default 8, 0: not tracked)")
     linalg_arguments(parser)
     group.add_argument("--rtol", type=float, default=None, help="adaptive integrators: relative tolerance")
     group.add_argument("--atol", type=float, default=None, help="adaptive integrators: absolute tolerance")
@@ -91,9 +94,9 @@ def engine_arguments(parser: argparse.ArgumentParser) -> None:
 def linalg_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("linear algebra (every solve of the run: tangents, corrector, polish)")
     group.add_argument("--solver", default="cg", help=f"Krylov solver: one of {', '.join(available_solvers())} (default cg)")
-    group.add_argument("--preconditioner", default="dense",
-                       help=f"one of {', '.join(available_preconditioners())} (default dense: the Hessian on a "
-                            "subsample, eigendecomposed; for models up to 6,000 parameters)")
+    group.add_argument("--preconditioner", default="auto",
+                       help=f"auto or one of {', '.join(available_preconditioners())} (default auto: dense, the "
+                            "Hessian on a subsample eigendecomposed, for models up to 6,000 parameters, kfac above)")
     group.add_argument("--preconditioner-sample", type=float, default=0.25,
                        help="fraction of the training set the preconditioner is built on (default 0.25; changes only "
                             "the iteration counts)")
@@ -113,7 +116,7 @@ def linear_solve_config(args: argparse.Namespace) -> LinearSolveConfig:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The run's EngineConfig from the process flags (checked here: exit 2 on a bad one)."""
     return EngineConfig(steps=args.steps, grad_tol=args.grad_tol, drift_tol=args.drift_tol,
-                        tangent_tol=args.tangent_tol)
+                        tangent_tol=args.tangent_tol, eigen_iterations=args.eigen_iterations)
 
 
 def device_option(name: str) -> torch.device:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from ..baselines import FiniteDifferenceEquilibration
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..correctors import make_corrector
-from ..engine import QuasiStaticEngine, StepSizeError, first_law_residual
+from ..engine import FoldError, QuasiStaticEngine, StepSizeError, first_law_residual
 from ..equilibrate import DivergenceError, EquilibrationConfig, equilibrate
 from ..errors import InputError, bad_value, choice_error
 from ..integrators import make_integrator
@@ -92,6 +92,7 @@ def starting_model(args: argparse.Namespace, run: RunDirectory, model_config: Mo
                              f"got ({controls.lam:g}, {controls.gamma:g})")
         return checkpoint.model(device, dtype)
     model = build_model(model_config, seed=args.seed).to(device)  # Adam in float32, on the device
+    linear_solve_config(args).resolved(sum(p.numel() for p in model.parameters()))  # refused before the training
     equilibrate(start(model), controls, EquilibrationConfig(epochs=args.epochs, batch_size=args.batch_size),
                 seed=args.seed, progress=not args.no_progress)
     return model.to(dtype=dtype)
@@ -120,8 +121,11 @@ def follow(args: argparse.Namespace, process: Process, train: Objective, recorde
     try:
         runner.run(state, recorder.on_step)
     except (StepSizeError, DivergenceError) as error:
-        print(f"quasistatic: {error}; the trajectory so far is in {recorder.run.file('trajectory.csv')}",
-              file=sys.stderr)
+        written = recorder.run.file("trajectory.csv")
+        if isinstance(error, FoldError):
+            recorder.run.write_json("fold.json", error.fold.to_dict())
+            written = f"{written}, the fold in {recorder.run.file('fold.json')}"
+        print(f"quasistatic: {error}; the trajectory so far is in {written}", file=sys.stderr)
         return 1
     return 0
 

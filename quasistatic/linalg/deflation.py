@@ -250,9 +250,10 @@ def ritz_pairs(matvec: Matvec, size: int, rank: int, *, start: Tensor | None = N
     with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"(?s).*(not reaching the requested tolerance|too small relative)",
                                 category=UserWarning)
-        values, vectors, history = scipy.sparse.linalg.lobpcg(
+        values, vectors, *rest = scipy.sparse.linalg.lobpcg(
             operator, x0, M=m_operator, tol=float(tol), maxiter=int(iterations), largest=False,
             retResidualNormsHistory=True)
+    history = rest[0] if rest else []  # scipy's dense fallback (n < 5 rank) returns no history
     order = np.argsort(values)
     values, vectors = values[order], vectors[:, order]
     if history:

@@ -20,6 +20,9 @@ same part):
   subsampled Hessian-vector products (an approximation: the corrector's gradients and the step
   acceptance stay on the full data).
 - the statistics the trajectory records: builds, solves, Krylov iterations, unconverged solves.
+- the smallest eigenpair of A along the path (:meth:`LinearSolve.smallest_eigenpair`, for fold
+  detection): LOBPCG preconditioned by the kept P and started from the last point's eigenvector, so
+  that a few products per point follow it.
 
 Work is counted on the run's objective: a pass over a subsample costs its share of a full pass.
 """
@@ -27,7 +30,7 @@ Work is counted on the run's objective: a pass over a subsample costs its share 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from torch import Tensor
@@ -35,9 +38,11 @@ from torch import Tensor
 from ..errors import bad_value, choice_error
 from ..objective import Controls, Objective
 from ..work import WorkCounter
+from .deflation import RitzPairs, ritz_pairs
 from .krylov import SolveResult, available_solvers, solve
 from .operators import MODES, OPERATORS, CurvatureOperator
-from .preconditioners import PRECONDITIONERS, IdentityPreconditioner, Preconditioner, available_preconditioners, make_preconditioner
+from .preconditioners import (DENSE_MAX_SIZE, PRECONDITIONERS, IdentityPreconditioner, Preconditioner,
+                              available_preconditioners, check_dense_size, make_preconditioner)
 
 __all__ = ["LinearSolveConfig", "LinearSolve", "SolveStats"]
 
@@ -49,7 +54,7 @@ class LinearSolveConfig:
     operator: str = "hessian"  # "hessian" (exact A) or "ggn" (Gauss–Newton, an approximation)
     mode: str = "reverse"  # Hessian-vector products: "reverse" (cached pullback) or "forward"
     solver: str = "cg"  # a name from krylov.available_solvers()
-    preconditioner: str = "dense"  # a name from available_preconditioners()
+    preconditioner: str = "auto"  # a name from available_preconditioners(), or "auto": dense up to its size limit, else kfac
     preconditioner_options: dict[str, Any] = field(default_factory=dict)  # passed to its factory
     preconditioner_sample: float = 0.25  # fraction of training examples P is built on (no effect on results)
     stale_factor: float = 4.0  # rebuild P after a solve needing this × the effort after its build (2: too often)
@@ -64,8 +69,8 @@ class LinearSolveConfig:
             raise choice_error("Hessian-vector product mode", MODES, self.mode)
         if self.solver not in available_solvers():
             raise choice_error("linear solver", available_solvers(), self.solver)
-        if self.preconditioner not in PRECONDITIONERS:
-            raise choice_error("preconditioner", available_preconditioners(), self.preconditioner)
+        if self.preconditioner not in PRECONDITIONERS and self.preconditioner != "auto":
+            raise choice_error("preconditioner", ["auto", *available_preconditioners()], self.preconditioner)
         for name in ("preconditioner_sample", "hvp_sample"):
             value = getattr(self, name)
             if not 0 < value <= 1:
@@ -75,6 +80,16 @@ class LinearSolveConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def resolved(self, n: int) -> "LinearSolveConfig":
+        """This config for a model of n parameters: "auto" becomes ``dense`` up to its size limit and
+        ``kfac`` above it; an explicit ``dense`` above the limit is refused (before any work)."""
+        limit = self.preconditioner_options.get("max_size", DENSE_MAX_SIZE)
+        if self.preconditioner == "auto":
+            return replace(self, preconditioner="dense" if n <= limit else "kfac")
+        if self.preconditioner == "dense":
+            check_dense_size(n, limit)
+        return self
 
     @property
     def exact(self) -> bool:
@@ -101,7 +116,7 @@ class LinearSolve:
     the warm starts and the statistics between solves (see the module docstring)."""
 
     def __init__(self, objective: Objective, config: LinearSolveConfig = LinearSolveConfig()) -> None:
-        self.objective, self.config = objective, config
+        self.objective, self.config = objective, config.resolved(objective.layout.numel)
         self._build_on = objective.subsample(config.preconditioner_sample, config.seed)
         self._products_on = objective.subsample(config.hvp_sample, config.seed + 1)
         self.preconditioner: Preconditioner | None = None
@@ -132,6 +147,21 @@ class LinearSolve:
             return self.rebuild(theta, controls)
         return self.preconditioner
 
+    def smallest_eigenpair(self, theta: Tensor, controls: Controls, *, iterations: int = 8,
+                           tol: float = 1e-6) -> RitzPairs:
+        """The algebraically smallest eigenpair of the exact A = ∇²θJ at (θ, controls) (full data,
+        Hessian whatever the solves' ``operator``): at most ``iterations`` of LOBPCG, preconditioned
+        by the kept P and started from the last call's eigenvector (random at the first call), to
+        residual ``tol``. Its products are counted on the objective."""
+        operator = CurvatureOperator(self.objective, theta, controls, mode=self.config.mode)
+        preconditioner = self.current(theta, controls)
+        pairs = ritz_pairs(operator, theta.numel(), 1, start=self._warm.get("eigenvector"), iterations=iterations,
+                           tol=tol, seed=self.config.seed, dtype=theta.dtype, device=theta.device,
+                           preconditioner=None if isinstance(preconditioner, IdentityPreconditioner)
+                           else preconditioner.apply)
+        self._warm["eigenvector"] = pairs.vectors
+        return pairs
+
     def mark_stale(self) -> None:
         """Rebuild before the next solve (a caller that saw P stop fitting, e.g. a Newton
         iteration that contracted badly)."""
@@ -140,6 +170,10 @@ class LinearSolve:
     def remember(self, kind: str, solution: Tensor) -> None:
         """Warm-start the next solve of ``kind`` from ``solution``."""
         self._warm[kind] = solution
+
+    def last(self, kind: str) -> Tensor | None:
+        """The last converged solution of ``kind`` (the next one's warm start), or None."""
+        return self._warm.get(kind)
 
     def checkpoint(self) -> dict[str, Any]:
         """What a resumed run needs to continue with the same solves: the point the preconditioner

@@ -37,7 +37,10 @@ from .krylov import assemble
 from .operators import CurvatureOperator
 
 __all__ = ["Preconditioner", "IdentityPreconditioner", "DensePreconditioner", "PRECONDITIONERS",
-           "register_preconditioner", "available_preconditioners", "make_preconditioner"]
+           "register_preconditioner", "available_preconditioners", "make_preconditioner", "DENSE_MAX_SIZE",
+           "check_dense_size"]
+
+DENSE_MAX_SIZE = 6000  # parameters: the dense preconditioner keeps 2n² floats (0.6 GB in float64 here)
 
 
 class Preconditioner(ABC):
@@ -105,15 +108,20 @@ class DensePreconditioner(Preconditioner):
         return float(self.eigenvalues[0])
 
 
-def _dense(objective: Objective, theta: Tensor, controls: Controls, *, floor: float = 1e-3,
-           max_size: int = 6000, operator: str = "hessian") -> DensePreconditioner:
-    """Build ``dense`` on ``objective`` (the LinearSolve passes its subsample): n HVPs, one
-    eigendecomposition."""
-    n = theta.numel()
+def check_dense_size(n: int, max_size: int = DENSE_MAX_SIZE) -> None:
+    """Refuse ``dense`` for a model of n parameters above ``max_size`` (the error names the others)."""
     if n > max_size:
         raise bad_value("the model's parameter count for preconditioner 'dense'",
                         f"at most max_size = {max_size} (use preconditioner 'kfac' or 'deflation' for larger "
                         "models, or raise max_size)", n)
+
+
+def _dense(objective: Objective, theta: Tensor, controls: Controls, *, floor: float = 1e-3,
+           max_size: int = DENSE_MAX_SIZE, operator: str = "hessian") -> DensePreconditioner:
+    """Build ``dense`` on ``objective`` (the LinearSolve passes its subsample): n HVPs, one
+    eigendecomposition."""
+    n = theta.numel()
+    check_dense_size(n, max_size)
     op = CurvatureOperator(objective, theta, controls, kind=operator)
     return DensePreconditioner(assemble(op, n, theta), floor)
 

@@ -1,0 +1,93 @@
+"""Folds on a toy surface with an analytic saddle-node, run through the real engine.
+
+J(x, y; λ) = x⁴/4 − x²/2 + y²/2 + λ(x + y/10) (R = x⁴/4 − x²/2 + y²/2, D = x + y/10, C = 0):
+the equilibria are x³ − x + λ = 0, y = −λ/10, and the Hessian is diag(3x² − 1, 1). The right
+branch of minima, from (x, λ) = (1, 0), ends in a fold at x = 1/√3, λ_f = 2/(3√3), where
+λ_min = 3x² − 1 falls to 0.
+"""
+
+import math
+
+import pytest
+import torch
+
+from quasistatic import Controls, Objective
+from quasistatic.correctors import make_corrector
+from quasistatic.engine import EngineConfig, FoldError, QuasiStaticEngine
+from quasistatic.folds import StabilityPoint, locate_fold
+from quasistatic.integrators import make_integrator
+from quasistatic.linalg import LinearSolve, LinearSolveConfig
+from quasistatic.processes import make_process
+from quasistatic.work import WorkCounter
+
+LAMBDA_FOLD = 2 / (3 * math.sqrt(3))
+START = Controls(0.0, 1.0)
+
+
+class _Layout:
+    numel = 2
+
+
+class _ToyFunctionals:
+    data = [None]  # one "example": the work of a pass is the work of one evaluation
+
+    def __call__(self, theta):
+        x, y = theta[0], theta[1]
+        return torch.stack([x**4 / 4 - x**2 / 2 + y**2 / 2, x + y / 10, torch.zeros_like(x)])
+
+
+def toy_objective() -> Objective:
+    """An Objective whose (R, D, C) is the toy's (the engine sees nothing else)."""
+    objective = object.__new__(Objective)
+    objective.sigma, objective.model, objective.layout, objective.mixture = 0.0, None, _Layout(), None
+    objective.parts = [_ToyFunctionals()]
+    objective.work = WorkCounter()
+    return objective
+
+
+def branch_x(lam: float) -> float:
+    """x on the right branch of x³ − x + λ = 0 (the largest real root)."""
+    return max(r.real for r in __import__("numpy").roots([1, 0, -1, lam]) if abs(r.imag) < 1e-12)
+
+
+def run_to_the_fold(integrator: str = "hermite"):
+    objective = toy_objective()
+    process = make_process("free", START, lam_rate=0.5)  # λ: 0 → 0.5, past the fold at 0.385
+    engine = QuasiStaticEngine(objective, process, make_integrator(integrator), make_corrector("newton"),
+                               EngineConfig(steps=10, grad_tol=1e-12, min_step=1e-7),
+                               LinearSolve(objective, LinearSolveConfig(preconditioner="none", preconditioner_sample=1.0)))
+    state = engine.start(torch.tensor([1.0, 0.0], dtype=torch.float64), START)
+    states = [state]
+    with pytest.raises(FoldError) as failure:
+        engine.run(state, lambda report: states.append(report.state))
+    return failure.value, states
+
+
+def test_the_fold_is_located_at_the_analytic_value():
+    error, states = run_to_the_fold()
+    fold = error.fold
+    assert fold.lam == pytest.approx(LAMBDA_FOLD, rel=1e-6)
+    assert fold.s == pytest.approx(LAMBDA_FOLD / 0.5, rel=1e-6)
+    assert fold.uncertainty < 1e-4 and abs(fold.s - LAMBDA_FOLD / 0.5) <= 10 * fold.uncertainty + 1e-9
+    assert fold.last_accepted_s <= LAMBDA_FOLD / 0.5 <= fold.failed_s
+    assert f"lambda={fold.lam:.8g}" in str(error) and "fold" in str(error)
+    assert states[-1].controls.lam < LAMBDA_FOLD  # every accepted point is on the branch, before the fold
+
+
+def test_lambda_min_is_tracked_exactly_along_the_branch():
+    _, states = run_to_the_fold()
+    for state in states[::5]:
+        x = branch_x(state.controls.lam)
+        assert float(state.theta[0]) == pytest.approx(x, abs=1e-9)
+        assert state.stability[-1].s == state.s
+        assert state.stability[-1].lambda_min == pytest.approx(min(3 * x * x - 1, 1.0), abs=1e-9)
+
+
+def test_no_fold_is_claimed_when_lambda_min_does_not_fall():
+    rising = (StabilityPoint(0.1, 1.0, 1.0, 0.0, 0.2), StabilityPoint(0.2, 1.1, 1.0, 0.0, 0.3))
+    assert locate_fold(rising, 0.3) is None
+    assert locate_fold(rising[:1], 0.3) is None
+    falling = (StabilityPoint(0.0, 1.0, 2.0, 0.0, 2.0), StabilityPoint(0.5, 1.5, 3.0, 0.0, 1.0))
+    fold = locate_fold(falling, 0.6)  # λ_min² 4 → 1 over Δs 0.5: reaches 0 at s = 0.5 + 1/6
+    assert fold.s == pytest.approx(0.5 + 1 / 6) and fold.lam == pytest.approx(1.5 + 1 / 6)
+    assert fold.gamma == pytest.approx(3.0 + 1 / 3) and math.isnan(fold.uncertainty)
