@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from .correctors import Correction, Corrector
-from .errors import InputError, bad_value
-from .folds import FoldError, StabilityPoint, locate_fold
+from .errors import InputError, bad_value, choice_error
+from .folds import AT_FOLD, Fold, FoldError, Jump, StabilityPoint, jump_past, locate_fold
 from .integrators import Integrator
 from .linalg.linear_solve import LinearSolve
 from .objective import Controls, Objective
@@ -61,6 +61,7 @@ class EngineConfig:
     min_step: float = 1e-5  # smallest step before StepSizeError
     max_control_change: float = 0.2  # a step changes λ and γ by at most this × max(|value|, 1)
     eigen_iterations: int = 8  # LOBPCG iterations for λ_min(∇²θJ) at every accepted point (0: not tracked)
+    at_fold: str = "jump"  # at a located fold: "jump" to another branch (dissipation booked) or "stop"
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -72,6 +73,8 @@ class EngineConfig:
         if isinstance(self.eigen_iterations, bool) or not isinstance(self.eigen_iterations, int) \
                 or self.eigen_iterations < 0:
             raise bad_value("eigen-iterations", "an integer >= 0", self.eigen_iterations)
+        if self.at_fold not in AT_FOLD:
+            raise choice_error("at-fold", AT_FOLD, self.at_fold)
         if self.tangent_tol is not None and not 0 < self.tangent_tol < 1:
             raise bad_value("tangent-tol", "a number in (0, 1)", self.tangent_tol)
 
@@ -107,6 +110,7 @@ class StepReport:
     correction: Correction
     tangent_cg_iterations: int
     rejected: int  # steps retried at a smaller h before this one was accepted
+    jump: Jump | None = None  # set when this "step" is a jump past a fold
 
 
 class QuasiStaticEngine:
@@ -180,48 +184,74 @@ class QuasiStaticEngine:
         return replace(state, stability=(*state.stability, point)[-3:])
 
     def run(self, state: EngineState, on_step: Callable[[StepReport], None] | None = None) -> EngineState:
-        """Integrate from ``state`` to s = 1, calling ``on_step`` after every accepted step."""
-        adapts = self.corrector.adapts_step
+        """Integrate from ``state`` to s = 1, calling ``on_step`` after every accepted step (and
+        after every jump past a fold, with ``at_fold="jump"``)."""
         while state.s < 1.0 - 1e-12:
-            y0 = self.pack(state.theta, state.controls)
-            self._start_field = None
-            self._tangent_cg_iterations = 0
-            slope = self.integrator.slope(self.field, state.s, y0, state.previous)
-            self._start_field = (state.s, y0, slope)
-            h = self.control.first(state.h, state.s, state.controls, slope, adapts)
-            rejected = 0
-            while True:
-                try:
-                    y = self.integrator.predict(self.field, state.s, y0, h, state.previous)
-                    theta, controls = self.unpack(y)
-                except ControlDomainError as error:
-                    if not adapts:
-                        raise
-                    failure = str(error)
-                else:
-                    correction = self.corrector.correct(self.linear_solve, theta, controls, self.process, state.target,
-                                                        grad_tol=self.config.grad_tol, drift_tol=self.config.drift_tol,
-                                                        max_iter=self.config.max_corrector_iterations)
-                    if not adapts or correction.converged:
-                        break
-                    failure = (f"the corrector did not reach the tolerances (|grad J| = {correction.grad_norm:.3e}, "
-                               f"|g - g0| = {correction.constraint_error:.3e})")
-                rejected += 1
-                self._tangent_cg_iterations = 0
-                try:
-                    h = self.control.retry(h, state.s, state.controls, failure)
-                except StepSizeError as error:
-                    fold = locate_fold(state.stability, state.s + h)
-                    if fold is None:
-                        raise
-                    raise FoldError(f"{fold.describe()}: {error}", fold) from error
-            state = self._tracked(EngineState(
-                correction.theta.detach(), correction.controls, s=state.s + h, step=state.step + 1,
-                h=self.control.next(h, correction.iterations, rejected, adapts), target=state.target,
-                previous=(state.s, y0), stability=state.stability))
+            try:
+                report = self._step(state)
+            except FoldError as error:
+                if self.config.at_fold != "jump":
+                    raise
+                report = self._jump(state, error.fold)
+            state = report.state
             if on_step is not None:
-                on_step(StepReport(state, correction, self._tangent_cg_iterations, rejected))
+                on_step(report)
         return state
+
+    def _step(self, state: EngineState) -> StepReport:
+        """One accepted step from ``state`` (retried at smaller h until accepted), or StepSizeError
+        (FoldError when a fold is located ahead)."""
+        adapts = self.corrector.adapts_step
+        y0 = self.pack(state.theta, state.controls)
+        self._start_field = None
+        self._tangent_cg_iterations = 0
+        slope = self.integrator.slope(self.field, state.s, y0, state.previous)
+        self._start_field = (state.s, y0, slope)
+        h = self.control.first(state.h, state.s, state.controls, slope, adapts)
+        rejected = 0
+        while True:
+            outside = False  # the step left λ, γ ≥ 0: a boundary of the controls, not a fold
+            try:
+                y = self.integrator.predict(self.field, state.s, y0, h, state.previous)
+                outside = not bool((y[-3:-1] >= 0).all())
+                theta, controls = self.unpack(y)
+            except ControlDomainError as error:
+                if not adapts:
+                    raise
+                failure = str(error)
+            else:
+                correction = self.corrector.correct(self.linear_solve, theta, controls, self.process, state.target,
+                                                    grad_tol=self.config.grad_tol, drift_tol=self.config.drift_tol,
+                                                    max_iter=self.config.max_corrector_iterations)
+                if not adapts or correction.converged:
+                    break
+                failure = (f"the corrector did not reach the tolerances (|grad J| = {correction.grad_norm:.3e}, "
+                           f"|g - g0| = {correction.constraint_error:.3e})")
+            rejected += 1
+            self._tangent_cg_iterations = 0
+            try:
+                h = self.control.retry(h, state.s, state.controls, failure)
+            except StepSizeError as error:
+                fold = None if outside else locate_fold(state.stability, state.s + h)
+                if fold is None:
+                    raise
+                raise FoldError(f"{fold.describe()}: {error}", fold) from error
+        new = self._tracked(EngineState(
+            correction.theta.detach(), correction.controls, s=state.s + h, step=state.step + 1,
+            h=self.control.next(h, correction.iterations, rejected, adapts), target=state.target,
+            previous=(state.s, y0), stability=state.stability))
+        return StepReport(new, correction, self._tangent_cg_iterations, rejected)
+
+    def _jump(self, state: EngineState, fold: Fold) -> StepReport:
+        """The jump past ``fold`` from the last accepted ``state`` (:func:`~quasistatic.folds.jump_past`),
+        as a step: the new branch starts with no previous point and a fresh stability history."""
+        theta, controls, jump = jump_past(fold, state.stability, state.theta, self.linear_solve, self.corrector,
+                                          self.process, state.target, grad_tol=self.config.grad_tol,
+                                          drift_tol=self.config.drift_tol, eigen_iterations=self.config.eigen_iterations)
+        new = self._tracked(EngineState(theta, controls, s=jump.s, step=state.step + 1, h=self.control.h_max,
+                                        target=state.target))
+        grad_norm = float(torch.linalg.vector_norm(self.objective.gradient(theta, controls)))
+        return StepReport(new, Correction(theta, controls, 0, 0, grad_norm, 0.0, True), 0, 0, jump)
 
 
 def first_law_residual(rows: list[dict[str, float]], sigma: float = 0.0) -> tuple[float, float]:

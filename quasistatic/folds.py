@@ -12,6 +12,14 @@ so the last two accepted points give s_f by linear extrapolation of λ_min² (it
 O((s_f − s₁)²), small because the step control brings the last points close to the fold; the
 distance to the extrapolation through the two points before is reported as its uncertainty), and
 the controls there by linear extrapolation in s.
+
+Past the fold the model has to jump to another branch (a first-order transition), and across the
+jump the first law cannot hold: the difference is dissipated work. :func:`jump_past` makes that
+jump on purpose: controls just past the fold, a start nudged off the dead branch along the critical
+eigenvector (on the side where J decreases: the gradient flow's way), a relaxation at those fixed
+controls to a minimum (the polish: L-BFGS, whitened L-BFGS, Newton), a check that it is one
+(λ_min > 0), the free energy it dissipated, ΔJ = J(θ_before) − J(θ_after) ≥ 0 at those controls,
+and the process constraint re-imposed by the run's corrector.
 """
 
 from __future__ import annotations
@@ -19,9 +27,20 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from .step_control import StepSizeError
+import torch
+from torch import Tensor
 
-__all__ = ["Fold", "FoldError", "StabilityPoint", "locate_fold"]
+from .correctors import Corrector
+from .linalg.linear_solve import LinearSolve
+from .objective import Controls
+from .polish import polish
+from .processes import Process
+from .step_control import StepSizeError
+from .tangents import equilibrium_tangents
+
+__all__ = ["AT_FOLD", "Fold", "FoldError", "Jump", "StabilityPoint", "jump_past", "locate_fold"]
+
+AT_FOLD = ("jump", "stop")  # what the engine does at a located fold
 
 
 @dataclass(frozen=True)
@@ -55,6 +74,17 @@ class Fold:
         return (f"fold of the equilibrium branch located at lambda={self.lam:.8g}, gamma={self.gamma:.8g}, "
                 f"t={self.t:.6g} (s={self.s:.8g} +- {self.uncertainty:.1e}; lambda_min of the Hessian "
                 f"{self.last_lambda_min:.3e} at the last accepted s={self.last_accepted_s:.8g}, extrapolated to 0)")
+
+
+@dataclass(frozen=True)
+class Jump:
+    """A jump past a fold: where from, where to, and the free energy it dissipated."""
+
+    fold: Fold
+    s: float  # the jump lands at this s, just past the fold
+    distance: float  # ‖θ_after − θ_before‖
+    dissipation: float  # J(θ_before) − J(θ_relaxed) at the controls just past the fold (≥ 0)
+    lambda_min: float  # smallest Hessian eigenvalue where the relaxation ended (> 0: a minimum)
 
 
 class FoldError(StepSizeError):
@@ -93,3 +123,58 @@ def _extrapolated(older: StabilityPoint, last: StabilityPoint) -> float | None:
     slope = (older.lambda_min**2 - last.lambda_min**2) / (last.s - older.s)  # −d(λ_min²)/ds
     s_f = last.s + last.lambda_min**2 / slope
     return s_f if math.isfinite(s_f) else None
+
+
+def _controls_at(points: tuple[StabilityPoint, ...], s: float) -> Controls:
+    """The controls at s by linear extrapolation through the last two points (λ, γ ≥ 0, t in [0, 1])."""
+    older, last = points[-2], points[-1]
+    share = (s - last.s) / (last.s - older.s)
+    lam, gamma, t = (b + (b - a) * share for a, b in ((older.lam, last.lam), (older.gamma, last.gamma),
+                                                      (older.t, last.t)))
+    return Controls(max(lam, 0.0), max(gamma, 0.0), min(max(t, 0.0), 1.0))
+
+
+def jump_past(fold: Fold, points: tuple[StabilityPoint, ...], theta: Tensor, linear_solve: LinearSolve,
+              corrector: Corrector, process: Process, target: float | None, *, grad_tol: float, drift_tol: float,
+              eigen_iterations: int) -> tuple[Tensor, Controls, Jump]:
+    """Jump from θ, the last accepted point before ``fold`` (``points``: its stability history),
+    to a minimum on another branch just past the fold, with the process constraint re-imposed
+    (see the module docstring); (θ, controls, what the jump did). A relaxation that does not reach
+    ``grad_tol``, ends on a saddle, raises J, or whose constraint cannot be re-imposed raises
+    :class:`FoldError`."""
+    objective = linear_solve.objective
+    s_past = min(max(fold.failed_s, 2 * fold.s - fold.last_accepted_s), 1.0)
+    controls = _controls_at(points, s_past)
+    critical = linear_solve.last("eigenvector")
+    start = theta.detach()
+    if critical is not None:
+        direction = critical[:, 0]
+        downhill = -1.0 if float(objective.gradient(start, controls) @ direction) > 0 else 1.0
+        start = start + downhill * 1e-2 * max(1.0, float(torch.linalg.vector_norm(start))) * direction
+
+    def refuse(why: str) -> FoldError:
+        return FoldError(f"{fold.describe()}: the jump past it failed: {why}", fold)
+
+    relaxed = polish(linear_solve, start, controls, grad_tol=grad_tol)
+    if not relaxed.converged:
+        raise refuse(f"the relaxation at fixed controls reached |grad J| = {relaxed.grad_norm:.3e} > {grad_tol:g}")
+    lambda_min = float(linear_solve.smallest_eigenpair(relaxed.theta, controls,
+                                                       iterations=10 * max(eigen_iterations, 1)).values[0])
+    if not lambda_min > 0:
+        raise refuse(f"the relaxation ended on a saddle (lambda_min = {lambda_min:.3e})")
+    with torch.no_grad():
+        before, after = float(objective.value(theta, controls)), float(objective.value(relaxed.theta, controls))
+    dissipation = before - after
+    if dissipation < -1e-12 * max(abs(before), 1.0):
+        raise refuse(f"J rose by {-dissipation:.3e} in a relaxation")
+    landed, landed_controls = relaxed.theta, controls
+    if process.constraint is not None and target is not None:
+        equilibrium_tangents(objective, relaxed.theta, controls, linear_solve, tol=1e-2)  # the border of the new branch
+        correction = corrector.correct(linear_solve, relaxed.theta, controls, process, target, grad_tol=grad_tol,
+                                       drift_tol=drift_tol)
+        if not correction.converged:
+            raise refuse(f"the constraint could not be re-imposed on the new branch (|grad J| = "
+                         f"{correction.grad_norm:.3e}, |g - g0| = {correction.constraint_error:.3e})")
+        landed, landed_controls = correction.theta, correction.controls
+    distance = float(torch.linalg.vector_norm(landed - theta))
+    return landed.detach(), landed_controls, Jump(fold, s_past, distance, dissipation, lambda_min)

@@ -7,21 +7,24 @@ import math
 
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .engine import EngineState, StepReport
+from .folds import Jump
 from .evaluation import measure
 from .linalg import LinearSolve
 from .objective import Objective
 from .plots import plot_columns
 from .rundir import CsvLog, RunDirectory, atomic_save
 
-__all__ = ["TRAJECTORY_COLUMNS", "TARGET_COLUMNS", "TrajectoryRecorder", "plot_trajectory"]
+__all__ = ["TRAJECTORY_COLUMNS", "TARGET_COLUMNS", "TrajectoryRecorder", "numeric", "plot_trajectory"]
 
 TRAJECTORY_COLUMNS = ("step", "s", "lam", "gamma", "t", "R", "D", "C", "F", "val_C", "val_acc", "grad_norm",
                       "cg_iters", "grad_evals", "wall_s", "S", "corrector_iters", "rejected_steps", "h",
-                      "precond_builds", "unconverged_solves", "lambda_min")
+                      "precond_builds", "unconverged_solves", "lambda_min", "event", "jump_distance", "dissipation")
+TEXT_COLUMNS = ("event",)  # the columns that are not numbers
 TARGET_COLUMNS = ("target_val_C", "target_val_acc")  # with ``target_val``: C and accuracy on the target alone
 STATE_FILE = "state.pt"
 
@@ -43,7 +46,8 @@ class TrajectoryRecorder:
         self.extra: dict | None = None  # after ``restore``: what the last ``record`` saved with the state
         self.linear_solve: LinearSolve | None = None  # the run's: its statistics go into every row
 
-    def row(self, state: EngineState, cg_iters: int = 0, corrector_iters: int = 0, rejected: int = 0) -> dict:
+    def row(self, state: EngineState, cg_iters: int = 0, corrector_iters: int = 0, rejected: int = 0,
+            jump: Jump | None = None) -> dict:
         """Measurements at ``state`` (bookkeeping: not counted as the method's work)."""
         with self.train.work.paused():
             measured = measure(self.train, state.theta, state.controls, self.val)
@@ -58,9 +62,12 @@ class TrajectoryRecorder:
                 "unconverged_solves": self.linear_solve.stats.unconverged if self.linear_solve else 0,
                 "lambda_min": (state.stability[-1].lambda_min if state.stability and state.stability[-1].s == state.s
                                else math.nan),
+                "event": "jump" if jump is not None else "",
+                "jump_distance": jump.distance if jump is not None else "",
+                "dissipation": jump.dissipation if jump is not None else "",
                 "wall_s": self.wall_before + time.perf_counter() - self.started}
 
-    def record(self, state: EngineState, extra: dict | None = None, **counts: int) -> dict:
+    def record(self, state: EngineState, extra: dict | None = None, **counts: Any) -> dict:
         """Append the row of ``state`` and save the state (with ``extra``, e.g. an optimizer's state,
         in the same atomic file, so that the two never disagree after an interruption)."""
         row = self.row(state, **counts)
@@ -73,7 +80,7 @@ class TrajectoryRecorder:
 
     def on_step(self, report: StepReport) -> None:
         self.record(report.state, cg_iters=report.tangent_cg_iterations + report.correction.cg_iterations,
-                    corrector_iters=report.correction.iterations, rejected=report.rejected)
+                    corrector_iters=report.correction.iterations, rejected=report.rejected, jump=report.jump)
 
     def restore(self) -> EngineState | None:
         """The state after the last recorded step (rows after it dropped), or None."""
@@ -89,6 +96,11 @@ class TrajectoryRecorder:
         if self.linear_solve is not None and saved.get("solves"):
             self.linear_solve.restore(saved["solves"])
         return state
+
+
+def numeric(row: dict[str, str]) -> dict[str, float]:
+    """A trajectory row's numbers (text columns and empty cells, as a jump's columns in other rows, left out)."""
+    return {k: float(v) for k, v in row.items() if v != "" and k not in TEXT_COLUMNS}
 
 
 def plot_trajectory(rows: list[dict[str, str]], directory: Path, title: str) -> list[Path]:

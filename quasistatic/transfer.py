@@ -32,7 +32,7 @@ from .models import RepresentationModel
 from .objective import Controls, Objective
 from .plots import plot_columns
 from .processes import Process, make_process
-from .trajectory import TrajectoryRecorder
+from .trajectory import TrajectoryRecorder, numeric
 
 import matplotlib.pyplot as plt  # noqa: E402  (after .plots, which selects the headless backend)
 
@@ -221,7 +221,7 @@ def train_baseline(objective: Objective, controls: Controls, config: Equilibrati
 
 def _read_rows(path: Path) -> list[dict[str, float]]:
     with path.open(newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+        return [numeric(row) for row in csv.DictReader(f)]
 
 
 def plot_transfer(directory: Path, title: str = "") -> Path | None:

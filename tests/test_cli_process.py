@@ -9,6 +9,7 @@ import pytest
 
 from quasistatic.cli import main
 from quasistatic.engine import first_law_residual
+from quasistatic.trajectory import numeric
 from small_problem import register_small_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -21,8 +22,9 @@ BASE = ["--dataset", SMALL, "--hidden", "", "--latent-dim", "1", "--samples", "2
 
 
 def rows(path: Path) -> list[dict[str, float]]:
+    """The numeric columns of the trajectory (an empty cell, as in a row that is not a jump, is left out)."""
     with (path / "trajectory.csv").open() as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [numeric(row) for row in csv.DictReader(f)]
 
 
 def tree_hash(path: Path) -> dict[str, str]:

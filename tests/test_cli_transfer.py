@@ -19,7 +19,7 @@ from quasistatic import (DataSplit, LabeledData, ParameterLayout, TransferObject
                          transfer_data)
 from quasistatic.cli import main
 from quasistatic.data import available_datasets, register_dataset
-from quasistatic.trajectory import TARGET_COLUMNS, TRAJECTORY_COLUMNS
+from quasistatic.trajectory import TARGET_COLUMNS, TRAJECTORY_COLUMNS, numeric
 from small_problem import small_labeled
 from test_data import cifar_batches, write_batches
 
@@ -55,7 +55,7 @@ DIGITS = ["--dataset", "digits", "--source", "0-4", "--target", "5-9", "--max-pe
 
 def rows(path: Path) -> list[dict[str, float]]:
     with (path / "trajectory.csv").open() as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [numeric(row) for row in csv.DictReader(f)]
 
 
 def header(path: Path) -> list[str]:

@@ -8,6 +8,7 @@ branch of minima, from (x, λ) = (1, 0), ends in a fold at x = 1/√3, λ_f = 2/
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,20 +48,57 @@ def toy_objective() -> Objective:
 
 def branch_x(lam: float) -> float:
     """x on the right branch of x³ − x + λ = 0 (the largest real root)."""
-    return max(r.real for r in __import__("numpy").roots([1, 0, -1, lam]) if abs(r.imag) < 1e-12)
+    return max(r.real for r in np.roots([1, 0, -1, lam]) if abs(r.imag) < 1e-12)
 
 
-def run_to_the_fold(integrator: str = "hermite"):
+def toy_run(at_fold: str):
+    """The engine from (x, y) = (1, 0) at λ = 0 to λ = 0.5, past the fold at 0.385; (error or None, reports)."""
     objective = toy_objective()
-    process = make_process("free", START, lam_rate=0.5)  # λ: 0 → 0.5, past the fold at 0.385
-    engine = QuasiStaticEngine(objective, process, make_integrator(integrator), make_corrector("newton"),
-                               EngineConfig(steps=10, grad_tol=1e-12, min_step=1e-7),
+    process = make_process("free", START, lam_rate=0.5)
+    engine = QuasiStaticEngine(objective, process, make_integrator("hermite"), make_corrector("newton"),
+                               EngineConfig(steps=10, grad_tol=1e-12, min_step=1e-7, at_fold=at_fold),
                                LinearSolve(objective, LinearSolveConfig(preconditioner="none", preconditioner_sample=1.0)))
     state = engine.start(torch.tensor([1.0, 0.0], dtype=torch.float64), START)
-    states = [state]
-    with pytest.raises(FoldError) as failure:
-        engine.run(state, lambda report: states.append(report.state))
-    return failure.value, states
+    reports = []
+    try:
+        engine.run(state, reports.append)
+    except FoldError as error:
+        return error, [state] + [r.state for r in reports], reports
+    return None, [state] + [r.state for r in reports], reports
+
+
+def run_to_the_fold():
+    error, states, _ = toy_run("stop")
+    assert error is not None
+    return error, states
+
+
+def toy_j(x: float, y: float, lam: float) -> float:
+    return x**4 / 4 - x**2 / 2 + y**2 / 2 + lam * (x + y / 10)
+
+
+def test_jump_lands_on_the_other_branch_and_books_the_analytic_dissipation():
+    error, states, reports = toy_run("jump")
+    assert error is None and states[-1].s == pytest.approx(1.0)
+    assert sum(r.jump is not None for r in reports) == 1
+    index = next(i for i, r in enumerate(reports) if r.jump is not None)
+    jump, before, after = reports[index].jump, states[index], reports[index].state  # before: the right branch's last
+    assert jump.fold.lam == pytest.approx(LAMBDA_FOLD, rel=1e-6)
+    lam_past = after.controls.lam
+    assert LAMBDA_FOLD < lam_past < LAMBDA_FOLD + 1e-3
+    left = branch_x_left(lam_past)
+    x_before, y_before = (float(v) for v in before.theta)
+    expected = toy_j(x_before, y_before, lam_past) - toy_j(left, -lam_past / 10, lam_past)
+    assert jump.dissipation == pytest.approx(expected, abs=1e-8) and jump.dissipation > 0.1
+    assert float(after.theta[0]) == pytest.approx(left, abs=1e-9)
+    assert jump.lambda_min == pytest.approx(min(3 * left**2 - 1, 1.0), abs=1e-9)
+    assert jump.distance == pytest.approx(math.hypot(left - x_before, -lam_past / 10 - y_before), abs=1e-9)
+    # after the jump the engine follows the left branch to λ = 0.5
+    assert float(states[-1].theta[0]) == pytest.approx(branch_x_left(0.5), abs=1e-9)
+
+
+def branch_x_left(lam: float) -> float:
+    return min(r.real for r in np.roots([1, 0, -1, lam]) if abs(r.imag) < 1e-12)
 
 
 def test_the_fold_is_located_at_the_analytic_value():

@@ -81,6 +81,9 @@ def engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eigen-iterations", type=int, default=8,
                        help="LOBPCG iterations for the smallest Hessian eigenvalue at every accepted step (the "
                             "trajectory's lambda_min, which locates folds; default 8, 0: not tracked)")
+    group.add_argument("--at-fold", default="jump",
+                       help="at a fold of the equilibrium branch (located from lambda_min): jump (default: relax to "
+                            "another branch just past it, the dissipated free energy booked in the trajectory) or stop")
     linalg_arguments(parser)
     group.add_argument("--rtol", type=float, default=None, help="adaptive integrators: relative tolerance")
     group.add_argument("--atol", type=float, default=None, help="adaptive integrators: absolute tolerance")
@@ -116,7 +119,7 @@ def linear_solve_config(args: argparse.Namespace) -> LinearSolveConfig:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The run's EngineConfig from the process flags (checked here: exit 2 on a bad one)."""
     return EngineConfig(steps=args.steps, grad_tol=args.grad_tol, drift_tol=args.drift_tol,
-                        tangent_tol=args.tangent_tol, eigen_iterations=args.eigen_iterations)
+                        tangent_tol=args.tangent_tol, eigen_iterations=args.eigen_iterations, at_fold=args.at_fold)
 
 
 def device_option(name: str) -> torch.device:

@@ -24,7 +24,7 @@ from ..objective import Controls, Objective
 from ..polish import polish, require_equilibrium
 from ..processes import Process, available_processes, make_process
 from ..rundir import RunDirectory
-from ..trajectory import TrajectoryRecorder, plot_trajectory
+from ..trajectory import TrajectoryRecorder, numeric, plot_trajectory
 from .options import (data_arguments, device_option, dtype_option, engine_arguments, engine_config, inputs,
                       linear_solve_config, model_arguments, objectives, run_arguments, settings, write_config)
 
@@ -131,16 +131,26 @@ def follow(args: argparse.Namespace, process: Process, train: Objective, recorde
 
 
 def summary(rows: list[dict[str, str]], sigma: float, process: Process) -> str:
-    """Drift of the process's constraint (C when it has none), first-law residual, ‖∇θJ‖ at both
-    ends and the cost of a recorded trajectory."""
-    values = [{k: float(v) for k, v in row.items() if v != ""} for row in rows]
+    """Drift of the process's constraint (C when it has none), first-law residual (on each
+    continuous stretch when the run jumped past folds, with the dissipated free energy), ‖∇θJ‖ at
+    both ends and the cost of a recorded trajectory."""
+    jumps = [i for i, row in enumerate(rows) if row.get("event") == "jump"]
+    values = [numeric(row) for row in rows]
     weights = process.constraint or (0.0, 0.0, 1.0)
     held = [sum(w * v[name] for w, name in zip(weights, "RDC")) for v in values]
     name = " + ".join(f"{w:g}*{x}" if w != 1 else x for w, x in zip(weights, "RDC") if w) or "C"
-    residual, delta_r = first_law_residual(values, sigma)
     drift = max(abs(g - held[0]) for g in held) / abs(held[0])
-    return (f"{len(rows) - 1} steps, max |g - g0|/g0 = {drift:.3e} for g = {name}, "
-            f"first law |dR + lam dD + gamma dC + sigma dS| = {residual:.3e} of |dR| = {delta_r:.3e}, "
+    if jumps:
+        edges = [0, *jumps, len(values)]
+        laws = [first_law_residual(values[a:b], sigma) for a, b in zip(edges[:-1], edges[1:]) if b - a > 1]
+        worst = max(residual / delta_r for residual, delta_r in laws if delta_r > 0) if laws else 0.0
+        law = (f"first law on each of {len(laws)} continuous stretches <= {worst:.3e} of its |dR|, "
+               f"{len(jumps)} jump(s) past folds dissipating {sum(values[i]['dissipation'] for i in jumps):.6g} "
+               "(J before - J after)")
+    else:
+        residual, delta_r = first_law_residual(values, sigma)
+        law = f"first law |dR + lam dD + gamma dC + sigma dS| = {residual:.3e} of |dR| = {delta_r:.3e}"
+    return (f"{len(rows) - 1} steps, max |g - g0|/g0 = {drift:.3e} for g = {name}, {law}, "
             f"grad_norm {values[0]['grad_norm']:.2e} -> {values[-1]['grad_norm']:.2e}, "
             f"{values[-1]['grad_evals']:.0f} gradient-equivalents, {values[-1]['wall_s']:.0f} s")
 

@@ -23,7 +23,7 @@ from ..models import ModelConfig, build_model
 from ..objective import Controls
 from ..processes import Process
 from ..rundir import RunDirectory
-from ..trajectory import TrajectoryRecorder, plot_trajectory
+from ..trajectory import TrajectoryRecorder, numeric, plot_trajectory
 from ..transfer import (BASELINES, TRANSFER_PROCESSES, TransferData, TransferObjectives,
                         make_transfer_process, plot_baseline, plot_transfer, train_baseline, transfer_data)
 from .options import (data_arguments, device_option, dtype_option, engine_arguments, inputs, model_arguments,
@@ -169,7 +169,7 @@ def _run_baseline(args: argparse.Namespace, objectives: TransferObjectives, run_
     except DivergenceError as error:
         print(f"quasistatic: {error}; the trajectory so far is in {recorder.log.path}", file=sys.stderr)
         return 1, []
-    rows = [{k: float(v) for k, v in row.items()} for row in recorder.log.rows()]
+    rows = [numeric(row) for row in recorder.log.rows()]
     first, last = rows[0], rows[-1]
     k = len(objectives.data.target_classes)
     c0 = run_dir.read_json("config.json")["transfer"]["start_C"]
