@@ -87,6 +87,11 @@ class Jump:
     lambda_min: float  # smallest Hessian eigenvalue where the relaxation ended (> 0: a minimum)
 
 
+    def to_dict(self) -> dict:
+        return {"fold": self.fold.to_dict(), "s": self.s, "distance": self.distance, "dissipation": self.dissipation,
+                "lambda_min": self.lambda_min}
+
+
 class FoldError(StepSizeError):
     """The steps collapsed at a located fold (``fold``)."""
 
@@ -143,7 +148,9 @@ def jump_past(fold: Fold, points: tuple[StabilityPoint, ...], theta: Tensor, lin
     ``grad_tol``, ends on a saddle, raises J, or whose constraint cannot be re-imposed raises
     :class:`FoldError`."""
     objective = linear_solve.objective
-    s_past = min(max(fold.failed_s, 2 * fold.s - fold.last_accepted_s), 1.0)
+    # just past the fold, and no farther past the collapse of the steps than the collapse is from
+    # the last accepted point (an extrapolated fold far ahead of it is not trusted)
+    s_past = min(max(fold.failed_s, 2 * fold.s - fold.last_accepted_s), 2 * fold.failed_s - fold.last_accepted_s, 1.0)
     controls = _controls_at(points, s_past)
     critical = linear_solve.last("eigenvector")
     start = theta.detach()

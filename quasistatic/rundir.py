@@ -89,7 +89,7 @@ class RunDirectory:
     def file(self, name: str) -> Path:
         return self.path / name
 
-    def write_json(self, name: str, data: dict) -> None:
+    def write_json(self, name: str, data: dict | list) -> None:
         tmp = self.file(name + ".tmp")
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
         os.replace(tmp, self.file(name))

@@ -3,13 +3,16 @@ every step, and the paper's figures (Fig. 2: R–D curve, (λ, γ) path, C and a
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from .engine import EngineState, StepReport
 from .folds import Jump
@@ -79,6 +82,14 @@ class TrajectoryRecorder:
         return row
 
     def on_step(self, report: StepReport) -> None:
+        """Record an accepted step; a jump past a fold is also added to jumps.json and printed."""
+        if report.jump is not None:
+            path = self.run.file("jumps.json")
+            jumps = json.loads(path.read_text()) if path.exists() else []
+            self.run.write_json("jumps.json", [*jumps[:sum(j["s"] < report.jump.s for j in jumps)],
+                                               report.jump.to_dict()])
+            tqdm.write(f"{report.jump.fold.describe()}; jumped to s={report.jump.s:.6g}: |dtheta| = "
+                       f"{report.jump.distance:.3g}, dissipated J {report.jump.dissipation:.6g}", file=sys.stderr)
         self.record(report.state, cg_iters=report.tangent_cg_iterations + report.correction.cg_iterations,
                     corrector_iters=report.correction.iterations, rejected=report.rejected, jump=report.jump)
 

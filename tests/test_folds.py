@@ -6,16 +6,21 @@ branch of minima, from (x, λ) = (1, 0), ends in a fold at x = 1/√3, λ_f = 2/
 λ_min = 3x² − 1 falls to 0.
 """
 
+import csv
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from quasistatic import Controls, Objective
-from quasistatic.correctors import make_corrector
-from quasistatic.engine import EngineConfig, FoldError, QuasiStaticEngine
-from quasistatic.folds import StabilityPoint, locate_fold
+from quasistatic import Controls, ModelConfig, Objective, build_model
+from quasistatic.correctors import Correction, make_corrector
+from quasistatic.engine import EngineConfig, EngineState, FoldError, QuasiStaticEngine, StepReport
+from quasistatic.folds import Fold, Jump, StabilityPoint, locate_fold
+from quasistatic.rundir import RunDirectory
+from quasistatic.trajectory import TrajectoryRecorder
+from small_problem import small_labeled
 from quasistatic.integrators import make_integrator
 from quasistatic.linalg import LinearSolve, LinearSolveConfig
 from quasistatic.processes import make_process
@@ -129,3 +134,23 @@ def test_no_fold_is_claimed_when_lambda_min_does_not_fall():
     fold = locate_fold(falling, 0.6)  # λ_min² 4 → 1 over Δs 0.5: reaches 0 at s = 0.5 + 1/6
     assert fold.s == pytest.approx(0.5 + 1 / 6) and fold.lam == pytest.approx(1.5 + 1 / 6)
     assert fold.gamma == pytest.approx(3.0 + 1 / 3) and math.isnan(fold.uncertainty)
+
+
+def test_a_jump_is_recorded_as_a_row_and_in_jumps_json(tmp_path, capsys):
+    model = build_model(ModelConfig(input_shape=(1, 2, 3), num_classes=3, latent_dim=1, hidden=()), seed=0).double()
+    objective = Objective(model, small_labeled(12, 1, 0.0), samples=1, sigma=1e-2)
+    run = RunDirectory(tmp_path / "run")
+    run.prepare()
+    recorder = TrajectoryRecorder(run, objective, objective)
+    theta, controls = objective.initial_theta(), Controls(1.2, 4.0)
+    fold = Fold(s=0.49, lam=1.19, gamma=4.0, t=0.0, last_accepted_s=0.48, last_lambda_min=1e-4, failed_s=0.495,
+                uncertainty=1e-6)
+    jump = Jump(fold, s=0.5, distance=1.5, dissipation=0.25, lambda_min=0.01)
+    state = EngineState(theta, controls, s=0.5, step=3)
+    recorder.on_step(StepReport(state, Correction(theta, controls, 0, 0, 0.0, 0.0, True), 0, 0, jump))
+    with run.file("trajectory.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["event"] == "jump" and float(row["jump_distance"]) == 1.5 and float(row["dissipation"]) == 0.25
+    (saved,) = json.loads(run.file("jumps.json").read_text())
+    assert saved["dissipation"] == 0.25 and saved["fold"]["lam"] == 1.19 and saved["s"] == 0.5
+    assert "lambda=1.19" in capsys.readouterr().err
