@@ -122,7 +122,11 @@ def locate_fold(points: tuple[StabilityPoint, ...], failed_s: float) -> Fold | N
 
 
 def _extrapolated(older: StabilityPoint, last: StabilityPoint) -> float | None:
-    """s where the line through (s, λ_min²) of the two points reaches 0, when λ_min falls along them."""
+    """s where the line through (s, λ_min²) of the two points reaches 0, when λ_min falls along them;
+    where λ_min changed sign between them (the last point is already unstable: the corrector
+    followed the branch past a fold or a bifurcation), the zero of the line through (s, λ_min)."""
+    if last.lambda_min <= 0 < older.lambda_min and last.s > older.s:
+        return older.s + older.lambda_min * (last.s - older.s) / (older.lambda_min - last.lambda_min)
     if not (0 < last.lambda_min < older.lambda_min and last.s > older.s):
         return None
     slope = (older.lambda_min**2 - last.lambda_min**2) / (last.s - older.s)  # −d(λ_min²)/ds

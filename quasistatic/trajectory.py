@@ -58,14 +58,14 @@ class TrajectoryRecorder:
             measured["target_val_C"] = self.target_val.report(state.theta.detach(), state.controls.t).C
             measured["target_val_acc"] = self.target_val.accuracy(state.theta.detach(), state.controls.t)
         c = state.controls
+        lambda_min = state.stability[-1].lambda_min if state.stability and state.stability[-1].s == state.s else math.nan
         return {"step": state.step, "s": state.s, "lam": c.lam, "gamma": c.gamma, "t": c.t, **measured,
                 "cg_iters": cg_iters, "corrector_iters": corrector_iters, "rejected_steps": rejected, "h": state.h,
                 "grad_evals": self.train.work.gradient_equivalents,
                 "precond_builds": self.linear_solve.stats.builds if self.linear_solve else 0,
                 "unconverged_solves": self.linear_solve.stats.unconverged if self.linear_solve else 0,
-                "lambda_min": (state.stability[-1].lambda_min if state.stability and state.stability[-1].s == state.s
-                               else math.nan),
-                "event": "jump" if jump is not None else "",
+                "lambda_min": lambda_min,
+                "event": "jump" if jump is not None else "unstable" if lambda_min < 0 else "",
                 "jump_distance": jump.distance if jump is not None else "",
                 "dissipation": jump.dissipation if jump is not None else "",
                 "wall_s": self.wall_before + time.perf_counter() - self.started}

@@ -136,7 +136,7 @@ def test_no_fold_is_claimed_when_lambda_min_does_not_fall():
     assert fold.gamma == pytest.approx(3.0 + 1 / 3) and math.isnan(fold.uncertainty)
 
 
-def test_a_jump_is_recorded_as_a_row_and_in_jumps_json(tmp_path, capsys):
+def test_a_jump_and_an_unstable_point_are_recorded(tmp_path, capsys):
     model = build_model(ModelConfig(input_shape=(1, 2, 3), num_classes=3, latent_dim=1, hidden=()), seed=0).double()
     objective = Objective(model, small_labeled(12, 1, 0.0), samples=1, sigma=1e-2)
     run = RunDirectory(tmp_path / "run")
@@ -148,9 +148,19 @@ def test_a_jump_is_recorded_as_a_row_and_in_jumps_json(tmp_path, capsys):
     jump = Jump(fold, s=0.5, distance=1.5, dissipation=0.25, lambda_min=0.01)
     state = EngineState(theta, controls, s=0.5, step=3)
     recorder.on_step(StepReport(state, Correction(theta, controls, 0, 0, 0.0, 0.0, True), 0, 0, jump))
+    saddle = EngineState(theta, controls, s=0.6, step=4, stability=(StabilityPoint(0.6, 1.2, 4.0, 0.0, -1e-3),))
+    recorder.on_step(StepReport(saddle, Correction(theta, controls, 0, 0, 0.0, 0.0, True), 0, 0))
     with run.file("trajectory.csv").open() as f:
-        (row,) = list(csv.DictReader(f))
+        row, unstable = list(csv.DictReader(f))
     assert row["event"] == "jump" and float(row["jump_distance"]) == 1.5 and float(row["dissipation"]) == 0.25
+    assert unstable["event"] == "unstable" and float(unstable["lambda_min"]) == -1e-3 and unstable["dissipation"] == ""
     (saved,) = json.loads(run.file("jumps.json").read_text())
     assert saved["dissipation"] == 0.25 and saved["fold"]["lam"] == 1.19 and saved["s"] == 0.5
     assert "lambda=1.19" in capsys.readouterr().err
+
+
+def test_a_sign_change_of_lambda_min_between_two_points_is_located_at_its_zero():
+    crossed = (StabilityPoint(0.0, 1.0, 2.0, 0.0, 3e-4), StabilityPoint(0.1, 1.1, 2.0, 0.0, 2e-4),
+               StabilityPoint(0.2, 1.2, 2.0, 0.0, -2e-4))
+    fold = locate_fold(crossed, 0.21)
+    assert fold.s == pytest.approx(0.15) and fold.lam == pytest.approx(1.15)
