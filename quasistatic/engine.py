@@ -39,14 +39,18 @@ from .processes import Process
 from .step_control import StepControl, StepSizeError
 from .tangents import equilibrium_tangents
 
-__all__ = ["ControlDomainError", "EngineConfig", "EngineState", "FoldError", "QuasiStaticEngine", "StepReport",
-           "StepSizeError", "first_law_residual"]
+__all__ = ["ControlDomainError", "EngineConfig", "EngineState", "FoldError", "NegativeControlsError", "QuasiStaticEngine",
+           "StepReport", "StepSizeError", "first_law_residual"]
 
 
 class ControlDomainError(StepSizeError):
     """A step left the domain of the process (λ or γ below 0, a non-finite tangent, as at a fold
     of the constraint, or a tangent solve that did not converge); fatal only when the step cannot
     shrink (no corrector to judge it)."""
+
+
+class NegativeControlsError(ControlDomainError):
+    """A step (or an integrator stage) reached λ < 0 or γ < 0: a boundary of the controls, not a fold."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,7 @@ class QuasiStaticEngine:
         (an integrator stage or step that overshot: the engine retries at a smaller step)."""
         lam, gamma, t = y[-3:].tolist()
         if not (lam >= 0 and gamma >= 0):
-            raise ControlDomainError(f"the process left lambda, gamma >= 0: lambda={lam:.6g}, gamma={gamma:.6g}")
+            raise NegativeControlsError(f"the process left lambda, gamma >= 0: lambda={lam:.6g}, gamma={gamma:.6g}")
         return y[:-3], Controls(lam, gamma, min(max(t, 0.0), 1.0))
 
     def field(self, s: float, y: Tensor) -> Tensor:
@@ -191,7 +195,7 @@ class QuasiStaticEngine:
             return state
         pairs = self.linear_solve.smallest_eigenpair(state.theta, state.controls,
                                                      iterations=10 * self.config.eigen_iterations)
-        last = replace(state.stability[-1], lambda_min=min(state.stability[-1].lambda_min, float(pairs.values[0])))
+        last = replace(state.stability[-1], lambda_min=float(pairs.values[0]))  # LOBPCG from the kept vector: ≤ it
         return replace(state, stability=(*state.stability[:-1], last))
 
     def run(self, state: EngineState, on_step: Callable[[StepReport], None] | None = None) -> EngineState:
@@ -224,11 +228,11 @@ class QuasiStaticEngine:
             outside = False  # the step left λ, γ ≥ 0: a boundary of the controls, not a fold
             try:
                 y = self.integrator.predict(self.field, state.s, y0, h, state.previous)
-                outside = not bool((y[-3:-1] >= 0).all())
                 theta, controls = self.unpack(y)
             except ControlDomainError as error:
                 if not adapts:
                     raise
+                outside = isinstance(error, NegativeControlsError)
                 failure = str(error)
             else:
                 correction = self.corrector.correct(self.linear_solve, theta, controls, self.process, state.target,

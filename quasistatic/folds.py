@@ -111,14 +111,16 @@ def locate_fold(points: tuple[StabilityPoint, ...], failed_s: float) -> Fold | N
     if s_f is None:
         return None
     earlier = _extrapolated(points[-3], points[-2]) if len(points) >= 3 else None
-    older, last = points[-2], points[-1]
-
-    def at(value_older: float, value_last: float) -> float:
-        return value_last + (value_last - value_older) * (s_f - last.s) / (last.s - older.s)
-
-    return Fold(s=s_f, lam=at(older.lam, last.lam), gamma=at(older.gamma, last.gamma), t=at(older.t, last.t),
-                last_accepted_s=last.s, last_lambda_min=last.lambda_min, failed_s=failed_s,
-                uncertainty=math.nan if earlier is None else abs(s_f - earlier))
+    uncertainty = math.nan if earlier is None else abs(s_f - earlier)
+    last = points[-1]
+    # the fold must be where the steps collapsed: an extrapolated zero far ahead of the collapse
+    # (λ_min barely falling, or noise) does not explain it
+    reach = max(10 * (failed_s - last.s), 2 * uncertainty if math.isfinite(uncertainty) else 0.0)
+    if s_f - last.s > reach:
+        return None
+    controls = _controls_at(points, s_f)
+    return Fold(s=s_f, lam=controls.lam, gamma=controls.gamma, t=controls.t, last_accepted_s=last.s,
+                last_lambda_min=last.lambda_min, failed_s=failed_s, uncertainty=uncertainty)
 
 
 def _extrapolated(older: StabilityPoint, last: StabilityPoint) -> float | None:
@@ -180,7 +182,9 @@ def jump_past(fold: Fold, points: tuple[StabilityPoint, ...], theta: Tensor, lin
         raise refuse(f"J rose by {-dissipation:.3e} in a relaxation")
     landed, landed_controls = relaxed.theta, controls
     if process.constraint is not None and target is not None:
-        equilibrium_tangents(objective, relaxed.theta, controls, linear_solve, tol=1e-2)  # the border of the new branch
+        # the new branch's tangents, kept by the linear solve: the corrector's border (q = −θ_γ) on this branch
+        if not equilibrium_tangents(objective, relaxed.theta, controls, linear_solve, tol=1e-2).solve.converged:
+            raise refuse("the tangent solve on the new branch did not converge")
         correction = corrector.correct(linear_solve, relaxed.theta, controls, process, target, grad_tol=grad_tol,
                                        drift_tol=drift_tol)
         if not correction.converged:

@@ -130,6 +130,8 @@ def test_no_fold_is_claimed_when_lambda_min_does_not_fall():
     rising = (StabilityPoint(0.1, 1.0, 1.0, 0.0, 0.2), StabilityPoint(0.2, 1.1, 1.0, 0.0, 0.3))
     assert locate_fold(rising, 0.3) is None
     assert locate_fold(rising[:1], 0.3) is None
+    barely = (StabilityPoint(0.0, 1.0, 1.0, 0.0, 1.0), StabilityPoint(0.01, 1.01, 1.0, 0.0, 0.999999))
+    assert locate_fold(barely, 0.0101) is None  # its zero (s ≈ 5000) is not where the steps collapsed
     falling = (StabilityPoint(0.0, 1.0, 2.0, 0.0, 2.0), StabilityPoint(0.5, 1.5, 3.0, 0.0, 1.0))
     fold = locate_fold(falling, 0.6)  # λ_min² 4 → 1 over Δs 0.5: reaches 0 at s = 0.5 + 1/6
     assert fold.s == pytest.approx(0.5 + 1 / 6) and fold.lam == pytest.approx(1.5 + 1 / 6)

@@ -143,7 +143,7 @@ def summary(rows: list[dict[str, str]], sigma: float, process: Process) -> str:
     if jumps:
         edges = [0, *jumps, len(values)]
         laws = [first_law_residual(values[a:b], sigma) for a, b in zip(edges[:-1], edges[1:]) if b - a > 1]
-        worst = max(residual / delta_r for residual, delta_r in laws if delta_r > 0) if laws else 0.0
+        worst = max((residual / delta_r for residual, delta_r in laws if delta_r > 0), default=0.0)
         law = (f"first law on each of {len(laws)} continuous stretches <= {worst:.3e} of its |dR|, "
                f"{len(jumps)} jump(s) past folds dissipating {sum(values[i]['dissipation'] for i in jumps):.6g} "
                "(J before - J after)")

@@ -176,7 +176,8 @@ class LinearSolve:
         self._warm[kind] = solution
 
     def last(self, kind: str) -> Tensor | None:
-        """The last converged solution of ``kind`` (the next one's warm start), or None."""
+        """The kept warm start of ``kind`` (the last converged solve's solution, or for
+        "eigenvector" the last smallest eigenvector, converged or not), or None."""
         return self._warm.get(kind)
 
     def checkpoint(self) -> dict[str, Any]:
