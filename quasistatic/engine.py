@@ -260,13 +260,15 @@ class QuasiStaticEngine:
     def _jump(self, state: EngineState, fold: Fold) -> StepReport:
         """The jump past ``fold`` from the last accepted ``state`` (:func:`~quasistatic.folds.jump_past`),
         as a step: the new branch starts with no previous point and a fresh stability history."""
-        theta, controls, jump = jump_past(fold, state.stability, state.theta, self.linear_solve, self.corrector,
-                                          self.process, state.target, grad_tol=self.config.grad_tol,
-                                          drift_tol=self.config.drift_tol, eigen_iterations=self.config.eigen_iterations)
-        new = self._tracked(EngineState(theta, controls, s=jump.s, step=state.step + 1, h=self.control.h_max,
-                                        target=state.target))
-        grad_norm = float(torch.linalg.vector_norm(self.objective.gradient(theta, controls)))
-        return StepReport(new, Correction(theta, controls, 0, 0, grad_norm, 0.0, True), 0, 0, jump)
+        landed, jump = jump_past(fold, state.stability, state.theta, self.linear_solve, self.corrector, self.process,
+                                 state.target, grad_tol=self.config.grad_tol, drift_tol=self.config.drift_tol,
+                                 eigen_iterations=self.config.eigen_iterations)
+        new = self._tracked(EngineState(landed.theta.detach(), landed.controls, s=jump.s, step=state.step + 1,
+                                        h=self.control.h_max, target=state.target))
+        if new.stability and not new.stability[-1].lambda_min > 0:
+            raise FoldError(f"{fold.describe()}: the jump past it failed: re-imposing the constraint ended on a saddle "
+                            f"(lambda_min = {new.stability[-1].lambda_min:.3e})", fold)
+        return StepReport(new, landed, 0, 0, jump)
 
 
 def first_law_residual(rows: list[dict[str, float]], sigma: float = 0.0) -> tuple[float, float]:

@@ -25,12 +25,12 @@ and the process constraint re-imposed by the run's corrector.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor
 
-from .correctors import Corrector
+from .correctors import Correction, Corrector
 from .linalg.linear_solve import LinearSolve
 from .objective import Controls
 from .polish import polish
@@ -147,10 +147,11 @@ def _controls_at(points: tuple[StabilityPoint, ...], s: float) -> Controls:
 
 def jump_past(fold: Fold, points: tuple[StabilityPoint, ...], theta: Tensor, linear_solve: LinearSolve,
               corrector: Corrector, process: Process, target: float | None, *, grad_tol: float, drift_tol: float,
-              eigen_iterations: int) -> tuple[Tensor, Controls, Jump]:
+              eigen_iterations: int) -> tuple[Correction, Jump]:
     """Jump from θ, the last accepted point before ``fold`` (``points``: its stability history),
     to a minimum on another branch just past the fold, with the process constraint re-imposed
-    (see the module docstring); (θ, controls, what the jump did). A relaxation that does not reach
+    (see the module docstring); (where it landed, with the relaxation's and the corrector's
+    iterations, and what the jump did). A relaxation that does not reach
     ``grad_tol``, ends on a saddle, raises J, or whose constraint cannot be re-imposed raises
     :class:`FoldError`."""
     objective = linear_solve.objective
@@ -180,7 +181,7 @@ def jump_past(fold: Fold, points: tuple[StabilityPoint, ...], theta: Tensor, lin
     dissipation = before - after
     if dissipation < -1e-12 * max(abs(before), 1.0):
         raise refuse(f"J rose by {-dissipation:.3e} in a relaxation")
-    landed, landed_controls = relaxed.theta, controls
+    landed = Correction(relaxed.theta, controls, relaxed.iterations, 0, relaxed.grad_norm, 0.0, True)
     if process.constraint is not None and target is not None:
         # the new branch's tangents, kept by the linear solve: the corrector's border (q = −θ_γ) on this branch
         if not equilibrium_tangents(objective, relaxed.theta, controls, linear_solve, tol=1e-2).solve.converged:
@@ -190,6 +191,6 @@ def jump_past(fold: Fold, points: tuple[StabilityPoint, ...], theta: Tensor, lin
         if not correction.converged:
             raise refuse(f"the constraint could not be re-imposed on the new branch (|grad J| = "
                          f"{correction.grad_norm:.3e}, |g - g0| = {correction.constraint_error:.3e})")
-        landed, landed_controls = correction.theta, correction.controls
-    distance = float(torch.linalg.vector_norm(landed - theta))
-    return landed.detach(), landed_controls, Jump(fold, s_past, distance, dissipation, lambda_min)
+        landed = replace(correction, iterations=relaxed.iterations + correction.iterations)
+    distance = float(torch.linalg.vector_norm(landed.theta - theta))
+    return landed, Jump(fold, s_past, distance, dissipation, lambda_min)

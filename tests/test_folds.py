@@ -56,13 +56,18 @@ def branch_x(lam: float) -> float:
     return max(r.real for r in np.roots([1, 0, -1, lam]) if abs(r.imag) < 1e-12)
 
 
-def toy_run(at_fold: str):
-    """The engine from (x, y) = (1, 0) at λ = 0 to λ = 0.5, past the fold at 0.385; (error or None, reports)."""
+def toy_engine(at_fold: str) -> QuasiStaticEngine:
+    """The engine on the toy from λ = 0 to λ = 0.5, past the fold at 0.385 (a fresh linear solve)."""
     objective = toy_objective()
-    process = make_process("free", START, lam_rate=0.5)
-    engine = QuasiStaticEngine(objective, process, make_integrator("hermite"), make_corrector("newton"),
-                               EngineConfig(steps=10, grad_tol=1e-12, min_step=1e-7, at_fold=at_fold),
-                               LinearSolve(objective, LinearSolveConfig(preconditioner="none", preconditioner_sample=1.0)))
+    return QuasiStaticEngine(objective, make_process("free", START, lam_rate=0.5), make_integrator("hermite"),
+                             make_corrector("newton"),
+                             EngineConfig(steps=10, grad_tol=1e-12, min_step=1e-7, at_fold=at_fold),
+                             LinearSolve(objective, LinearSolveConfig(preconditioner="none", preconditioner_sample=1.0)))
+
+
+def toy_run(at_fold: str):
+    """The engine from (x, y) = (1, 0) at λ = 0 to λ = 0.5; (error or None, states, reports)."""
+    engine = toy_engine(at_fold)
     state = engine.start(torch.tensor([1.0, 0.0], dtype=torch.float64), START)
     reports = []
     try:
@@ -166,3 +171,13 @@ def test_a_sign_change_of_lambda_min_between_two_points_is_located_at_its_zero()
                StabilityPoint(0.2, 1.2, 2.0, 0.0, -2e-4))
     fold = locate_fold(crossed, 0.21)
     assert fold.s == pytest.approx(0.15) and fold.lam == pytest.approx(1.15)
+
+
+def test_a_run_resumed_after_the_jump_ends_where_the_uninterrupted_one_does():
+    """The state saved after the jump (θ on the new branch, its stability history, no previous
+    point) is all a fresh engine needs to go on: same end point to 1e-9."""
+    _, states, reports = toy_run("jump")
+    index = next(i for i, r in enumerate(reports) if r.jump is not None)
+    resumed = toy_engine("jump").run(reports[index].state)
+    assert resumed.s == pytest.approx(1.0) and resumed.controls.lam == pytest.approx(0.5)
+    assert torch.allclose(resumed.theta, states[-1].theta, rtol=0, atol=1e-9)
