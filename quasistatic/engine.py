@@ -181,10 +181,8 @@ class QuasiStaticEngine:
         """``state`` with λ_min(A) at its point appended to its stability history (when tracked)."""
         if not self.config.eigen_iterations:
             return state
-        pairs = self.linear_solve.smallest_eigenpair(state.theta, state.controls,
-                                                     iterations=self.config.eigen_iterations)
         c = state.controls
-        point = StabilityPoint(state.s, c.lam, c.gamma, c.t, float(pairs.values[0]))
+        point = StabilityPoint(state.s, c.lam, c.gamma, c.t, self._lambda_min(state, self.config.eigen_iterations))
         return replace(state, stability=(*state.stability, point)[-3:])
 
     def _refined(self, state: EngineState) -> EngineState:
@@ -193,10 +191,11 @@ class QuasiStaticEngine:
         8 per step tracked 1.4e-5 where the converged value was 3.7e-6, the next one 6.9e-4)."""
         if not self.config.eigen_iterations or not state.stability or state.stability[-1].s != state.s:
             return state
-        pairs = self.linear_solve.smallest_eigenpair(state.theta, state.controls,
-                                                     iterations=10 * self.config.eigen_iterations)
-        last = replace(state.stability[-1], lambda_min=float(pairs.values[0]))  # LOBPCG from the kept vector: ≤ it
-        return replace(state, stability=(*state.stability[:-1], last))
+        value = self._lambda_min(state, 10 * self.config.eigen_iterations)  # LOBPCG from the kept vector: ≤ it
+        return replace(state, stability=(*state.stability[:-1], replace(state.stability[-1], lambda_min=value)))
+
+    def _lambda_min(self, state: EngineState, iterations: int) -> float:
+        return float(self.linear_solve.smallest_eigenpair(state.theta, state.controls, iterations=iterations).values[0])
 
     def run(self, state: EngineState, on_step: Callable[[StepReport], None] | None = None) -> EngineState:
         """Integrate from ``state`` to s = 1, calling ``on_step`` after every accepted step (and

@@ -88,8 +88,7 @@ class Jump:
 
 
     def to_dict(self) -> dict:
-        return {"fold": self.fold.to_dict(), "s": self.s, "distance": self.distance, "dissipation": self.dissipation,
-                "lambda_min": self.lambda_min}
+        return asdict(self)
 
 
 class FoldError(StepSizeError):

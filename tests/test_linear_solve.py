@@ -170,29 +170,22 @@ def test_engine_holds_drift_and_gradient_tolerances(surface, drift_tol):
 # 5. a step whose full-data check fails is never accepted
 
 
-def test_a_step_whose_correction_fails_is_not_accepted(surface, monkeypatch):
-    objective, theta = surface
+def _never_converging_newton():
+    """A newton corrector whose every correction reports failure (the full-data check said no)."""
     corrector = make_corrector("newton")
     original = corrector.correct
-
-    def never_converged(*args, **kwargs):
-        return replace(original(*args, **kwargs), converged=False)
-
-    monkeypatch.setattr(corrector, "correct", never_converged)
-    process = make_process("iso-classification", START, lam_end=1.1)
-    engine = QuasiStaticEngine(objective, process, make_integrator("euler"), corrector,
-                               EngineConfig(steps=4, min_step=0.2), LinearSolve(objective))
-    calls = []
-    with pytest.raises(StepSizeError):
-        engine.run(engine.start(theta, START), calls.append)
-    assert calls == []
+    corrector.correct = lambda *args, **kwargs: replace(original(*args, **kwargs), converged=False)
+    return corrector
 
 
-def test_a_step_that_cannot_reach_grad_tol_is_not_accepted(surface):
+@pytest.mark.parametrize("corrector, config", [
+    (_never_converging_newton, EngineConfig(steps=4, min_step=0.2)),  # the correction reports failure
+    (lambda: make_corrector("newton", max_iter=1), EngineConfig(steps=4, grad_tol=1e-30, min_step=0.2)),  # grad_tol out of reach
+], ids=["correction-fails", "grad-tol-unreachable"])
+def test_a_step_that_fails_its_check_is_not_accepted(surface, corrector, config):
     objective, theta = surface
     process = make_process("iso-classification", START, lam_end=1.1)
-    engine = QuasiStaticEngine(objective, process, make_integrator("euler"), make_corrector("newton", max_iter=1),
-                               EngineConfig(steps=4, grad_tol=1e-30, min_step=0.2), LinearSolve(objective))
+    engine = QuasiStaticEngine(objective, process, make_integrator("euler"), corrector(), config, LinearSolve(objective))
     calls = []
     with pytest.raises(StepSizeError):
         engine.run(engine.start(theta, START), calls.append)

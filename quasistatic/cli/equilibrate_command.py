@@ -14,7 +14,7 @@ import torch
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..equilibrate import DivergenceError, EquilibrationConfig, equilibrate
 from ..errors import bad_value
-from ..linalg import LinearSolve
+from ..linalg import LinearSolve, LinearSolveConfig
 from ..models import RepresentationModel, build_model
 from ..objective import Controls
 from ..plots import plot_columns
@@ -101,22 +101,22 @@ def run(args: argparse.Namespace) -> int:
           f"val_acc={float(last['val_acc']):.4f} (encoder mean) grad_norm={float(last['grad_norm']):.3e}")
     code = 0
     if not args.no_polish:
-        code = _polish(args, run, model, split, controls, data_info, len(rows) - 1, wall_before + time.perf_counter()
-                       - started)
+        code = _polish(args, solve_config, run, model, split, controls, data_info, len(rows) - 1,
+                       wall_before + time.perf_counter() - started)
     print(f"wrote {run.file('metrics.csv')}, {run.file('curves.png')}, {run.file('checkpoint.pt')}"
           + ("" if args.no_polish else f", {run.file('polish.json')}"))
     return code
 
 
-def _polish(args: argparse.Namespace, run: RunDirectory, model: RepresentationModel, split, controls: Controls,
-            data_info: dict, epoch: int, wall: float) -> int:
+def _polish(args: argparse.Namespace, solve_config: LinearSolveConfig, run: RunDirectory, model: RepresentationModel,
+            split, controls: Controls, data_info: dict, epoch: int, wall: float) -> int:
     """Polish the trained model in float64 to ‖∇θJ‖ ≤ --grad-tol, save it as the checkpoint, write
     polish.json (both gradient norms, the work, the validation metrics) and print it; 1 when the
     tolerance was not reached (the better model is still saved)."""
     exact = copy.deepcopy(model).to(dtype=torch.float64)
     train, val = objectives(args, exact, split)
     started = time.perf_counter()
-    result: PolishResult = polish(LinearSolve(train, linear_solve_config(args)), train.initial_theta(), controls,
+    result: PolishResult = polish(LinearSolve(train, solve_config), train.initial_theta(), controls,
                                   grad_tol=args.grad_tol, progress=not args.no_progress)
     train.layout.write(exact, result.theta)
     wall += time.perf_counter() - started
