@@ -12,8 +12,10 @@ Tolerance-driven: the run states what every accepted step must hold, ‖∇θJ�
 engine derives its inner tolerances from them (the tangent solves to ``tangent_tol``: 10·grad_tol
 within [1e-2, 0.1] when a corrector removes the predictor's error, 0.1·drift_tol without one; the
 corrector's Newton forcing from grad_tol). A step whose corrector does not reach both within its
-budget, that leaves the control domain, or whose tangent solve does not converge is not accepted:
-it is retried at h/2 (:mod:`quasistatic.step_control`).
+budget, whose corrector moved θ farther than the predictor did (``max_correction``: past a fold,
+Newton can converge onto another branch, the silent jump of the paper's re-equilibration), that
+leaves the control domain, or whose tangent solve does not converge is not accepted: it is
+retried at h/2 (:mod:`quasistatic.step_control`).
 
 At every accepted point the smallest eigenvalue λ_min of A is tracked (a few warm-started LOBPCG
 iterations, ``eigen_iterations``); when the steps collapse where λ_min was falling towards 0, the
@@ -29,6 +31,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from .arclength import ArclengthState, PseudoArclength, require_residual_form
 from .correctors import Correction, Corrector
 from .errors import InputError, bad_value, choice_error
 from .folds import AT_FOLD, Fold, FoldError, Jump, StabilityPoint, jump_past, locate_fold
@@ -64,8 +67,11 @@ class EngineConfig:
     max_corrector_iterations: int = 6  # a step whose corrector needs more iterations is retried at h/2
     min_step: float = 1e-5  # smallest step before StepSizeError
     max_control_change: float = 0.2  # a step changes λ and γ by at most this × max(|value|, 1)
+    max_correction: float = 1.0  # the corrector may move θ at most this × the predictor's ‖Δθ‖ (farther: it
+    # may have converged onto another branch past a fold, a silent jump; the step is retried at h/2)
     eigen_iterations: int = 8  # LOBPCG iterations for λ_min(∇²θJ) at every accepted point (0: not tracked)
-    at_fold: str = "jump"  # at a located fold: "jump" to another branch (dissipation booked) or "stop"
+    at_fold: str = "jump"  # at a located fold: "jump" to another branch (dissipation booked), "stop", or "arclength"
+    # (follow the branch through the fold by pseudo-arclength continuation)
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -81,6 +87,8 @@ class EngineConfig:
             raise choice_error("at-fold", AT_FOLD, self.at_fold)
         if self.tangent_tol is not None and not 0 < self.tangent_tol < 1:
             raise bad_value("tangent-tol", "a number in (0, 1)", self.tangent_tol)
+        if not self.max_correction > 0:
+            raise bad_value("max-correction", "a number > 0", self.max_correction)
 
     def tangent_tolerance(self, corrected: bool) -> float:
         """The tangent solves' relative residual. With a corrector it only sets how far from the
@@ -104,6 +112,7 @@ class EngineState:
     target: float | None = None  # the constraint value g₀ the corrector holds
     previous: tuple[float, Tensor] | None = None  # the accepted (s, y) before this one (the secant predictor)
     stability: tuple[StabilityPoint, ...] = ()  # λ_min(A) at the last (up to 3) accepted points, this one last
+    arclength: ArclengthState | None = None  # set once the run continues by pseudo-arclength (past a fold)
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,7 @@ class StepReport:
     tangent_cg_iterations: int
     rejected: int  # steps retried at a smaller h before this one was accepted
     jump: Jump | None = None  # set when this "step" is a jump past a fold
+    fold: Fold | None = None  # set when this step ends on a fold located by arclength continuation
 
 
 class QuasiStaticEngine:
@@ -130,6 +140,8 @@ class QuasiStaticEngine:
             raise InputError("the engine's linear solve must be built on the engine's objective")
         self.objective, self.process, self.integrator, self.corrector = objective, process, integrator, corrector
         self.config = config
+        if config.at_fold == "arclength":
+            require_residual_form(process)
         self.linear_solve = linear_solve or LinearSolve(objective)
         self.control = StepControl(1.0 / config.steps, config.min_step, config.max_control_change,
                                    config.max_corrector_iterations)
@@ -195,18 +207,23 @@ class QuasiStaticEngine:
         return replace(state, stability=(*state.stability[:-1], replace(state.stability[-1], lambda_min=value)))
 
     def _lambda_min(self, state: EngineState, iterations: int) -> float:
-        return float(self.linear_solve.smallest_eigenpair(state.theta, state.controls, iterations=iterations).values[0])
+        return float(self.linear_solve.smallest_eigenpairs(state.theta, state.controls, iterations=iterations).values[0])
 
     def run(self, state: EngineState, on_step: Callable[[StepReport], None] | None = None) -> EngineState:
         """Integrate from ``state`` to s = 1, calling ``on_step`` after every accepted step (and
-        after every jump past a fold, with ``at_fold="jump"``)."""
+        after every jump past a fold, with ``at_fold="jump"``). With ``at_fold="arclength"`` the
+        run continues by pseudo-arclength from the last point before the first located fold."""
         while state.s < 1.0 - 1e-12:
-            try:
-                report = self._step(state)
-            except FoldError as error:
-                if self.config.at_fold != "jump":
-                    raise
-                report = self._jump(state, error.fold)
+            if state.arclength is not None:
+                report = self._continue(state)
+            else:
+                try:
+                    report = self._step(state)
+                except FoldError as error:
+                    if self.config.at_fold == "stop":
+                        raise
+                    report = (self._jump(state, error.fold) if self.config.at_fold == "jump"
+                              else self._continue(self._continuation().begin(state, self.control.h_max)))
             state = report.state
             if on_step is not None:
                 on_step(report)
@@ -237,10 +254,14 @@ class QuasiStaticEngine:
                 correction = self.corrector.correct(self.linear_solve, theta, controls, self.process, state.target,
                                                     grad_tol=self.config.grad_tol, drift_tol=self.config.drift_tol,
                                                     max_iter=self.config.max_corrector_iterations)
-                if not adapts or correction.converged:
+                stride = float(torch.linalg.vector_norm(theta - state.theta))
+                moved = float(torch.linalg.vector_norm(correction.theta - theta))
+                if not adapts or (correction.converged and moved <= self.config.max_correction * stride):
                     break
                 failure = (f"the corrector did not reach the tolerances (|grad J| = {correction.grad_norm:.3e}, "
-                           f"|g - g0| = {correction.constraint_error:.3e})")
+                           f"|g - g0| = {correction.constraint_error:.3e})" if not correction.converged else
+                           f"the corrector moved theta by {moved:.3e} from the prediction, more than "
+                           f"{self.config.max_correction:g} x the step's {stride:.3e} (onto another branch?)")
             rejected += 1
             self._tangent_cg_iterations = 0
             try:
@@ -255,6 +276,17 @@ class QuasiStaticEngine:
             h=self.control.next(h, correction.iterations, rejected, adapts), target=state.target,
             previous=(state.s, y0), stability=state.stability))
         return StepReport(new, correction, self._tangent_cg_iterations, rejected)
+
+    def _continuation(self) -> PseudoArclength:
+        c = self.config
+        return PseudoArclength(self.linear_solve, self.process, grad_tol=c.grad_tol, drift_tol=c.drift_tol,
+                               max_iter=c.max_corrector_iterations, min_step=c.min_step,
+                               eigen_iterations=c.eigen_iterations)
+
+    def _continue(self, state: EngineState) -> StepReport:
+        """One pseudo-arclength step (:mod:`quasistatic.arclength`)."""
+        new, correction, tangent_iterations, rejected, fold = self._continuation().step(state)
+        return StepReport(new, correction, tangent_iterations, rejected, fold=fold)
 
     def _jump(self, state: EngineState, fold: Fold) -> StepReport:
         """The jump past ``fold`` from the last accepted ``state`` (:func:`~quasistatic.folds.jump_past`),

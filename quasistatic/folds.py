@@ -40,7 +40,7 @@ from .tangents import equilibrium_tangents
 
 __all__ = ["AT_FOLD", "Fold", "FoldError", "Jump", "StabilityPoint", "jump_past", "locate_fold"]
 
-AT_FOLD = ("jump", "stop")  # what the engine does at a located fold
+AT_FOLD = ("jump", "stop", "arclength")  # what the engine does at a located fold
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class StabilityPoint:
     gamma: float
     t: float
     lambda_min: float
+    negative: int | None = None  # negative eigenvalues of A among the few computed (arclength continuation)
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ def jump_past(fold: Fold, points: tuple[StabilityPoint, ...], theta: Tensor, lin
     relaxed = polish(linear_solve, start, controls, grad_tol=grad_tol)
     if not relaxed.converged:
         raise refuse(f"the relaxation at fixed controls reached |grad J| = {relaxed.grad_norm:.3e} > {grad_tol:g}")
-    lambda_min = float(linear_solve.smallest_eigenpair(relaxed.theta, controls,
+    lambda_min = float(linear_solve.smallest_eigenpairs(relaxed.theta, controls,
                                                        iterations=10 * max(eigen_iterations, 1)).values[0])
     if not lambda_min > 0:
         raise refuse(f"the relaxation ended on a saddle (lambda_min = {lambda_min:.3e})")

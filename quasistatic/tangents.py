@@ -28,7 +28,7 @@ from .linalg.krylov import SolveResult
 from .linalg.linear_solve import LinearSolve
 from .objective import Controls, Objective
 
-__all__ = ["Tangents", "Sensitivities", "equilibrium_tangents", "FUNCTIONALS", "CONTROLS"]
+__all__ = ["Tangents", "Sensitivities", "equilibrium_tangents", "surface_gradients", "FUNCTIONALS", "CONTROLS"]
 
 FUNCTIONALS = ("R", "D", "C", "F")
 CONTROLS = ("lam", "gamma", "t")
@@ -109,21 +109,7 @@ def equilibrium_tangents(objective: Objective, theta: Tensor, controls: Controls
     elif linear_solve.objective is not objective:
         raise InputError("the linear solve of equilibrium_tangents must be built on the same objective")
     theta = theta.detach()
-    if objective.is_mixture:
-        parts = jacrev(objective.part_functionals)(theta)  # (2, 3, N)
-        objective.work.gradients += 6
-        values_parts = objective.part_functionals(theta).detach()  # (2, 3)
-        gradients = objective.mixture.mix(parts[0], parts[1], controls.t)
-        d_parts = parts[1] - parts[0]  # ∂_t∇θX for R, D, C
-        partial_t = values_parts[1] - values_parts[0]
-        values = objective.mixture.mix(values_parts[0], values_parts[1], controls.t)
-    else:
-        gradients = jacrev(objective.functionals)(theta)  # (3, N)
-        objective.work.gradients += 3
-        d_parts = torch.zeros_like(gradients)
-        partial_t = torch.zeros(3, dtype=theta.dtype, device=theta.device)
-        values = objective.functionals(theta).detach()
-    objective.work.forwards += 1
+    gradients, d_parts, values, partial_t = surface_gradients(objective, theta, controls.t)
     weights = controls.weights(theta)
     rhs = -torch.stack([gradients[1], gradients[2], weights @ d_parts], dim=1)  # (N, 3)
     result = linear_solve.solve(theta, controls, rhs.detach(), tol=tol, kind="tangent", damping=damping)
@@ -131,3 +117,25 @@ def equilibrium_tangents(objective: Objective, theta: Tensor, controls: Controls
     partials[:, 2] = partial_t
     entropy_rates = objective.sigma * (theta @ result.solution)
     return Tangents(result.solution, gradients.detach(), partials, values, controls, result, entropy_rates)
+
+
+def surface_gradients(objective: Objective, theta: Tensor, t: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """∇θ(R, D, C) under p(x, t) (3, N), their t-derivatives ∂_t∇θ(R, D, C) (3, N; zero on a single
+    data set), the values (R, D, C) (3,) and ∂_t(R, D, C) (3,) at fixed θ: the columns of eqs. 18
+    and 25 and of a residual form's Jacobian. Counts 3 gradients (6 on a mixture) and a forward."""
+    if objective.is_mixture:
+        parts = jacrev(objective.part_functionals)(theta)  # (2, 3, N)
+        objective.work.gradients += 6
+        values_parts = objective.part_functionals(theta).detach()  # (2, 3)
+        gradients = objective.mixture.mix(parts[0], parts[1], t)
+        d_parts = parts[1] - parts[0]  # ∂_t∇θX for R, D, C
+        partial_t = values_parts[1] - values_parts[0]
+        values = objective.mixture.mix(values_parts[0], values_parts[1], t)
+    else:
+        gradients = jacrev(objective.functionals)(theta)  # (3, N)
+        objective.work.gradients += 3
+        d_parts = torch.zeros_like(gradients)
+        partial_t = torch.zeros(3, dtype=theta.dtype, device=theta.device)
+        values = objective.functionals(theta).detach()
+    objective.work.forwards += 1
+    return gradients.detach(), d_parts.detach(), values, partial_t

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine import EngineState, StepReport
-from .folds import Jump
+from .folds import Fold, Jump
 from .evaluation import measure
 from .linalg import LinearSolve
 from .objective import Objective
@@ -26,7 +26,8 @@ __all__ = ["TRAJECTORY_COLUMNS", "TARGET_COLUMNS", "TrajectoryRecorder", "numeri
 
 TRAJECTORY_COLUMNS = ("step", "s", "lam", "gamma", "t", "R", "D", "C", "F", "val_C", "val_acc", "grad_norm",
                       "cg_iters", "grad_evals", "wall_s", "S", "corrector_iters", "rejected_steps", "h",
-                      "precond_builds", "unconverged_solves", "lambda_min", "event", "jump_distance", "dissipation")
+                      "precond_builds", "unconverged_solves", "lambda_min", "negative_eigenvalues", "event", "jump_distance",
+                      "dissipation")
 TEXT_COLUMNS = ("event",)  # the columns that are not numbers
 TARGET_COLUMNS = ("target_val_C", "target_val_acc")  # with ``target_val``: C and accuracy on the target alone
 STATE_FILE = "state.pt"
@@ -50,7 +51,7 @@ class TrajectoryRecorder:
         self.linear_solve: LinearSolve | None = None  # the run's: its statistics go into every row
 
     def row(self, state: EngineState, cg_iters: int = 0, corrector_iters: int = 0, rejected: int = 0,
-            jump: Jump | None = None) -> dict:
+            jump: Jump | None = None, fold: Fold | None = None) -> dict:
         """Measurements at ``state`` (bookkeeping: not counted as the method's work)."""
         with self.train.work.paused():
             measured = measure(self.train, state.theta, state.controls, self.val)
@@ -58,14 +59,17 @@ class TrajectoryRecorder:
             measured["target_val_C"] = self.target_val.report(state.theta.detach(), state.controls.t).C
             measured["target_val_acc"] = self.target_val.accuracy(state.theta.detach(), state.controls.t)
         c = state.controls
-        lambda_min = state.stability[-1].lambda_min if state.stability and state.stability[-1].s == state.s else math.nan
+        point = state.stability[-1] if state.stability and state.stability[-1].s == state.s else None
+        lambda_min = point.lambda_min if point is not None else math.nan
+        negative = point.negative if point is not None and point.negative is not None else ""
+        unstable = (negative or 0) > 0 or lambda_min < 0
         return {"step": state.step, "s": state.s, "lam": c.lam, "gamma": c.gamma, "t": c.t, **measured,
                 "cg_iters": cg_iters, "corrector_iters": corrector_iters, "rejected_steps": rejected, "h": state.h,
                 "grad_evals": self.train.work.gradient_equivalents,
                 "precond_builds": self.linear_solve.stats.builds if self.linear_solve else 0,
                 "unconverged_solves": self.linear_solve.stats.unconverged if self.linear_solve else 0,
-                "lambda_min": lambda_min,
-                "event": "jump" if jump is not None else "unstable" if lambda_min < 0 else "",
+                "lambda_min": lambda_min, "negative_eigenvalues": negative,
+                "event": "jump" if jump is not None else "fold" if fold is not None else "unstable" if unstable else "",
                 "jump_distance": jump.distance if jump is not None else "",
                 "dissipation": jump.dissipation if jump is not None else "",
                 "wall_s": self.wall_before + time.perf_counter() - self.started}
@@ -82,7 +86,8 @@ class TrajectoryRecorder:
         return row
 
     def on_step(self, report: StepReport) -> None:
-        """Record an accepted step; a jump past a fold is also added to jumps.json and printed."""
+        """Record an accepted step; a jump past a fold is also added to jumps.json and printed, a
+        fold reached by arclength continuation to folds.json."""
         if report.jump is not None:
             path = self.run.file("jumps.json")
             jumps = json.loads(path.read_text()) if path.exists() else []
@@ -90,8 +95,17 @@ class TrajectoryRecorder:
                                                report.jump.to_dict()])
             tqdm.write(f"{report.jump.fold.describe()}; jumped to s={report.jump.s:.6g}: |dtheta| = "
                        f"{report.jump.distance:.3g}, dissipated J {report.jump.dissipation:.6g}", file=sys.stderr)
+        if report.fold is not None:
+            path = self.run.file("folds.json")
+            folds = json.loads(path.read_text()) if path.exists() else []
+            self.run.write_json("folds.json", [*(f for f in folds if f["step"] < report.state.step),
+                                               {"step": report.state.step, **report.fold.to_dict()}])
+            fold = report.fold
+            tqdm.write(f"arclength continuation turned at a fold: lambda={fold.lam:.8g}, gamma={fold.gamma:.8g}, "
+                       f"t={fold.t:.6g}, s={fold.s:.8g} +- {fold.uncertainty:.1e}", file=sys.stderr)
         self.record(report.state, cg_iters=report.tangent_cg_iterations + report.correction.cg_iterations,
-                    corrector_iters=report.correction.iterations, rejected=report.rejected, jump=report.jump)
+                    corrector_iters=report.correction.iterations, rejected=report.rejected, jump=report.jump,
+                    fold=report.fold)
 
     def restore(self) -> EngineState | None:
         """The state after the last recorded step (rows after it dropped), or None."""

@@ -34,3 +34,29 @@ def register_small_dataset() -> str:
     if SMALL not in available_datasets():
         register_dataset(SMALL, _small_split)
     return SMALL
+
+
+class _Functionals:
+    """(R, D, C) of a toy θ ∈ R^n as one "example" (the work of a pass is one evaluation)."""
+
+    data = [None]
+
+    def __init__(self, functionals) -> None:
+        self.functionals = functionals
+
+    def __call__(self, theta):
+        return self.functionals(theta)
+
+
+def toy_objective(functionals, n: int):
+    """An Objective whose (R, D, C) = ``functionals(θ)`` (a (3,) tensor) for θ ∈ R^n; the engine
+    sees nothing else."""
+    from quasistatic import Objective
+    from quasistatic.work import WorkCounter
+
+    objective = object.__new__(Objective)
+    objective.sigma, objective.model, objective.mixture = 0.0, None, None
+    objective.layout = type("Layout", (), {"numel": n})()
+    objective.parts = [_Functionals(functionals)]
+    objective.work = WorkCounter()
+    return objective

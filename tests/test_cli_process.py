@@ -136,3 +136,26 @@ def test_unknown_process_and_checkpoint_controls(iso_run, tmp_path, capsys):
     assert "must equal the checkpoint's controls (1, 4), got (2, 4)" in capsys.readouterr().err
     assert main(["process", "--process", "iso-classification-transfer", *BASE, "--out", str(tmp_path / "z")]) == 2
     assert "must run on a source/target mixture" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--alpha", "0.5", "--at-fold", "arclength"], "needs a process with a residual form"),
+    (["--alpha", "0.5", "--return"], "--return must be given with --lam-end"),
+])
+def test_arclength_and_return_need_a_lam_end_path(tmp_path, capsys, extra, message):
+    out = tmp_path / "x"
+    assert main(["iso-classification", *BASE, "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("quasistatic: error:") and message in err and "\n" not in err, err
+    assert not out.exists()
+
+
+def test_return_sweep_comes_back_and_draws_the_loop(tmp_path, capsys):
+    out = tmp_path / "loop"
+    assert main(["iso-classification", *BASE, "--lam-end", "1.1", "--steps", "2", "--return", "--out", str(out)]) == 0
+    forward, back = rows(out), rows(out / "return")
+    assert forward[-1]["lam"] == pytest.approx(1.1) and back[0]["lam"] == pytest.approx(1.1)
+    assert back[-1]["lam"] == pytest.approx(forward[0]["lam"])
+    assert abs(back[-1]["C"] - forward[0]["C"]) <= 1e-4 * abs(forward[0]["C"])  # C held on the way back too
+    assert (out / "hysteresis.png").stat().st_size > 0
+    assert "dissipated free energy 0 in 0 jump(s)" in capsys.readouterr().out

@@ -20,35 +20,23 @@ from quasistatic.engine import EngineConfig, EngineState, FoldError, QuasiStatic
 from quasistatic.folds import Fold, Jump, StabilityPoint, locate_fold
 from quasistatic.rundir import RunDirectory
 from quasistatic.trajectory import TrajectoryRecorder
-from small_problem import small_labeled
+from small_problem import small_labeled, toy_objective as functional_objective
 from quasistatic.integrators import make_integrator
 from quasistatic.linalg import LinearSolve, LinearSolveConfig
 from quasistatic.processes import make_process
-from quasistatic.work import WorkCounter
 
 LAMBDA_FOLD = 2 / (3 * math.sqrt(3))
 START = Controls(0.0, 1.0)
 
 
-class _Layout:
-    numel = 2
-
-
-class _ToyFunctionals:
-    data = [None]  # one "example": the work of a pass is the work of one evaluation
-
-    def __call__(self, theta):
-        x, y = theta[0], theta[1]
-        return torch.stack([x**4 / 4 - x**2 / 2 + y**2 / 2, x + y / 10, torch.zeros_like(x)])
+def _toy(theta):
+    x, y = theta[0], theta[1]
+    return torch.stack([x**4 / 4 - x**2 / 2 + y**2 / 2, x + y / 10, torch.zeros_like(x)])
 
 
 def toy_objective() -> Objective:
     """An Objective whose (R, D, C) is the toy's (the engine sees nothing else)."""
-    objective = object.__new__(Objective)
-    objective.sigma, objective.model, objective.layout, objective.mixture = 0.0, None, _Layout(), None
-    objective.parts = [_ToyFunctionals()]
-    objective.work = WorkCounter()
-    return objective
+    return functional_objective(_toy, 2)
 
 
 def branch_x(lam: float) -> float:

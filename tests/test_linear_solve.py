@@ -231,7 +231,7 @@ BASE = ["--dataset", SMALL, "--hidden", "", "--latent-dim", "1", "--samples", "2
     (["--drift-tol", "0"], ["drift-tol must be a number > 0, got 0"]),
     (["--grad-tol", "-1"], ["grad-tol must be a number > 0, got -1"]),
     (["--preconditioner-sample", "0"], ["preconditioner-sample must be a number in (0, 1], got 0"]),
-    (["--at-fold", "sideways"], ["at-fold must be one of {jump, stop}, got 'sideways'"]),
+    (["--at-fold", "sideways"], ["at-fold must be one of {arclength, jump, stop}, got 'sideways'"]),
     (["--eigen-iterations", "-1"], ["eigen-iterations must be an integer >= 0, got -1"]),
     (["--preconditioner", "dense", "--hidden", "64,64"], ["preconditioner 'dense' must be at most max_size = 6000",
                                                           "kfac"]),

@@ -83,7 +83,9 @@ def engine_arguments(parser: argparse.ArgumentParser) -> None:
                             "trajectory's lambda_min, which locates folds; default 8, 0: not tracked)")
     group.add_argument("--at-fold", default="jump",
                        help="at a fold of the equilibrium branch (located from lambda_min): jump (default: relax to "
-                            "another branch just past it, the dissipated free energy booked in the trajectory) or stop")
+                            "another branch just past it, the dissipated free energy booked in the trajectory), stop, "
+                            "or arclength (follow the branch through the fold as saddles by pseudo-arclength "
+                            "continuation; processes with a residual form only)")
     linalg_arguments(parser)
     group.add_argument("--rtol", type=float, default=None, help="adaptive integrators: relative tolerance")
     group.add_argument("--atol", type=float, default=None, help="adaptive integrators: absolute tolerance")

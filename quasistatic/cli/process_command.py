@@ -11,10 +11,14 @@ import argparse
 import sys
 from collections.abc import Callable
 
+import torch
+from torch import Tensor
+
+from ..arclength import require_residual_form
 from ..baselines import FiniteDifferenceEquilibration
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..correctors import make_corrector
-from ..engine import FoldError, QuasiStaticEngine, StepSizeError, first_law_residual
+from ..engine import EngineState, FoldError, QuasiStaticEngine, StepSizeError, first_law_residual
 from ..equilibrate import DivergenceError, EquilibrationConfig, equilibrate
 from ..errors import InputError, bad_value, choice_error
 from ..integrators import make_integrator
@@ -24,7 +28,9 @@ from ..objective import Controls, Objective
 from ..polish import polish, require_equilibrium
 from ..processes import Process, available_processes, make_process
 from ..rundir import RunDirectory
-from ..trajectory import TrajectoryRecorder, numeric, plot_trajectory
+from ..plots import plot_hysteresis
+from ..work import WorkCounter
+from ..trajectory import STATE_FILE, TrajectoryRecorder, numeric, plot_trajectory
 from .options import (data_arguments, device_option, dtype_option, engine_arguments, engine_config, inputs,
                       linear_solve_config, model_arguments, objectives, run_arguments, settings, write_config)
 
@@ -53,6 +59,10 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         run_arguments(sub)
         engine_arguments(sub)
         sub.add_argument("--method", default="engine", help="engine (default) or fd-equilibration (the paper's)")
+        sub.add_argument("--return", dest="return_sweep", action="store_true",
+                         help="after reaching --lam-end, drive lambda back to --lam with the same process from the "
+                              "end state (in OUT/return/), draw both sweeps in OUT/hysteresis.png and print the "
+                              "loop's dissipation")
         sub.set_defaults(dtype="float64")  # processes need derivatives to rounding: float64 unless asked
 
 
@@ -65,12 +75,13 @@ def _generic_process(args: argparse.Namespace) -> int:
     return _run_process(args, args.process, params)
 
 
-def check_engine_flags(args: argparse.Namespace) -> None:
+def check_engine_flags(args: argparse.Namespace, process: Process | None = None) -> None:
     """The engine flags that need no data: steps, tolerances, integrator, corrector and linear-algebra
-    names."""
+    names, and that ``--at-fold arclength`` has a process with a residual form."""
     if args.steps < 1:
         raise bad_value("--steps", "an integer >= 1", args.steps)
-    engine_config(args)
+    if engine_config(args).at_fold == "arclength" and process is not None:
+        require_residual_form(process)
     linear_solve_config(args)
     make_integrator(args.integrator, rtol=args.rtol, atol=args.atol)
     make_corrector(args.corrector)
@@ -99,10 +110,10 @@ def starting_model(args: argparse.Namespace, run: RunDirectory, model_config: Mo
 
 
 def follow(args: argparse.Namespace, process: Process, train: Objective, recorder: TrajectoryRecorder,
-           method: str = "engine") -> int:
-    """Polish the start onto the surface (fresh runs), then run ``method`` (one of
-    :data:`METHODS`) to s = 1, recording every step; exit code 0, or 1 when the process cannot be
-    followed."""
+           method: str = "engine", start: Tensor | None = None) -> int:
+    """Polish the start (``start``, or the model's parameters) onto the surface (fresh runs), then
+    run ``method`` (one of :data:`METHODS`) to s = 1, recording every step; exit code 0, or 1 when
+    the process cannot be followed."""
     controls = process.start
     linear_solve = LinearSolve(train, linear_solve_config(args))
     engine = QuasiStaticEngine(train, process, make_integrator(args.integrator, rtol=args.rtol, atol=args.atol),
@@ -110,8 +121,8 @@ def follow(args: argparse.Namespace, process: Process, train: Objective, recorde
     recorder.linear_solve = linear_solve
     state = recorder.restore() if args.resume else None
     if state is None:
-        polished = polish(linear_solve, train.initial_theta(), controls, grad_tol=args.grad_tol,
-                          progress=not args.no_progress)
+        theta = train.initial_theta() if start is None else start
+        polished = polish(linear_solve, theta, controls, grad_tol=args.grad_tol, progress=not args.no_progress)
         require_equilibrium(polished, args.grad_tol)
         state = engine.start(polished.theta, controls)
         recorder.record(state)
@@ -162,9 +173,12 @@ def _run_process(args: argparse.Namespace, name: str, params: dict) -> int:
     if process.uses_mixture:
         raise InputError(f"process {name!r} must run on a source/target mixture, got the single data set "
                          f"{args.dataset!r} (use the transfer command)")
-    check_engine_flags(args)
+    check_engine_flags(args, process)
     if args.method not in METHODS:
         raise choice_error("method", METHODS, args.method)
+    if args.return_sweep and params.get("lam_end") is None:
+        raise bad_value("--return", "given with --lam-end (the return sweep drives lambda back to --lam)",
+                        {k: v for k, v in params.items() if v is not None})
     run, split, model_config = inputs(args)
     if args.resume:
         run.check_resumable(settings(args), ignore=RESUME_IGNORES)
@@ -183,4 +197,37 @@ def _run_process(args: argparse.Namespace, name: str, params: dict) -> int:
     how = f"engine, {args.integrator}/{args.corrector}" if args.method == "engine" else args.method
     print(f"{name} ({how}): {summary(rows, args.sigma, process)}")
     print(f"wrote {run.file('trajectory.csv')}, " + ", ".join(str(p) for p in plots))
+    return _return_sweep(args, name, params, train, val, run, rows) if args.return_sweep else 0
+
+
+def _return_sweep(args: argparse.Namespace, name: str, params: dict, train: Objective, val: Objective,
+                  run: RunDirectory, forward: list[dict[str, str]]) -> int:
+    """``--return``: the same process from the forward sweep's end state back to λ = --lam, in
+    OUT/return/ (resumable); OUT/hysteresis.png draws both sweeps, and the loop's dissipation (the
+    free energy dissipated by the jumps of both sweeps) is printed."""
+    end: EngineState = torch.load(run.file(STATE_FILE), weights_only=False)["state"]
+    back = make_process(name, end.controls, **{k: v for k, v in {**params, "lam_end": args.lam}.items()
+                                               if v is not None})
+    path = run.path / "return"
+    resume = args.resume and (path / "config.json").exists()
+    sweep = RunDirectory(path, overwrite=not resume, resume=resume)
+    sweep.prepare()
+    if not resume:
+        sweep.write_json("config.json", {"return_of": str(run.path), "process": back.describe()})
+    if not resume:
+        train.work = WorkCounter()  # the return sweep's rows count its own work (a resumed one restores it)
+    recorder = TrajectoryRecorder(sweep, train, val)
+    code = follow(argparse.Namespace(**{**vars(args), "resume": resume}), back, train, recorder, args.method,
+                  start=end.theta)
+    if code:
+        return code
+    rows = recorder.log.rows()
+    figure = plot_hysteresis([("forward", forward), ("return", rows)], run.file("hysteresis.png"),
+                             f"{name}: lambda {args.lam:g} -> {args.lam_end:g} -> {args.lam:g}")
+    loop = sum(numeric(row)["dissipation"] for sweep_rows in (forward, rows) for row in sweep_rows
+               if row.get("event") == "jump")
+    print(f"{name} return: {summary(rows, args.sigma, back)}")
+    print(f"loop lambda {args.lam:g} -> {args.lam_end:g} -> {args.lam:g}: dissipated free energy {loop:.6g} in "
+          f"{sum(r.get('event') == 'jump' for r in forward + rows)} jump(s); wrote {sweep.file('trajectory.csv')}, "
+          f"{figure}")
     return 0

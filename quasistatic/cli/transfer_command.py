@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     process = None
     if args.method in TRANSFER_PROCESSES:
         process = make_transfer_process(args.method, controls, getattr(args, TRANSFER_PROCESSES[args.method][1]))
-        check_engine_flags(run_args)
+        check_engine_flags(run_args, process)
     run_dir, split, _ = inputs(run_args)
     data = transfer_data(split, args.source, args.target, args.labels, args.max_per_class)
     config = model_config(args, data.source)

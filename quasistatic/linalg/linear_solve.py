@@ -19,9 +19,11 @@ same part):
   changes no result, only the iteration count); ``hvp_sample`` < 1 makes the solves themselves use
   subsampled Hessian-vector products (an approximation: the corrector's gradients and the step
   acceptance stay on the full data).
+- the bordered solves of pseudo-arclength continuation (:meth:`LinearSolve.solve_bordered`: the
+  whole bordered matrix by GMRES, preconditioned through the same P).
 - the statistics the trajectory records: builds, solves, Krylov iterations, unconverged solves.
-- the smallest eigenpair of A along the path (:meth:`LinearSolve.smallest_eigenpair`, for fold
-  detection): LOBPCG preconditioned by the kept P and started from the last point's eigenvector, so
+- the smallest eigenpairs of A along the path (:meth:`LinearSolve.smallest_eigenpairs`, for fold
+  detection and the count of negative eigenvalues past a fold): LOBPCG preconditioned by the kept P and started from the last point's eigenvector, so
   that a few products per point follow it.
 
 Work is counted on the run's objective: a pass over a subsample costs its share of a full pass.
@@ -38,6 +40,7 @@ from torch import Tensor
 from ..errors import bad_value, choice_error
 from ..objective import Controls, Objective
 from ..work import WorkCounter
+from .bordered import solve_bordered
 from .deflation import RitzPairs, ritz_pairs
 from .krylov import SolveResult, available_solvers, solve
 from .operators import MODES, OPERATORS, CurvatureOperator
@@ -147,18 +150,19 @@ class LinearSolve:
             return self.rebuild(theta, controls)
         return self.preconditioner
 
-    def smallest_eigenpair(self, theta: Tensor, controls: Controls, *, iterations: int = 8,
-                           tol: float = 1e-6) -> RitzPairs:
-        """The algebraically smallest eigenpair of the exact A = ∇²θJ at (θ, controls) (full data,
-        Hessian whatever the solves' ``operator``): at most ``iterations`` of LOBPCG, preconditioned
-        by the kept P and started from the last call's eigenvector, to residual ``tol``; the first
-        call starts from a random vector and gets 10 × ``iterations`` (on the digits default: 0.030
-        after 8 cold iterations, 8.1e-4 after 80, then ±1e-6 per 8 warm ones). The value is a
-        Rayleigh quotient, an upper bound of λ_min. Its products are counted on the objective."""
+    def smallest_eigenpairs(self, theta: Tensor, controls: Controls, *, count: int = 1, iterations: int = 8,
+                            tol: float = 1e-6) -> RitzPairs:
+        """The ``count`` algebraically smallest eigenpairs of the exact A = ∇²θJ at (θ, controls)
+        (full data, Hessian whatever the solves' ``operator``): at most ``iterations`` of LOBPCG,
+        preconditioned by the kept P and started from the last call's eigenvectors, to residual
+        ``tol``; the first call starts from random vectors and gets 10 × ``iterations`` (on the
+        digits default: 0.030 after 8 cold iterations, 8.1e-4 after 80, then ±1e-6 per 8 warm
+        ones). The values are Rayleigh–Ritz values, upper bounds of the smallest eigenvalues. The
+        products are counted on the objective."""
         operator = CurvatureOperator(self.objective, theta, controls, mode=self.config.mode)
         preconditioner = self.current(theta, controls)
         start = self._warm.get("eigenvector")
-        pairs = ritz_pairs(operator, theta.numel(), 1, start=start, tol=tol,
+        pairs = ritz_pairs(operator, theta.numel(), count, start=start, tol=tol,
                            iterations=iterations if start is not None else 10 * iterations, seed=self.config.seed,
                            dtype=theta.dtype, device=theta.device,
                            preconditioner=None if isinstance(preconditioner, IdentityPreconditioner)
@@ -193,6 +197,34 @@ class LinearSolve:
             self.rebuild(*saved["built_at"])
         self._effort, self._stale, self._warm = saved["effort"], saved["stale"], dict(saved["warm"])
         self.stats = SolveStats(**{**saved["stats"], "builds": saved["stats"]["builds"] + self.stats.builds})
+
+    def solve_bordered(self, theta: Tensor, controls: Controls, columns: Tensor, rows: Tensor, corner: Tensor,
+                       rhs: Tensor, *, tol: float, kind: str) -> SolveResult:
+        """x with ‖r − M x‖ ≤ tol ‖r‖ for the bordered M = [[A, U], [Vᵀ, W]] at (θ, controls)
+        (:func:`~quasistatic.linalg.bordered.solve_bordered`: GMRES on M whole, preconditioned
+        through the kept P), warm-started from the last solve of ``kind``; retried once with a
+        fresh P when it does not converge with a kept one; an unconverged result is counted in
+        ``stats.unconverged`` and returned for the caller to judge."""
+        fresh = self.preconditioner is None or self._stale
+        for attempt in range(2):
+            preconditioner = self.current(theta, controls)
+            x0 = self._warm.get(kind)
+            result = solve_bordered(self.operator(theta, controls), columns, rows, corner, rhs, tol=tol,
+                                    max_iter=self.config.max_iter, x0=x0 if x0 is not None and x0.shape == rhs.shape
+                                    else None,
+                                    preconditioner=None if isinstance(preconditioner, IdentityPreconditioner)
+                                    else preconditioner.apply)
+            self._charge(self._products_on)
+            self.stats.solves += 1
+            self.stats.iterations += result.iterations
+            if result.converged or fresh or attempt or self.config.preconditioner == "none":
+                break
+            self.stats.retries += 1
+            self.rebuild(theta, controls)
+        if result.converged:
+            self._warm[kind] = result.solution
+        self.stats.unconverged += not result.converged
+        return result
 
     def solve(self, theta: Tensor, controls: Controls, rhs: Tensor, *, tol: float, kind: str,
               damping: float = 0.0, warm: bool = True) -> SolveResult:

@@ -4,6 +4,7 @@ from . import builtin  # noqa: F401  (register the built-in processes)
 from .base import (
     ConstraintProcess,
     Process,
+    ResidualForm,
     SingularConstraintError,
     available_processes,
     make_process,
@@ -18,6 +19,6 @@ from .builtin import (
     IsoClassificationTransfer,
 )
 
-__all__ = ["Process", "ConstraintProcess", "SingularConstraintError", "available_processes", "make_process",
+__all__ = ["Process", "ConstraintProcess", "ResidualForm", "SingularConstraintError", "available_processes", "make_process",
            "register_process", "Free", "IsoClassification", "IsoClassificationRate", "IsoClassificationTransfer",
            "ConstantLambdaRate", "GeodesicTransfer"]

@@ -8,12 +8,19 @@ sensitivities (the total derivatives X_s of R, D, C, F along the surface) into (
 A process may also hold a linear combination of the functionals constant, w·(R, D, C) = const
 (``constraint``: e.g. C for iso-classification, C + β⁻¹R for Remark 8). The ``newton`` corrector
 returns to that constraint by adjusting γ; :class:`ConstraintProcess` solves it for γ̇.
+
+A process whose controls move along a straight line in s (and γ, when a constraint fixes it) also
+has a *residual form* (:class:`ResidualForm`): its path is the zero set of
+G(θ, s[, γ]) = (∇θJ, w·(R, D, C) − g₀), a curve that pseudo-arclength continuation follows
+through folds (:mod:`quasistatic.arclength`). Processes defined only by their ODE (Remark 7's α
+form, the geodesic transfer) have none.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -23,10 +30,27 @@ from ..errors import InputError, bad_value, choice_error
 from ..objective import Controls
 from ..tangents import Sensitivities
 
-__all__ = ["Process", "ConstraintProcess", "SingularConstraintError", "register_process",
+__all__ = ["Process", "ConstraintProcess", "ResidualForm", "SingularConstraintError", "register_process",
            "available_processes", "make_process"]
 
 Rates = tuple[float, float, float]  # (λ̇, γ̇, ṫ)
+
+
+@dataclass(frozen=True)
+class ResidualForm:
+    """A process path as an algebraic curve: controls c(s, γ) = (λ₀ + sλ̇, γ, t₀ + sṫ) when
+    ``solves_gamma`` (γ is an unknown fixed by the constraint w·(R, D, C) = g₀), else
+    c(s) = start + s·rates; the curve is {∇θJ(θ; c) = 0, and the constraint when there is one}."""
+
+    start: Controls
+    rates: Rates  # (λ̇, γ̇, ṫ) per unit s; γ̇ is unused when ``solves_gamma``
+    solves_gamma: bool
+
+    def controls(self, s: float, gamma: float | None = None) -> Controls:
+        """c(s, γ); ``gamma`` is required when ``solves_gamma``. Controls outside λ, γ ≥ 0 raise."""
+        lam_rate, gamma_rate, t_rate = self.rates
+        gamma = gamma if self.solves_gamma else self.start.gamma + s * gamma_rate
+        return Controls(self.start.lam + s * lam_rate, gamma, min(max(self.start.t + s * t_rate, 0.0), 1.0))
 
 
 class SingularConstraintError(InputError):
@@ -50,6 +74,11 @@ class Process(ABC):
     def control_velocity(self, s: float, controls: Controls, sensitivities: Sensitivities) -> Rates:
         """(λ̇, γ̇, ṫ) at pseudo-time s ∈ [0, 1]."""
 
+    def residual_form(self) -> ResidualForm | None:
+        """The path as a curve (for ``--at-fold arclength``), or None for a process defined only
+        by its control velocity."""
+        return None
+
     def constraint_value(self, values: Tensor) -> Tensor | None:
         """w·(R, D, C) for values (3,) = (R, D, C); None without a constraint."""
         if self.constraint is None:
@@ -63,7 +92,10 @@ class Process(ABC):
 
 class ConstraintProcess(Process):
     """Holds w·(R, D, C) constant: w_λλ̇ + w_γγ̇ + w_tṫ = 0 is solved for γ̇ given λ̇ and ṫ,
-    where w_s = Σ_X w_X X_s are total derivatives along the surface (eqs. 20, 26, 32)."""
+    where w_s = Σ_X w_X X_s are total derivatives along the surface (eqs. 20, 26, 32).
+
+    Its residual form takes the driven rates at s = 0 as constant over s (true of every built-in
+    one); a subclass whose rates vary with s must override :meth:`residual_form`."""
 
     weights: ClassVar[tuple[float, float, float]] = (0.0, 0.0, 1.0)  # (R, D, C): C by default
     singular_tolerance: ClassVar[float] = 1e-10  # |g_γ| below this × its scale counts as singular
@@ -75,6 +107,10 @@ class ConstraintProcess(Process):
     @abstractmethod
     def driven_rates(self, s: float, controls: Controls) -> tuple[float, float]:
         """(λ̇, ṫ): the rates this process prescribes; γ̇ follows from the constraint."""
+
+    def residual_form(self) -> ResidualForm | None:
+        lam_rate, t_rate = self.driven_rates(0.0, self.start)
+        return ResidualForm(self.start, (lam_rate, 0.0, t_rate), solves_gamma=True)
 
     def control_velocity(self, s: float, controls: Controls, sensitivities: Sensitivities) -> Rates:
         lam_dot, t_dot = self.driven_rates(s, controls)

@@ -13,7 +13,7 @@ import torch
 from ..errors import bad_value
 from ..objective import Controls
 from ..tangents import Sensitivities
-from .base import ConstraintProcess, Process, Rates, SingularConstraintError, register_process
+from .base import ConstraintProcess, Process, Rates, ResidualForm, SingularConstraintError, register_process
 
 __all__ = ["Free", "IsoClassification", "IsoClassificationRate", "IsoClassificationTransfer",
            "ConstantLambdaRate", "GeodesicTransfer"]
@@ -39,6 +39,9 @@ class Free(Process):
     def control_velocity(self, s: float, controls: Controls, sensitivities: Sensitivities) -> Rates:
         return self.rates[0], self.rates[1], 0.0
 
+    def residual_form(self) -> ResidualForm:
+        return ResidualForm(self.start, (*self.rates, 0.0), solves_gamma=False)
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "lam_rate": self.rates[0], "gamma_rate": self.rates[1]}
 
@@ -59,6 +62,9 @@ class IsoClassification(ConstraintProcess):
 
     def driven_rates(self, s: float, controls: Controls) -> tuple[float, float]:
         return self.lam_rate, 0.0
+
+    def residual_form(self) -> ResidualForm | None:
+        return None if self.alpha is not None else super().residual_form()  # the α form is an ODE in (λ, γ)
 
     def control_velocity(self, s: float, controls: Controls, sensitivities: Sensitivities) -> Rates:
         if self.alpha is None:
