@@ -21,8 +21,8 @@ Where the s-component of τ changes sign between two points, the turning point (
 
 Step length (as BifurcationKit's and pacopy's): ×1.5 after a correction of at most 2 Newton
 iterations, ×0.7 after one of ``max_corrector_iterations``, halved after a failed correction or
-when successive tangents differ by more than ``MAX_ANGLE``; at most the arclength of the engine's
-nominal step at the switch.
+when successive tangents differ by more than ``MAX_ANGLE``; at most the engine's nominal h times
+max(1, ‖u‖) at the switch. A branch that turns back past s = 0 ends the run (StepSizeError).
 """
 
 from __future__ import annotations
@@ -164,9 +164,8 @@ class PseudoArclength:
             if iteration == self.max_iter or stalls == 2:
                 break
             previous = residual
-            head = [-point.gradient] + ([torch.tensor([-point.violation], dtype=start.dtype)]
-                                        if point.constraint_row is not None else [])
-            rhs = torch.cat([*head, torch.tensor([-off_plane], dtype=start.dtype)])
+            tail = [-point.violation, -off_plane] if point.constraint_row is not None else [-off_plane]
+            rhs = torch.cat([-point.gradient, torch.tensor(tail, dtype=start.dtype, device=start.device)])
             tol = min(0.1, max(0.5 * self.grad_tol / residual, 1e-12))
             result = self._bordered(point, plane, rhs, tol, "arclength-newton")
             krylov += result.iterations
@@ -228,6 +227,10 @@ class PseudoArclength:
             ds /= 2
         turning = None
         s0, s1 = float(u0[n]), float(point.u[n])
+        if s1 < 0:
+            raise StepSizeError(f"arclength continuation went back past the start of the path (s = {s1:.6g} < 0 at "
+                                f"lambda={point.controls.lam:.6g}, gamma={point.controls.gamma:.6g}): this branch does "
+                                "not reach s = 1")
         if abs(float(tau[n])) > TURNED and float(tau[n]) * float(new_tau[n]) < 0:  # ∂s/∂σ changed sign: a fold
             point, correction, new_tau, turning = self._turning_point(state, u0, tau, ds, point, correction, new_tau)
             s1 = float(point.u[n])

@@ -12,8 +12,9 @@ Tolerance-driven: the run states what every accepted step must hold, ‖∇θJ�
 engine derives its inner tolerances from them (the tangent solves to ``tangent_tol``: 10·grad_tol
 within [1e-2, 0.1] when a corrector removes the predictor's error, 0.1·drift_tol without one; the
 corrector's Newton forcing from grad_tol). A step whose corrector does not reach both within its
-budget, whose corrector moved θ farther than the predictor did (``max_correction``: past a fold,
-Newton can converge onto another branch, the silent jump of the paper's re-equilibration), that
+budget, whose corrector moved θ farther than the predictor did and farther than its own tolerance
+allows (``max_correction``: past a fold, Newton can converge onto another branch, the silent jump
+of the paper's re-equilibration), that
 leaves the control domain, or whose tangent solve does not converge is not accepted: it is
 retried at h/2 (:mod:`quasistatic.step_control`).
 
@@ -25,6 +26,7 @@ names it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -67,8 +69,8 @@ class EngineConfig:
     max_corrector_iterations: int = 6  # a step whose corrector needs more iterations is retried at h/2
     min_step: float = 1e-5  # smallest step before StepSizeError
     max_control_change: float = 0.2  # a step changes λ and γ by at most this × max(|value|, 1)
-    max_correction: float = 1.0  # the corrector may move θ at most this × the predictor's ‖Δθ‖ (farther: it
-    # may have converged onto another branch past a fold, a silent jump; the step is retried at h/2)
+    max_correction: float = 1.0  # the corrector may move θ at most this × max(predictor's ‖Δθ‖, grad_tol/λ_min)
+    # (farther: it may have converged onto another branch past a fold, a silent jump; retried at h/2)
     eigen_iterations: int = 8  # LOBPCG iterations for λ_min(∇²θJ) at every accepted point (0: not tracked)
     at_fold: str = "jump"  # at a located fold: "jump" to another branch (dissipation booked), "stop", or "arclength"
     # (follow the branch through the fold by pseudo-arclength continuation)
@@ -206,6 +208,14 @@ class QuasiStaticEngine:
         value = self._lambda_min(state, 10 * self.config.eigen_iterations)  # LOBPCG from the kept vector: ≤ it
         return replace(state, stability=(*state.stability[:-1], replace(state.stability[-1], lambda_min=value)))
 
+    def _resolution(self, state: EngineState) -> float:
+        """How far the corrector's tolerance alone lets θ move: grad_tol / λ_min at the last point
+        (a residual gradient g displaces θ by up to ‖g‖/λ_min along the softest direction; on digits
+        near λ 1.41, λ_min 3.4e-5 gives 0.03, where the steps were 7e-5 long). Infinite when λ_min
+        is not tracked or not positive (no branch-hop check there)."""
+        last = state.stability[-1].lambda_min if state.stability else math.nan
+        return self.config.grad_tol / last if last > 0 else math.inf
+
     def _lambda_min(self, state: EngineState, iterations: int) -> float:
         return float(self.linear_solve.smallest_eigenpairs(state.theta, state.controls, iterations=iterations).values[0])
 
@@ -254,14 +264,15 @@ class QuasiStaticEngine:
                 correction = self.corrector.correct(self.linear_solve, theta, controls, self.process, state.target,
                                                     grad_tol=self.config.grad_tol, drift_tol=self.config.drift_tol,
                                                     max_iter=self.config.max_corrector_iterations)
-                stride = float(torch.linalg.vector_norm(theta - state.theta))
+                stride = max(float(torch.linalg.vector_norm(theta - state.theta)), self._resolution(state))
                 moved = float(torch.linalg.vector_norm(correction.theta - theta))
                 if not adapts or (correction.converged and moved <= self.config.max_correction * stride):
                     break
                 failure = (f"the corrector did not reach the tolerances (|grad J| = {correction.grad_norm:.3e}, "
                            f"|g - g0| = {correction.constraint_error:.3e})" if not correction.converged else
                            f"the corrector moved theta by {moved:.3e} from the prediction, more than "
-                           f"{self.config.max_correction:g} x the step's {stride:.3e} (onto another branch?)")
+                           f"{self.config.max_correction:g} x max(the step's |dtheta|, grad_tol / lambda_min) = "
+                           f"{stride:.3e} (onto another branch?)")
             rejected += 1
             self._tangent_cg_iterations = 0
             try:

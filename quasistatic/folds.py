@@ -152,8 +152,8 @@ def jump_past(fold: Fold, points: tuple[StabilityPoint, ...], theta: Tensor, lin
     to a minimum on another branch just past the fold, with the process constraint re-imposed
     (see the module docstring); (where it landed, with the relaxation's and the corrector's
     iterations, and what the jump did). A relaxation that does not reach
-    ``grad_tol``, ends on a saddle, raises J, or whose constraint cannot be re-imposed raises
-    :class:`FoldError`."""
+    ``grad_tol``, ends on a saddle, returns to the branch it left (within grad_tol/λ_min of θ),
+    raises J, or whose constraint cannot be re-imposed raises :class:`FoldError`."""
     objective = linear_solve.objective
     # just past the fold, and no farther past the collapse of the steps than the collapse is from
     # the last accepted point (an extrapolated fold far ahead of it is not trusted)
@@ -176,6 +176,10 @@ def jump_past(fold: Fold, points: tuple[StabilityPoint, ...], theta: Tensor, lin
                                                        iterations=10 * max(eigen_iterations, 1)).values[0])
     if not lambda_min > 0:
         raise refuse(f"the relaxation ended on a saddle (lambda_min = {lambda_min:.3e})")
+    moved = float(torch.linalg.vector_norm(relaxed.theta - theta))
+    if moved <= grad_tol / lambda_min:  # within what the tolerance alone lets θ move: the same minimum
+        raise refuse(f"the relaxation returned to the branch it left (|dtheta| = {moved:.3e} <= grad_tol / "
+                     f"lambda_min = {grad_tol / lambda_min:.3e}): the steps did not collapse at a fold")
     with torch.no_grad():
         before, after = float(objective.value(theta, controls)), float(objective.value(relaxed.theta, controls))
     dissipation = before - after

@@ -172,3 +172,17 @@ def test_fold_and_saddle_rows_are_recorded(tmp_path, s_curve, capsys):
     (saved,) = json.loads(run.file("folds.json").read_text())
     assert saved["lam"] == pytest.approx(FOLD_UP, rel=1e-6)
     assert "turned at a fold" in capsys.readouterr().err
+
+
+def test_bordered_solve_falls_back_when_the_preconditioners_schur_complement_vanishes():
+    """A = 2I with P = I: S = W − VᵀP⁻¹U = 1 − 1 = 0 (M_P singular) while M is not (its Schur
+    complement is 1/2); the block-diagonal fallback still solves M x = r exactly."""
+    n = 5
+    a = 2 * torch.eye(n, dtype=torch.float64)
+    e1 = torch.zeros(n, 1, dtype=torch.float64)
+    e1[0] = 1.0
+    corner = torch.ones(1, 1, dtype=torch.float64)
+    rhs = torch.arange(1.0, n + 2, dtype=torch.float64)
+    result = solve_bordered(lambda block: a @ block, e1, e1, corner, rhs, tol=1e-12)
+    full = torch.cat([torch.cat([a, e1], 1), torch.cat([e1.T, corner], 1)])
+    assert result.converged and torch.allclose(result.solution, torch.linalg.solve(full, rhs), atol=1e-10)

@@ -17,7 +17,7 @@ import torch
 from quasistatic import Controls, ModelConfig, Objective, build_model
 from quasistatic.correctors import Correction, make_corrector
 from quasistatic.engine import EngineConfig, EngineState, FoldError, QuasiStaticEngine, StepReport
-from quasistatic.folds import Fold, Jump, StabilityPoint, locate_fold
+from quasistatic.folds import Fold, Jump, StabilityPoint, jump_past, locate_fold
 from quasistatic.rundir import RunDirectory
 from quasistatic.trajectory import TrajectoryRecorder
 from small_problem import small_labeled, toy_objective as functional_objective
@@ -169,3 +169,20 @@ def test_a_run_resumed_after_the_jump_ends_where_the_uninterrupted_one_does():
     resumed = toy_engine("jump").run(reports[index].state)
     assert resumed.s == pytest.approx(1.0) and resumed.controls.lam == pytest.approx(0.5)
     assert torch.allclose(resumed.theta, states[-1].theta, rtol=0, atol=1e-9)
+
+
+def test_a_jump_that_relaxes_back_onto_the_followed_branch_is_refused():
+    """A collapse of the steps that is not a fold (here: a made-up fold on the right branch at
+    λ = 0.2, far from the real one): the relaxation returns to the minimum the run was on, within
+    grad_tol/λ_min, and the jump is refused instead of booked as a transition."""
+    objective = toy_objective()
+    linear_solve = LinearSolve(objective, LinearSolveConfig(preconditioner="none", preconditioner_sample=1.0))
+    x = branch_x(0.2)
+    theta = torch.tensor([x, -0.02], dtype=torch.float64)
+    points = (StabilityPoint(0.3, 0.15, 1.0, 0.0, 3 * branch_x(0.15) ** 2 - 1),
+              StabilityPoint(0.4, 0.2, 1.0, 0.0, 3 * x**2 - 1))
+    fold = Fold(s=0.4, lam=0.2, gamma=1.0, t=0.0, last_accepted_s=0.4, last_lambda_min=3 * x**2 - 1, failed_s=0.4,
+                uncertainty=0.0)
+    with pytest.raises(FoldError, match="returned to the branch it left"):
+        jump_past(fold, points, theta, linear_solve, make_corrector("newton"), make_process("free", START, lam_rate=0.5),
+                  None, grad_tol=1e-10, drift_tol=1e-9, eigen_iterations=8)

@@ -233,6 +233,7 @@ BASE = ["--dataset", SMALL, "--hidden", "", "--latent-dim", "1", "--samples", "2
     (["--preconditioner-sample", "0"], ["preconditioner-sample must be a number in (0, 1], got 0"]),
     (["--at-fold", "sideways"], ["at-fold must be one of {arclength, jump, stop}, got 'sideways'"]),
     (["--eigen-iterations", "-1"], ["eigen-iterations must be an integer >= 0, got -1"]),
+    (["--whitening", "zca"], ["whitening must be one of", "auto", "kfac", "'zca'"]),
     (["--preconditioner", "dense", "--hidden", "64,64"], ["preconditioner 'dense' must be at most max_size = 6000",
                                                           "kfac"]),
 ])
@@ -279,3 +280,24 @@ def test_restored_linear_solve_continues_bit_identically(surface):
         assert torch.equal(a.solution, b.solution)
         assert torch.equal(a.relative_residual, b.relative_residual)
     assert restored.stats.iterations == original.stats.iterations
+
+
+def test_the_polish_whitening_resolves_to_kfac_beside_dense_and_kfac_and_to_the_solves_own_otherwise():
+    assert LinearSolveConfig().resolved(100).whitening == "kfac"
+    assert LinearSolveConfig().resolved(100).preconditioner == "dense"
+    assert LinearSolveConfig(preconditioner="kfac").resolved(100).whitening == "kfac"
+    assert LinearSolveConfig(preconditioner="none").resolved(100).whitening == "none"
+    assert LinearSolveConfig(whitening="dense").resolved(100).whitening == "dense"
+    with pytest.raises(InputError, match="max_size"):
+        LinearSolveConfig(preconditioner="kfac", whitening="dense").resolved(10_000)
+
+
+def test_a_whitening_build_is_counted_and_leaves_the_solves_preconditioner_alone(surface):
+    objective, theta = surface
+    linear_solve = LinearSolve(objective, LinearSolveConfig(preconditioner="dense", whitening="kfac"))
+    controls = START
+    kept = linear_solve.current(theta, controls)
+    before = objective.work.gradient_equivalents
+    whitening = linear_solve.whitening(theta, controls)
+    assert whitening is not kept and linear_solve.current(theta, controls) is kept
+    assert linear_solve.stats.builds == 2 and objective.work.gradient_equivalents > before

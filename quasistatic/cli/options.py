@@ -102,6 +102,10 @@ def linalg_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--preconditioner", default="auto",
                        help=f"auto or one of {', '.join(available_preconditioners())} (default auto: dense, the "
                             "Hessian on a subsample eigendecomposed, for models up to 6,000 parameters, kfac above)")
+    group.add_argument("--whitening", default="auto",
+                       help=f"the preconditioner that whitens the polish's L-BFGS: auto or one of "
+                            f"{', '.join(available_preconditioners())} (default auto: kfac where the solves use dense "
+                            "or kfac, else theirs)")
     group.add_argument("--preconditioner-sample", type=float, default=0.25,
                        help="fraction of the training set the preconditioner is built on (default 0.25; changes only "
                             "the iteration counts)")
@@ -114,6 +118,7 @@ def linalg_arguments(parser: argparse.ArgumentParser) -> None:
 def linear_solve_config(args: argparse.Namespace) -> LinearSolveConfig:
     """The run's LinearSolveConfig from the linear-algebra flags (checked here: exit 2 on a bad one)."""
     return LinearSolveConfig(operator=args.curvature, solver=args.solver, preconditioner=args.preconditioner,
+                             whitening=args.whitening,
                              preconditioner_sample=args.preconditioner_sample, hvp_sample=args.hvp_sample,
                              seed=args.seed)
 

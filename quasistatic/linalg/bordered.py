@@ -13,7 +13,8 @@ right-hand side per call is all continuation needs) on M with the preconditioner
 
 applied exactly by block elimination through P, the run's symmetric positive definite
 preconditioner (P ≈ |A| is invertible where A is not): y = P⁻¹r_θ, S = W − VᵀP⁻¹U (m × m),
-x_p = S⁻¹(r_p − Vᵀy), x_θ = y − P⁻¹U x_p. When P = A away from folds, M_P⁻¹M = I.
+x_p = S⁻¹(r_p − Vᵀy), x_θ = y − P⁻¹U x_p. When P = A away from folds, M_P⁻¹M = I. Should S be
+singular (M_P singular by accident), diag(P⁻¹, I) is used instead.
 """
 
 from __future__ import annotations
@@ -59,9 +60,13 @@ def solve_bordered(matvec: Matvec, columns: Tensor, rows: Tensor, corner: Tensor
 
     p_columns = apply_p(columns)                                      # P⁻¹U (n, m)
     schur = corner - rows.mT @ p_columns                              # S = W − VᵀP⁻¹U
+    magnitudes = torch.linalg.svdvals(schur)
+    singular = bool(magnitudes[-1] <= m * torch.finfo(schur.dtype).eps * magnitudes[0]) or not bool(magnitudes[0] > 0)
 
     def precondition(r: Tensor) -> Tensor:
         y = apply_p(r[:n, None])[:, 0]
+        if singular:  # M_P itself is singular (S = 0 by accident): block-diagonal diag(P⁻¹, I) instead
+            return torch.cat([y, r[n:]])
         x_p = torch.linalg.solve(schur, r[n:] - rows.mT @ y)
         return torch.cat([y - p_columns @ x_p, x_p])
 

@@ -60,6 +60,8 @@ class LinearSolveConfig:
     preconditioner: str = "auto"  # a name from available_preconditioners(), or "auto": dense up to its size limit, else kfac
     preconditioner_options: dict[str, Any] = field(default_factory=dict)  # passed to its factory
     preconditioner_sample: float = 0.25  # fraction of training examples P is built on (no effect on results)
+    whitening: str = "auto"  # the preconditioner whose P^(-1/2) whitens the polish's L-BFGS, or "auto": kfac where
+    # the solves use dense or kfac (a few GE per build against n HVPs for dense), else the solves' own
     stale_factor: float = 4.0  # rebuild P after a solve needing this × the effort after its build (2: too often)
     hvp_sample: float = 1.0  # fraction of examples of the solves' HVPs: 1 is exact, < 1 is subsampled curvature
     max_iter: int | None = None  # Krylov iterations per solve (None: the solver's default, 10 n)
@@ -74,6 +76,8 @@ class LinearSolveConfig:
             raise choice_error("linear solver", available_solvers(), self.solver)
         if self.preconditioner not in PRECONDITIONERS and self.preconditioner != "auto":
             raise choice_error("preconditioner", ["auto", *available_preconditioners()], self.preconditioner)
+        if self.whitening not in PRECONDITIONERS and self.whitening != "auto":
+            raise choice_error("whitening", ["auto", *available_preconditioners()], self.whitening)
         for name in ("preconditioner_sample", "hvp_sample"):
             value = getattr(self, name)
             if not 0 < value <= 1:
@@ -86,13 +90,20 @@ class LinearSolveConfig:
 
     def resolved(self, n: int) -> "LinearSolveConfig":
         """This config for a model of n parameters: "auto" becomes ``dense`` up to its size limit and
-        ``kfac`` above it; an explicit ``dense`` above the limit is refused (before any work)."""
+        ``kfac`` above it; an explicit ``dense`` above the limit is refused (before any work); the
+        whitening's "auto" becomes ``kfac`` where the solves use dense or kfac, else their own."""
         limit = self.preconditioner_options.get("max_size", DENSE_MAX_SIZE)
+        config = self
         if self.preconditioner == "auto":
-            return replace(self, preconditioner="dense" if n <= limit else "kfac")
-        if self.preconditioner == "dense":
+            config = replace(self, preconditioner="dense" if n <= limit else "kfac")
+        if config.preconditioner == "dense":
             check_dense_size(n, limit)
-        return self
+        if config.whitening == "auto":
+            config = replace(config, whitening="kfac" if config.preconditioner in ("dense", "kfac")
+                             else config.preconditioner)
+        elif config.whitening == "dense":
+            check_dense_size(n, limit)
+        return config
 
     @property
     def exact(self) -> bool:
@@ -142,6 +153,16 @@ class LinearSolve:
         self.stats.builds += 1
         self._effort, self._stale, self._built_at = None, False, (theta.detach(), controls)
         return self.preconditioner
+
+    def whitening(self, theta: Tensor, controls: Controls) -> Preconditioner:
+        """The ``whitening`` preconditioner built at (θ, controls) for the polish (its work counted,
+        the solves' kept P untouched); the solves' own P when the two are the same kind."""
+        if self.config.whitening == self.config.preconditioner:
+            return self.rebuild(theta, controls)
+        built = make_preconditioner(self.config.whitening, self._build_on, theta, controls)
+        self._charge(self._build_on)
+        self.stats.builds += 1
+        return built
 
     def current(self, theta: Tensor, controls: Controls) -> Preconditioner:
         """The preconditioner to use at (θ, controls): the kept one, or a new one when there is
