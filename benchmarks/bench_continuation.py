@@ -107,11 +107,15 @@ def main() -> None:
     results["adam"] = {"GE": adam.work.gradient_equivalents, "wall_s": time.perf_counter() - started}
     model = model.double()
     theta_adam = objective_for(model, split).initial_theta()
+    resolved = settings.resolved(objective_for(model, split).layout.numel)
     polishes = {"polish, L-BFGS only": LinearSolveConfig(preconditioner="none"),
-                f"polish, whitened ({args.preconditioner})": settings}
+                "polish, whitened by dense 25%": replace(settings, whitening="dense"),
+                f"polish, whitened by {resolved.whitening} (default)": settings}  # last: the start of the runs below
     for name, config in polishes.items():
-        if args.engine_only and config.preconditioner == "none":
+        if args.engine_only and config is not settings:
             continue
+        if config.whitening == "dense" and (resolved.preconditioner != "dense" or resolved.whitening == "dense"):
+            continue  # dense above its size limit, or the default already
         objective = objective_for(model, split)
         linear_solve = LinearSolve(objective, config)
         started = time.perf_counter()

@@ -221,23 +221,51 @@ class QuasiStaticEngine:
 
     def run(self, state: EngineState, on_step: Callable[[StepReport], None] | None = None) -> EngineState:
         """Integrate from ``state`` to s = 1, calling ``on_step`` after every accepted step (and
-        after every jump past a fold, with ``at_fold="jump"``). With ``at_fold="arclength"`` the
-        run continues by pseudo-arclength from the last point before the first located fold."""
+        after every jump past a fold, with ``at_fold="jump"``).
+
+        A fold shows in two ways: the steps collapse where λ_min falls to 0 (the path turns in s),
+        or a step is accepted on a saddle (λ_min changed sign: the constrained path goes on through
+        the point where A is singular, but the minimum the model sat on is gone). ``jump`` jumps
+        from the last minimum past either; ``stop`` raises :class:`FoldError` at either;
+        ``arclength`` follows the path through both (saddle rows are marked), and switches to
+        pseudo-arclength continuation wherever the natural steps collapse."""
         while state.s < 1.0 - 1e-12:
             if state.arclength is not None:
                 report = self._continue(state)
             else:
                 try:
                     report = self._step(state)
-                except FoldError as error:
-                    if self.config.at_fold == "stop":
+                except StepSizeError as error:
+                    if self.config.at_fold == "arclength" and not isinstance(error, NegativeControlsError):
+                        report = self._continue(self._continuation().begin(state, self.control.h_max))
+                    elif self.config.at_fold == "jump" and isinstance(error, FoldError):
+                        report = self._jump(state, error.fold, error.rejected)
+                    else:
                         raise
-                    report = (self._jump(state, error.fold) if self.config.at_fold == "jump"
-                              else self._continue(self._continuation().begin(state, self.control.h_max)))
+                else:
+                    fold = self._crossed(state, report.state)
+                    if fold is not None and self.config.at_fold == "stop":
+                        raise FoldError(f"{fold.describe()}: the step to s={report.state.s:.8g} ended on a saddle "
+                                        f"(lambda_min changed sign)", fold, report.rejected)
+                    if fold is not None and self.config.at_fold == "jump":
+                        report = self._jump(state, fold, report.rejected)
             state = report.state
             if on_step is not None:
                 on_step(report)
         return state
+
+    @staticmethod
+    def _crossed(before: EngineState, after: EngineState) -> Fold | None:
+        """The fold between two accepted points where λ_min went from > 0 to ≤ 0 (the zero of the
+        line through them), or None."""
+        if not (before.stability and after.stability and before.stability[-1].s == before.s
+                and after.stability[-1].s == after.s):
+            return None
+        old, new = before.stability[-1], after.stability[-1]
+        if not new.lambda_min <= 0 < old.lambda_min:
+            return None
+        fold = locate_fold((old, new), after.s)
+        return None if fold is None else replace(fold, last_accepted_s=old.s, last_lambda_min=old.lambda_min)
 
     def _step(self, state: EngineState) -> StepReport:
         """One accepted step from ``state`` (retried at smaller h until accepted), or StepSizeError
@@ -281,7 +309,7 @@ class QuasiStaticEngine:
                 fold = None if outside else locate_fold(self._refined(state).stability, state.s + h)
                 if fold is None:
                     raise
-                raise FoldError(f"{fold.describe()}: {error}", fold) from error
+                raise FoldError(f"{fold.describe()}: {error}", fold, rejected) from error
         new = self._tracked(EngineState(
             correction.theta.detach(), correction.controls, s=state.s + h, step=state.step + 1,
             h=self.control.next(h, correction.iterations, rejected, adapts), target=state.target,
@@ -299,7 +327,7 @@ class QuasiStaticEngine:
         new, correction, tangent_iterations, rejected, fold = self._continuation().step(state)
         return StepReport(new, correction, tangent_iterations, rejected, fold=fold)
 
-    def _jump(self, state: EngineState, fold: Fold) -> StepReport:
+    def _jump(self, state: EngineState, fold: Fold, rejected: int = 0) -> StepReport:
         """The jump past ``fold`` from the last accepted ``state`` (:func:`~quasistatic.folds.jump_past`),
         as a step: the new branch starts with no previous point and a fresh stability history."""
         landed, jump = jump_past(fold, state.stability, state.theta, self.linear_solve, self.corrector, self.process,
@@ -310,7 +338,7 @@ class QuasiStaticEngine:
         if new.stability and not new.stability[-1].lambda_min > 0:
             raise FoldError(f"{fold.describe()}: the jump past it failed: re-imposing the constraint ended on a saddle "
                             f"(lambda_min = {new.stability[-1].lambda_min:.3e})", fold)
-        return StepReport(new, landed, 0, 0, jump)
+        return StepReport(new, landed, 0, rejected, jump)
 
 
 def first_law_residual(rows: list[dict[str, float]], sigma: float = 0.0) -> tuple[float, float]:

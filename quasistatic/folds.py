@@ -93,11 +93,11 @@ class Jump:
 
 
 class FoldError(StepSizeError):
-    """The steps collapsed at a located fold (``fold``)."""
+    """The steps collapsed at a located fold (``fold``) after ``rejected`` tries."""
 
-    def __init__(self, message: str, fold: Fold) -> None:
+    def __init__(self, message: str, fold: Fold, rejected: int = 0) -> None:
         super().__init__(message)
-        self.fold = fold
+        self.fold, self.rejected = fold, rejected
 
 
 def locate_fold(points: tuple[StabilityPoint, ...], failed_s: float) -> Fold | None:

@@ -81,6 +81,7 @@ def test_jump_lands_on_the_other_branch_and_books_the_analytic_dissipation():
     assert sum(r.jump is not None for r in reports) == 1
     index = next(i for i, r in enumerate(reports) if r.jump is not None)
     jump, before, after = reports[index].jump, states[index], reports[index].state  # before: the right branch's last
+    assert reports[index].rejected >= 1  # the collapsed tries before the jump are in its row
     assert jump.fold.lam == pytest.approx(LAMBDA_FOLD, rel=1e-6)
     lam_past = after.controls.lam
     assert LAMBDA_FOLD < lam_past < LAMBDA_FOLD + 1e-3
@@ -186,3 +187,33 @@ def test_a_jump_that_relaxes_back_onto_the_followed_branch_is_refused():
     with pytest.raises(FoldError, match="returned to the branch it left"):
         jump_past(fold, points, theta, linear_solve, make_corrector("newton"), make_process("free", START, lam_rate=0.5),
                   None, grad_tol=1e-10, drift_tol=1e-9, eigen_iterations=8)
+
+
+@pytest.mark.parametrize("at_fold", ["stop", "jump"])
+def test_a_step_accepted_on_a_saddle_is_a_fold_from_the_last_minimum(monkeypatch, at_fold):
+    """A constrained path can pass smoothly through the point where A is singular (the corrector
+    converges to a saddle): λ_min changed sign between two accepted points. ``stop`` names the
+    fold at the zero of λ_min between them; ``jump`` jumps from the last minimum, not the saddle."""
+    engine = toy_engine(at_fold)
+    start = engine.start(torch.tensor([1.0, 0.0], dtype=torch.float64), START)  # λ_min = min(3 − 1, 1) = 1
+    saddle = EngineState(start.theta, Controls(0.1, 1.0), s=0.2, step=1,
+                         stability=(*start.stability, StabilityPoint(0.2, 0.1, 1.0, 0.0, -0.1)))
+    accepted = Correction(saddle.theta, saddle.controls, 1, 0, 0.0, 0.0, True)
+    monkeypatch.setattr(engine, "_step", lambda state: StepReport(saddle, accepted, 0, 2))
+    jumps = []
+
+    def fake_jump(state, fold, rejected):
+        jumps.append((state, fold, rejected))
+        return StepReport(EngineState(state.theta, Controls(0.5, 1.0), s=1.0, step=2), accepted, 0, rejected)
+
+    monkeypatch.setattr(engine, "_jump", fake_jump)
+    if at_fold == "stop":
+        with pytest.raises(FoldError, match="ended on a saddle") as caught:
+            engine.run(start)
+        fold, rejected = caught.value.fold, caught.value.rejected
+    else:
+        engine.run(start)
+        (state, fold, rejected), = jumps
+        assert state is start
+    assert fold.s == pytest.approx(0.2 / 1.1) and fold.last_accepted_s == 0.0 and fold.failed_s == 0.2
+    assert rejected == 2
