@@ -33,12 +33,14 @@ from quasistatic.linalg import LinearSolve, LinearSolveConfig, make_precondition
 
 START = qs.Controls(1.0, 10.0)
 SIGMA = 3e-2
-# name: (drift-tol, grad-tol, predictor, Newton border, preconditioner or None for the run's)
-ENGINE_SETTINGS = {"loose": (1e-2, 1e-2, "hermite", "tangent", "kfac"),
-                   "default": (1e-4, 1e-6, "hermite", "tangent", None),
-                   "default, euler": (1e-4, 1e-6, "euler", "tangent", None),
-                   "default, border solve": (1e-4, 1e-6, "hermite", "solve", None),
-                   "tight": (1e-6, 1e-8, "hermite", "tangent", None)}
+# name: (drift-tol, grad-tol, predictor, Newton border, preconditioner or None for the run's, eigen-iterations:
+# the λ_min tracking of the fold detection, 0 = off)
+ENGINE_SETTINGS = {"loose": (1e-3, 2e-2, "hermite", "tangent", "kfac", 0),
+                   "default": (1e-4, 1e-6, "hermite", "tangent", None, 8),
+                   "default, no fold detection": (1e-4, 1e-6, "hermite", "tangent", None, 0),
+                   "default, euler": (1e-4, 1e-6, "euler", "tangent", None, 8),
+                   "default, border solve": (1e-4, 1e-6, "hermite", "solve", None, 8),
+                   "tight": (1e-6, 1e-8, "hermite", "tangent", None, 8)}
 FD_EPOCHS = (10, 20, 40)
 PRECONDITIONERS = {  # name: [(kind, options, share of the training set it is built on), ...] built in turn,
     # each later one on top of the earlier (``base``)
@@ -147,24 +149,27 @@ def main() -> None:
 
     process = qs.make_process("iso-classification", START, lam_end=args.lam_end)
     results["engine"] = {}
-    for name, (drift_tol, grad_tol, predictor, border, preconditioner) in ENGINE_SETTINGS.items():
+    for name, (drift_tol, grad_tol, predictor, border, preconditioner, eigen) in ENGINE_SETTINGS.items():
         if args.engine_only and name != "default":
             continue
         run_settings = settings if preconditioner is None else replace(settings, preconditioner=preconditioner)
         def engine_run():
             engine = QuasiStaticEngine(objective, process, qs.make_integrator(predictor),
                                        qs.make_corrector("newton", border=border),
-                                       EngineConfig(steps=args.steps, drift_tol=drift_tol, grad_tol=grad_tol),
+                                       EngineConfig(steps=args.steps, drift_tol=drift_tol, grad_tol=grad_tol,
+                                                    eigen_iterations=eigen),
                                        LinearSolve(objective, run_settings))
             return engine.start(theta, START), engine
         results["engine"][name] = {"drift_tol": drift_tol, "grad_tol": grad_tol, "predictor": predictor,
                                    "border": border, "preconditioner": run_settings.preconditioner,
+                                   "eigen_iterations": eigen,
                                    **follow(objective, theta, engine_run, args.steps)}
         print("engine", name, results["engine"][name], flush=True)
     results["fd-equilibration"] = {}
     for epochs in () if args.engine_only else FD_EPOCHS:
         def fd_run():
-            engine = QuasiStaticEngine(objective, process, qs.make_integrator("euler"), qs.make_corrector("none"))
+            engine = QuasiStaticEngine(objective, process, qs.make_integrator("euler"), qs.make_corrector("none"),
+                                       EngineConfig(eigen_iterations=0))  # only its start state: nothing tracked
             return engine.start(theta, START), FiniteDifferenceEquilibration(objective, process, steps=args.steps,
                                                                              epochs=epochs)
         results["fd-equilibration"][f"{epochs} epochs"] = follow(objective, theta, fd_run, args.steps)
@@ -178,13 +183,13 @@ def main() -> None:
     for name, t in table.items():
         print(f"| {name} | {t['iterations_1e-2']} | {t['iterations_1e-6']} | {t['setup_GE']:.0f} | {t['setup_s']:.1f} | "
               f"{t['memory_MB']:.1f} |")
-    print("\n| method | setting (drift-tol, grad-tol, predictor, border, preconditioner) | accepted steps | GE | GE/step | wall s "
-          "| max drift | final ‖∇J‖ | first law / |ΔR| |")
+    print("\n| method | setting (drift-tol, grad-tol, predictor, border, preconditioner, eigen-iterations) "
+          "| accepted steps | GE | GE/step | wall s | max drift | final ‖∇J‖ | first law / |ΔR| |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for method in ("engine", "fd-equilibration"):
         for name, r in results[method].items():
             what = (f"{name} ({r['drift_tol']:g}, {r['grad_tol']:g}, {r['predictor']}, {r['border']}, "
-                    f"{r['preconditioner']})" if method == "engine" else name)
+                    f"{r['preconditioner']}, {r['eigen_iterations']})" if method == "engine" else name)
             print(f"| {method} | {what} | {r['accepted_steps']} | {r['GE']:.0f} | {r['GE_per_step']:.0f} | {r['wall_s']:.0f} | "
                   f"{r['drift']:.1e} | {r['final_grad_norm']:.1e} | {r['first_law'] / max(r['delta_R'], 1e-300):.1e} |"
                   + (f" stopped: {r['error'][:60]}" if r["error"] else ""))

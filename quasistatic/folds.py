@@ -52,7 +52,7 @@ class StabilityPoint:
     gamma: float
     t: float
     lambda_min: float
-    negative: int | None = None  # negative eigenvalues of A among the few computed (arclength continuation)
+    negative: int | None = None  # negative Ritz values among the few computed (arclength): a lower bound of A's count
 
 
 @dataclass(frozen=True)
@@ -192,6 +192,11 @@ def jump_past(fold: Fold, points: tuple[StabilityPoint, ...], theta: Tensor, lin
             raise refuse("the tangent solve on the new branch did not converge")
         correction = corrector.correct(linear_solve, relaxed.theta, controls, process, target, grad_tol=grad_tol,
                                        drift_tol=drift_tol)
+        if not correction.converged:  # once more from where it stalled (fresh damping and stall count)
+            again = corrector.correct(linear_solve, correction.theta, correction.controls, process, target,
+                                      grad_tol=grad_tol, drift_tol=drift_tol)
+            correction = replace(again, iterations=correction.iterations + again.iterations,
+                                 cg_iterations=correction.cg_iterations + again.cg_iterations)
         if not correction.converged:
             raise refuse(f"the constraint could not be re-imposed on the new branch (|grad J| = "
                          f"{correction.grad_norm:.3e}, |g - g0| = {correction.constraint_error:.3e})")
