@@ -25,12 +25,12 @@ from ..integrators import make_integrator
 from ..linalg import LinearSolve
 from ..models import ModelConfig, RepresentationModel, build_model
 from ..objective import Controls, Objective
+from ..plots import plot_hysteresis
 from ..polish import polish, require_equilibrium
 from ..processes import Process, available_processes, make_process
 from ..rundir import RunDirectory
-from ..plots import plot_hysteresis
-from ..work import WorkCounter
 from ..trajectory import STATE_FILE, TrajectoryRecorder, numeric, plot_trajectory
+from ..work import WorkCounter
 from .options import (data_arguments, device_option, dtype_option, engine_arguments, engine_config, inputs,
                       linear_solve_config, model_arguments, objectives, run_arguments, settings, write_config)
 
@@ -214,7 +214,6 @@ def _return_sweep(args: argparse.Namespace, name: str, params: dict, train: Obje
     sweep.prepare()
     if not resume:
         sweep.write_json("config.json", {"return_of": str(run.path), "process": back.describe()})
-    if not resume:
         train.work = WorkCounter()  # the return sweep's rows count its own work (a resumed one restores it)
     recorder = TrajectoryRecorder(sweep, train, val)
     code = follow(argparse.Namespace(**{**vars(args), "resume": resume}), back, train, recorder, args.method,
