@@ -49,7 +49,6 @@ RESIDUAL_FORM_PROCESSES = ("free", "iso-classification (with lam_end, not alpha)
                            "iso-classification-transfer", "constant-lambda-rate")
 MAX_ANGLE = 0.5  # radians between successive tangents before a step is retried at half the length
 TANGENT_TOL = 1e-8  # relative residual of the tangent solves (the turning point is located on τ_s)
-TURNED = 1e-6  # |τ_s| below this at a step's start: the step starts on the located turning point itself
 
 
 @dataclass(frozen=True)
@@ -59,6 +58,7 @@ class ArclengthState:
     tangent: Tensor  # unit τ in u = (θ, s[, γ])
     step: float  # the next Δσ
     max_step: float
+    at_turn: bool = False  # this point is a located turning point (its τ_s ≈ 0: no sign change to judge)
 
 
 def require_residual_form(process: Process) -> ResidualForm:
@@ -231,7 +231,7 @@ class PseudoArclength:
             raise StepSizeError(f"arclength continuation went back past the start of the path (s = {s1:.6g} < 0 at "
                                 f"lambda={point.controls.lam:.6g}, gamma={point.controls.gamma:.6g}): this branch does "
                                 "not reach s = 1")
-        if abs(float(tau[n])) > TURNED and float(tau[n]) * float(new_tau[n]) < 0:  # ∂s/∂σ changed sign: a fold
+        if not memory.at_turn and float(tau[n]) * float(new_tau[n]) < 0:  # ∂s/∂σ changed sign: a fold
             point, correction, new_tau, turning = self._turning_point(state, u0, tau, ds, point, correction, new_tau)
             s1 = float(point.u[n])
         elif s0 < 1.0 <= s1:  # the end of the path lies between: land on s = 1
@@ -250,7 +250,8 @@ class PseudoArclength:
             turning = replace(turning, last_lambda_min=state.stability[-1].lambda_min if state.stability else math.nan)
         new = replace(state, theta=point.theta.detach(), controls=point.controls, s=s1, step=state.step + 1,
                       h=abs(s1 - s0), previous=None, stability=(*state.stability, stability)[-3:],
-                      arclength=ArclengthState(new_tau, min(ds * grow, memory.max_step), memory.max_step))
+                      arclength=ArclengthState(new_tau, min(ds * grow, memory.max_step), memory.max_step,
+                                               at_turn=turning is not None))
         return new, correction, tangent_iterations, rejected, turning
 
     def _turning_point(self, state, u0: Tensor, tau: Tensor, ds: float, point: _Point, correction: Correction,
