@@ -139,15 +139,21 @@ class PseudoArclength:
         return self.linear_solve.solve_bordered(point.theta, point.controls, point.columns, torch.stack(rows, 1),
                                                 torch.stack(corner), rhs, tol=tol, kind=kind)
 
-    def _tangent(self, point: _Point, orientation: Tensor) -> tuple[Tensor, int]:
-        """The unit tangent at ``point`` with τᵀ orientation > 0, and the GMRES iterations."""
+    def _tangent(self, point: _Point, plane: Tensor) -> tuple[Tensor, int]:
+        """The null vector x of J_G at ``point`` with planeᵀx = 1 (not normalized), and the GMRES
+        iterations; an unconverged solve raises :class:`StepSizeError`."""
         rhs = torch.zeros_like(point.u)
         rhs[-1] = 1.0
-        result = self._bordered(point, orientation, rhs, TANGENT_TOL, "arclength-tangent")
+        result = self._bordered(point, plane, rhs, TANGENT_TOL, "arclength-tangent")
         if not result.converged:
-            raise StepSizeError(f"the arclength tangent solve did not converge at s={float(point.u[point.theta.numel()]):.6g} "
-                                f"({result.summary()})")
-        return result.solution / torch.linalg.vector_norm(result.solution), result.iterations
+            raise StepSizeError(f"the arclength tangent solve did not converge at "
+                                f"s={float(point.u[point.theta.numel()]):.6g} ({result.summary()})")
+        return result.solution, result.iterations
+
+    def _unit_tangent(self, point: _Point, orientation: Tensor) -> tuple[Tensor, int]:
+        """The unit tangent at ``point`` with τᵀ orientation > 0, and the GMRES iterations."""
+        tangent, iterations = self._tangent(point, orientation)
+        return tangent / torch.linalg.vector_norm(tangent), iterations
 
     def _correct(self, start: Tensor, plane: Tensor, level: float, target: float | None) -> tuple[_Point, Correction]:
         """Newton on [G(u); planeᵀu − level] = 0 from ``start``."""
@@ -190,18 +196,12 @@ class PseudoArclength:
         (tiny next to a fold, where the natural tangent's length blows up); the largest
         ``nominal_step`` × max(1, ‖u‖) (the steps are in u = (θ, s[, γ]))."""
         u = self.unknowns(state.theta, state.s, state.controls)
-        point = self._point(u, state.target)
         along_s = torch.zeros_like(u)
         along_s[state.theta.numel()] = 1.0
-        rhs = torch.zeros_like(u)
-        rhs[-1] = 1.0
-        result = self._bordered(point, along_s, rhs, TANGENT_TOL, "arclength-tangent")  # (θ_s, 1[, γ_s])
-        if not result.converged:
-            raise StepSizeError(f"the arclength tangent solve did not converge at s={state.s:.6g} ({result.summary()})")
-        length = float(torch.linalg.vector_norm(result.solution))
+        natural, _ = self._tangent(self._point(u, state.target), along_s)  # (θ_s, 1[, γ_s])
+        length = float(torch.linalg.vector_norm(natural))
         largest = nominal_step * max(1.0, float(torch.linalg.vector_norm(u)))
-        return replace(state, arclength=ArclengthState(result.solution / length, min(state.h * length, largest),
-                                                       largest))
+        return replace(state, arclength=ArclengthState(natural / length, min(state.h * length, largest), largest))
 
     def step(self, state):
         """One accepted continuation step from ``state`` (retried at half the length until
@@ -218,7 +218,7 @@ class PseudoArclength:
             try:
                 point, correction = self._correct(u0 + ds * tau, tau, float(tau @ u0) + ds, state.target)
                 if correction.converged:
-                    new_tau, tangent_iterations = self._tangent(point, tau)
+                    new_tau, tangent_iterations = self._unit_tangent(point, tau)
                     if float(new_tau @ tau) >= math.cos(MAX_ANGLE):
                         break
             except StepSizeError:
@@ -241,13 +241,11 @@ class PseudoArclength:
             point, correction = self._correct(u0 + fraction * (point.u - u0), plane, 1.0, state.target)
             if not correction.converged:
                 raise StepSizeError(f"the correction onto s = 1 did not converge (|grad J| = {correction.grad_norm:.3e})")
-            new_tau, _ = self._tangent(point, tau)
+            new_tau, _ = self._unit_tangent(point, tau)
             s1 = 1.0
         iterations = correction.iterations
         grow = 1.5 if iterations <= 2 else 0.7 if iterations >= self.max_iter else 1.0
         stability = self._stability(point, s1)
-        if turning is not None:
-            turning = replace(turning, last_lambda_min=state.stability[-1].lambda_min if state.stability else math.nan)
         new = replace(state, theta=point.theta.detach(), controls=point.controls, s=s1, step=state.step + 1,
                       h=abs(s1 - s0), previous=None, stability=(*state.stability, stability)[-3:],
                       arclength=ArclengthState(new_tau, min(ds * grow, memory.max_step), memory.max_step,
@@ -267,7 +265,7 @@ class PseudoArclength:
             candidate, fixed = self._correct(u0 + c * tau, tau, float(tau @ u0) + c, state.target)
             if not fixed.converged:
                 break
-            tangent, _ = self._tangent(candidate, tau)
+            tangent, _ = self._unit_tangent(candidate, tau)
             fc = float(tangent[n])
             best = (candidate, fixed, tangent)
             if abs(fc) <= 1e-10 or abs(b - a) <= 1e-14 * ds:
@@ -281,6 +279,7 @@ class PseudoArclength:
         c = point.controls
         s_a, s_b = float(u0[n]), float(point.u[n])
         # s(σ) ≈ s_f − κ(σ − σ_f)²/2 near the fold and τ_s ≈ −κ(σ − σ_f): the error in s is ≲ |τ_s| |b − a| / 2
-        fold = Fold(s=s_b, lam=c.lam, gamma=c.gamma, t=c.t, last_accepted_s=s_a, last_lambda_min=math.nan,
+        last_lambda_min = state.stability[-1].lambda_min if state.stability else math.nan
+        fold = Fold(s=s_b, lam=c.lam, gamma=c.gamma, t=c.t, last_accepted_s=s_a, last_lambda_min=last_lambda_min,
                     failed_s=s_b, uncertainty=0.5 * abs(fb) * abs(b - a))
         return point, correction, new_tau, fold

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .arclength import ArclengthState, PseudoArclength, require_residual_form
+from .arclength import ArclengthState, PseudoArclength
 from .correctors import Correction, Corrector
 from .errors import InputError, bad_value, choice_error
 from .folds import AT_FOLD, Fold, FoldError, Jump, StabilityPoint, jump_past, locate_fold
@@ -142,9 +142,11 @@ class QuasiStaticEngine:
             raise InputError("the engine's linear solve must be built on the engine's objective")
         self.objective, self.process, self.integrator, self.corrector = objective, process, integrator, corrector
         self.config = config
-        if config.at_fold == "arclength":
-            require_residual_form(process)
         self.linear_solve = linear_solve or LinearSolve(objective)
+        self._arclength = None if config.at_fold != "arclength" else PseudoArclength(
+            self.linear_solve, process, grad_tol=config.grad_tol, drift_tol=config.drift_tol,
+            max_iter=config.max_corrector_iterations, min_step=config.min_step,
+            eigen_iterations=config.eigen_iterations)  # refuses a process without a residual form
         self.control = StepControl(1.0 / config.steps, config.min_step, config.max_control_change,
                                    config.max_corrector_iterations)
         self._tangent_tol = config.tangent_tolerance(corrector.adapts_step)
@@ -237,7 +239,7 @@ class QuasiStaticEngine:
                     report = self._step(state)
                 except StepSizeError as error:
                     if self.config.at_fold == "arclength" and not isinstance(error, NegativeControlsError):
-                        report = self._continue(self._continuation().begin(state, self.control.h_max))
+                        report = self._continue(self._arclength.begin(state, self.control.h_max))
                     elif self.config.at_fold == "jump" and isinstance(error, FoldError):
                         report = self._jump(state, error.fold, error.rejected)
                     else:
@@ -316,15 +318,9 @@ class QuasiStaticEngine:
             previous=(state.s, y0), stability=state.stability))
         return StepReport(new, correction, self._tangent_cg_iterations, rejected)
 
-    def _continuation(self) -> PseudoArclength:
-        c = self.config
-        return PseudoArclength(self.linear_solve, self.process, grad_tol=c.grad_tol, drift_tol=c.drift_tol,
-                               max_iter=c.max_corrector_iterations, min_step=c.min_step,
-                               eigen_iterations=c.eigen_iterations)
-
     def _continue(self, state: EngineState) -> StepReport:
         """One pseudo-arclength step (:mod:`quasistatic.arclength`)."""
-        new, correction, tangent_iterations, rejected, fold = self._continuation().step(state)
+        new, correction, tangent_iterations, rejected, fold = self._arclength.step(state)
         return StepReport(new, correction, tangent_iterations, rejected, fold=fold)
 
     def _jump(self, state: EngineState, fold: Fold, rejected: int = 0) -> StepReport:

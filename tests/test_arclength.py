@@ -144,27 +144,20 @@ def test_a_run_resumed_on_the_saddle_branch_ends_where_the_uninterrupted_one_doe
     assert resumed.s == 1.0 and torch.allclose(resumed.theta, final.theta, rtol=0, atol=1e-9)
 
 
-def test_fold_and_saddle_rows_are_recorded(tmp_path, s_curve, capsys):
+def test_fold_and_saddle_rows_are_recorded(tmp_path, s_curve, capsys, monkeypatch):
     import csv
     import json
 
+    import quasistatic.trajectory as trajectory
     from quasistatic.rundir import RunDirectory
-    from quasistatic.trajectory import TrajectoryRecorder
     _, reports, _ = s_curve
-    objective = s_curve_objective()
-    objective.report = lambda theta, t=0.0: type("F", (), {"R": 0.0, "D": 0.0, "C": 0.0, "S": 0.0})()
+    monkeypatch.setattr(trajectory, "measure", lambda *args, **kwargs: {})  # the toy has no data to measure on
     run = RunDirectory(tmp_path / "run")
     run.prepare()
-    recorder = TrajectoryRecorder(run, objective, None)
+    recorder = trajectory.TrajectoryRecorder(run, s_curve_objective(), None)
     turning = next(i for i, r in enumerate(reports) if r.fold is not None)
-    import quasistatic.trajectory as trajectory
-    trajectory_measure = trajectory.measure
-    trajectory.measure = lambda *args, **kwargs: {}
-    try:
-        for report in reports[turning:turning + 2]:
-            recorder.on_step(report)
-    finally:
-        trajectory.measure = trajectory_measure
+    for report in reports[turning:turning + 2]:
+        recorder.on_step(report)
     with run.file("trajectory.csv").open() as f:
         fold_row, saddle_row = list(csv.DictReader(f))
     assert fold_row["event"] == "fold" and saddle_row["event"] == "unstable"

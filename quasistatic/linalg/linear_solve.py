@@ -32,6 +32,7 @@ Work is counted on the run's objective: a pass over a subsample costs its share 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -228,22 +229,14 @@ class LinearSolve:
         ``stats.unconverged`` and returned for the caller to judge."""
         fresh = self.preconditioner is None or self._stale
         for attempt in range(2):
-            preconditioner = self.current(theta, controls)
-            x0 = self._warm.get(kind)
+            preconditioner, x0 = self._inputs(theta, controls, rhs, kind, warm=True)
             result = solve_bordered(self.operator(theta, controls), columns, rows, corner, rhs, tol=tol,
-                                    max_iter=self.config.max_iter, x0=x0 if x0 is not None and x0.shape == rhs.shape
-                                    else None,
-                                    preconditioner=None if isinstance(preconditioner, IdentityPreconditioner)
-                                    else preconditioner.apply)
-            self._charge(self._products_on)
-            self.stats.solves += 1
-            self.stats.iterations += result.iterations
+                                    max_iter=self.config.max_iter, x0=x0, preconditioner=preconditioner)
+            self._account(result, kind)
             if result.converged or fresh or attempt or self.config.preconditioner == "none":
                 break
             self.stats.retries += 1
             self.rebuild(theta, controls)
-        if result.converged:
-            self._warm[kind] = result.solution
         self.stats.unconverged += not result.converged
         return result
 
@@ -274,20 +267,30 @@ class LinearSolve:
 
     def _run(self, theta: Tensor, controls: Controls, rhs: Tensor, tol: float, kind: str, damping: float,
              warm: bool, method: str) -> SolveResult:
+        preconditioner, x0 = self._inputs(theta, controls, rhs, kind, warm)
+        result = solve(self.operator(theta, controls, damping), rhs, method=method, tol=tol,
+                       max_iter=self.config.max_iter, x0=x0, preconditioner=preconditioner)
+        self._account(result, kind)
+        if result.converged:
+            self._judge(result)
+        return result
+
+    def _inputs(self, theta: Tensor, controls: Controls, rhs: Tensor, kind: str,
+                warm: bool) -> tuple[Callable[[Tensor], Tensor] | None, Tensor | None]:
+        """The kept P's application (None for the identity) and the warm start of ``kind`` (None
+        when not ``warm`` or of another shape) for a solve with ``rhs``."""
         preconditioner = self.current(theta, controls)
         x0 = self._warm.get(kind) if warm else None
-        if x0 is not None and x0.shape != rhs.shape:
-            x0 = None
-        result = solve(self.operator(theta, controls, damping), rhs, method=method, tol=tol,
-                       max_iter=self.config.max_iter, x0=x0,
-                       preconditioner=None if isinstance(preconditioner, IdentityPreconditioner) else preconditioner.apply)
+        return (None if isinstance(preconditioner, IdentityPreconditioner) else preconditioner.apply,
+                x0 if x0 is not None and x0.shape == rhs.shape else None)
+
+    def _account(self, result: SolveResult, kind: str) -> None:
+        """Count a solve's work and statistics; keep a converged solution as the next warm start."""
         self._charge(self._products_on)
         self.stats.solves += 1
         self.stats.iterations += result.iterations
         if result.converged:
             self._warm[kind] = result.solution
-            self._judge(result)
-        return result
 
     def _judge(self, result: SolveResult) -> None:
         """Compare this solve's effort (iterations per decade of residual) with the first one
