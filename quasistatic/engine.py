@@ -152,6 +152,7 @@ class QuasiStaticEngine:
         self._tangent_tol = config.tangent_tolerance(corrector.adapts_step)
         self._tangent_cg_iterations = 0  # Krylov iterations of the tangent solves in the current step
         self._start_field: tuple[float, Tensor, Tensor] | None = None  # (s, y, dy/ds) at the step's start
+        self._met_negative_curvature = False  # whether the last tangent solve found pᵀAp ≤ 0 (A indefinite)
 
     @staticmethod
     def pack(theta: Tensor, controls: Controls) -> Tensor:
@@ -176,6 +177,7 @@ class QuasiStaticEngine:
         theta, controls = self.unpack(y)
         tangents = equilibrium_tangents(self.objective, theta, controls, self.linear_solve, tol=self._tangent_tol)
         self._tangent_cg_iterations += tangents.solve.iterations
+        self._met_negative_curvature = bool(tangents.solve.negative_curvature.any())
         if not tangents.solve.converged:
             raise ControlDomainError(f"the tangent solve did not converge at s={s:.6g} ({tangents.solve.summary()})")
         rates = self.process.control_velocity(s, controls, tangents.sensitivities())
@@ -276,7 +278,14 @@ class QuasiStaticEngine:
         y0 = self.pack(state.theta, state.controls)
         self._start_field = None
         self._tangent_cg_iterations = 0
-        slope = self.integrator.slope(self.field, state.s, y0, state.previous)
+        try:
+            slope = self.integrator.slope(self.field, state.s, y0, state.previous)
+        except ControlDomainError as error:
+            raise (self._unstable_start(state, error) or error) from error
+        if self._met_negative_curvature:
+            fold = self._unstable_start(state, None)
+            if fold is not None:
+                raise fold
         self._start_field = (state.s, y0, slope)
         h = self.control.first(state.h, state.s, state.controls, slope, adapts)
         rejected = 0
@@ -317,6 +326,28 @@ class QuasiStaticEngine:
             h=self.control.next(h, correction.iterations, rejected, adapts), target=state.target,
             previous=(state.s, y0), stability=state.stability))
         return StepReport(new, correction, self._tangent_cg_iterations, rejected)
+
+    def _unstable_start(self, state: EngineState, error: ControlDomainError | None) -> StepSizeError | None:
+        """The step from ``state`` cannot start: its tangent solve failed (``error``) or met negative
+        curvature (None). λ_min refined at the point decides: ≤ 0 means the path went onto saddles
+        unseen (the tracked λ_min had followed another eigenvector: on digits it read 5.6e-4 at a
+        point where the tangent solve met negative curvature and did not converge): a
+        :class:`FoldError` at the zero of λ_min between the last two points, to be jumped from this
+        point at its controls (or stopped at). Otherwise the fold just ahead when λ_min falls to 0
+        there, else ``error`` itself (None when there is none: the step goes on)."""
+        points = self._refined(state).stability
+        if points and points[-1].s == state.s:
+            if points[-1].lambda_min <= 0:
+                fold = locate_fold(points, state.s)
+                if fold is not None:
+                    fold = replace(fold, last_accepted_s=state.s, failed_s=state.s)
+                    return FoldError(f"{fold.describe()}: the point at s={state.s:.8g} is a saddle "
+                                     f"(lambda_min = {points[-1].lambda_min:.3e}): the path went past a fold", fold)
+            elif error is not None:
+                fold = locate_fold(points, state.s + state.h)
+                if fold is not None:
+                    return FoldError(f"{fold.describe()}: {error}", fold)
+        return error
 
     def _continue(self, state: EngineState) -> StepReport:
         """One pseudo-arclength step (:mod:`quasistatic.arclength`)."""

@@ -188,6 +188,7 @@ def jump_past(fold: Fold, points: tuple[StabilityPoint, ...], theta: Tensor, lin
     landed = Correction(relaxed.theta, controls, relaxed.iterations, 0, relaxed.grad_norm, 0.0, True)
     if process.constraint is not None and target is not None:
         # the new branch's tangents, kept by the linear solve: the corrector's border (q = −θ_γ) on this branch
+        linear_solve.forget("tangent", "newton")
         if not equilibrium_tangents(objective, relaxed.theta, controls, linear_solve, tol=1e-2).solve.converged:
             raise refuse("the tangent solve on the new branch did not converge")
         correction = corrector.correct(linear_solve, relaxed.theta, controls, process, target, grad_tol=grad_tol,

@@ -217,3 +217,34 @@ def test_a_step_accepted_on_a_saddle_is_a_fold_from_the_last_minimum(monkeypatch
         assert state is start
     assert fold.s == pytest.approx(0.2 / 1.1) and fold.last_accepted_s == 0.0 and fold.failed_s == 0.2
     assert rejected == 2
+
+
+@pytest.mark.parametrize("at_fold", ["stop", "jump"])
+def test_a_saddle_missed_by_the_tracking_is_found_by_the_next_tangent_solve(at_fold):
+    """The tracked λ_min can follow another eigenvector while the path goes onto saddles (on digits:
+    5.6e-4 tracked where the tangent solve met negative curvature). The next step's tangent solve
+    meets the negative curvature; λ_min refined there is < 0, so the fold lies between the last
+    two points: ``stop`` names it, ``jump`` relaxes from the saddle at its controls and books the
+    analytic dissipation."""
+    engine = toy_engine(at_fold)
+    lam = 0.3  # below the fold (0.385): minima at x ≈ 0.79 and x ≈ −1.15, the saddle between
+    x_saddle = sorted(r.real for r in np.roots([1, 0, -1, lam]) if abs(r.imag) < 1e-12)[1]
+    saddle = torch.tensor([x_saddle, -lam / 10], dtype=torch.float64)
+    assert 3 * x_saddle**2 - 1 < -0.5
+    missed = (StabilityPoint(0.5, 0.25, 1.0, 0.0, 0.2), StabilityPoint(0.6, lam, 1.0, 0.0, 0.1))  # tracked > 0
+    state = EngineState(saddle, Controls(lam, 1.0), s=0.6, step=6, h=0.05, stability=missed)
+    if at_fold == "stop":
+        with pytest.raises(FoldError, match="is a saddle") as caught:
+            engine.run(state)
+        fold = caught.value.fold
+    else:
+        reports = []
+        engine.run(state, reports.append)
+        jump = reports[0].jump
+        assert jump is not None and jump.s == 0.6
+        x = float(reports[0].state.theta[0])
+        assert x in (pytest.approx(branch_x(lam)), pytest.approx(min(r.real for r in np.roots([1, 0, -1, lam]))))
+        assert jump.dissipation == pytest.approx(toy_j(x_saddle, -lam / 10, lam) - toy_j(x, -lam / 10, lam), abs=1e-8)
+        assert jump.dissipation > 0 and jump.lambda_min > 0
+        fold = jump.fold
+    assert 0.5 < fold.s < 0.6 and fold.last_lambda_min < 0 and fold.failed_s == fold.last_accepted_s == 0.6

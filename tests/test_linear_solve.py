@@ -301,3 +301,20 @@ def test_a_whitening_build_is_counted_and_leaves_the_solves_preconditioner_alone
     whitening = linear_solve.whitening(theta, controls)
     assert whitening is not kept and linear_solve.current(theta, controls) is kept
     assert linear_solve.stats.builds == 2 and objective.work.gradient_equivalents > before
+
+
+def test_forgotten_warm_starts_make_the_next_solve_a_cold_one(surface):
+    """After a jump the last solutions belong to the branch left behind: ``forget`` drops them, and
+    the next solve is the one a cold start gives (same iterations, same solution)."""
+    objective, theta = surface
+    rhs = tangent_rhs(objective, theta)
+    kept = LinearSolve(objective, LinearSolveConfig(preconditioner="kfac"))
+    far = nearby(theta, 0.5, seed=3)
+    assert kept.solve(far, START, tangent_rhs(objective, far), tol=1e-8, kind="tangent").converged
+    assert kept.solve(far, START, rhs[:, :1].contiguous(), tol=1e-8, kind="newton").converged
+    kept.forget("tangent", "newton", "never solved")
+    assert kept.last("tangent") is None and kept.last("newton") is None
+    forgotten = kept.solve(theta, START, rhs, tol=1e-2, kind="tangent")
+    cold = kept.solve(theta, START, rhs, tol=1e-2, kind="tangent", warm=False)
+    assert forgotten.iterations == cold.iterations > 0
+    assert torch.equal(forgotten.solution, cold.solution)

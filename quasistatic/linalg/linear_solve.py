@@ -201,6 +201,13 @@ class LinearSolve:
         """Warm-start the next solve of ``kind`` from ``solution``."""
         self._warm[kind] = solution
 
+    def forget(self, *kinds: str) -> None:
+        """Drop the warm starts of ``kinds`` (after a jump to another branch of the surface the last
+        solutions belong to the branch left behind: a tangent warm-started from them and solved to
+        1e-2 kept their component along the soft mode, and the corrector built on it stalled)."""
+        for kind in kinds:
+            self._warm.pop(kind, None)
+
     def last(self, kind: str) -> Tensor | None:
         """The kept warm start of ``kind`` (the last converged solve's solution, or for
         "eigenvector" the last smallest eigenvector, converged or not), or None."""
