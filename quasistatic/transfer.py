@@ -30,11 +30,9 @@ from .equilibrate import EquilibrationConfig, equilibrate
 from .errors import InputError, bad_value, choice_error
 from .models import RepresentationModel
 from .objective import Controls, Objective
-from .plots import plot_columns
+from .plots import new_figure, plot_columns, save_figure
 from .processes import Process, make_process
 from .trajectory import TrajectoryRecorder, numeric
-
-import matplotlib.pyplot as plt  # noqa: E402  (after .plots, which selects the headless backend)
 
 __all__ = ["BASELINES", "LABEL_MODES", "TRANSFER_PROCESSES", "TransferData", "TransferObjectives",
            "first_per_class", "make_transfer_process", "plot_baseline", "plot_transfer", "train_baseline",
@@ -235,7 +233,8 @@ def plot_transfer(directory: Path, title: str = "") -> Path | None:
     runs = {method: rows for method, rows in runs.items() if rows}
     if not runs:
         return None
-    fig, (rd, loss, acc) = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = new_figure((13, 3.6))
+    rd, loss, acc = fig.subplots(1, 3)
     for method, rows in runs.items():
         s = [row["s"] for row in rows]
         if method == "scratch":
@@ -253,13 +252,7 @@ def plot_transfer(directory: Path, title: str = "") -> Path | None:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = directory / PLOT_FILE
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, directory / PLOT_FILE, title)
 
 
 def plot_baseline(rows: list[dict[str, str]], directory: Path, title: str) -> Path:
