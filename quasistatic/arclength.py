@@ -214,7 +214,8 @@ class PseudoArclength:
         rejected = 0
         while True:
             if ds < self.min_step * memory.max_step:
-                raise StepSizeError(f"the arclength step fell below {self.min_step:g} of its largest at s={state.s:.6g}")
+                raise StepSizeError(f"the arclength step fell below {self.min_step:g} of its largest "
+                                    f"at s={state.s:.6g}")
             try:
                 point, correction = self._correct(u0 + ds * tau, tau, float(tau @ u0) + ds, state.target)
                 if correction.converged:
@@ -240,7 +241,8 @@ class PseudoArclength:
             fraction = (1.0 - s0) / (s1 - s0)
             point, correction = self._correct(u0 + fraction * (point.u - u0), plane, 1.0, state.target)
             if not correction.converged:
-                raise StepSizeError(f"the correction onto s = 1 did not converge (|grad J| = {correction.grad_norm:.3e})")
+                raise StepSizeError(f"the correction onto s = 1 did not converge "
+                                    f"(|grad J| = {correction.grad_norm:.3e})")
             new_tau, _ = self._unit_tangent(point, tau)
             s1 = 1.0
         iterations = correction.iterations

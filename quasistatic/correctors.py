@@ -206,7 +206,8 @@ class NewtonCorrector(Corrector):
                 continue
             trial_controls = replace(controls, gamma=gamma)
             trial = theta + alpha * d_theta
-            trial_values, trial_gradients, trial_norm = self._residual(objective, trial, trial_controls, weights, target)
+            trial_values, trial_gradients, trial_norm = self._residual(objective, trial, trial_controls, weights,
+                                                                       target)
             trial_violation = float(trial_values[2] - target) if constrained else 0.0
             trial_j = float(trial_values[0])
             if not math.isfinite(trial_j) or not math.isfinite(float(trial_norm)):

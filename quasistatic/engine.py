@@ -44,8 +44,8 @@ from .processes import Process
 from .step_control import StepControl, StepSizeError
 from .tangents import equilibrium_tangents
 
-__all__ = ["ControlDomainError", "EngineConfig", "EngineState", "FoldError", "NegativeControlsError", "QuasiStaticEngine",
-           "StepReport", "StepSizeError", "first_law_residual"]
+__all__ = ["ControlDomainError", "EngineConfig", "EngineState", "FoldError", "NegativeControlsError",
+           "QuasiStaticEngine", "StepReport", "StepSizeError", "first_law_residual"]
 
 
 class ControlDomainError(StepSizeError):
@@ -219,7 +219,8 @@ class QuasiStaticEngine:
         return self.config.grad_tol / last if last > 0 else math.inf
 
     def _lambda_min(self, state: EngineState, iterations: int) -> float:
-        return float(self.linear_solve.smallest_eigenpairs(state.theta, state.controls, iterations=iterations).values[0])
+        pairs = self.linear_solve.smallest_eigenpairs(state.theta, state.controls, iterations=iterations)
+        return float(pairs.values[0])
 
     def run(self, state: EngineState, on_step: Callable[[StepReport], None] | None = None) -> EngineState:
         """Integrate from ``state`` to s = 1, calling ``on_step`` after every accepted step (and

@@ -24,8 +24,8 @@ __all__ = ["TRAJECTORY_COLUMNS", "TARGET_COLUMNS", "TrajectoryRecorder", "numeri
 
 TRAJECTORY_COLUMNS = ("step", "s", "lam", "gamma", "t", "R", "D", "C", "F", "val_C", "val_acc", "grad_norm",
                       "cg_iters", "grad_evals", "wall_s", "S", "corrector_iters", "rejected_steps", "h",
-                      "precond_builds", "unconverged_solves", "lambda_min", "negative_eigenvalues", "event", "jump_distance",
-                      "dissipation")
+                      "precond_builds", "unconverged_solves", "lambda_min", "negative_eigenvalues", "event",
+                      "jump_distance", "dissipation")
 TEXT_COLUMNS = ("event",)  # the columns that are not numbers
 TARGET_COLUMNS = ("target_val_C", "target_val_acc")  # with ``target_val``: C and accuracy on the target alone
 STATE_FILE = "state.pt"

@@ -245,9 +245,10 @@ def plot_transfer(directory: Path, title: str = "") -> Path | None:
             rd.plot([row["D"] for row in rows], [row["R"] for row in rows], marker=".", label=method)
         loss.plot(s, [row["target_val_C"] for row in rows], marker=".", label=method)
         acc.plot(s, [row["target_val_acc"] for row in rows], marker=".", label=method)
-    for ax, (x, y, name) in zip((rd, loss, acc), (("D", "R", "(a) rate–distortion during the transfer"),
-                                                  ("progress s", "target val C", "(b) validation loss (target)"),
-                                                  ("progress s", "target val accuracy", "(c) validation accuracy (target)"))):
+    labels = (("D", "R", "(a) rate–distortion during the transfer"),
+              ("progress s", "target val C", "(b) validation loss (target)"),
+              ("progress s", "target val accuracy", "(c) validation accuracy (target)"))
+    for ax, (x, y, name) in zip((rd, loss, acc), labels):
         ax.set(xlabel=x, ylabel=y, title=name)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

@@ -100,19 +100,20 @@ class CurvatureOperator:
                 continue
             scale = part_weight / len(part.data)
             for start, stop in part.chunks():
+                # The closures below read the loop's variables (B023) but are called within this iteration only.
                 def outputs(th: Tensor, start: int = start, stop: int = stop) -> tuple[Tensor, ...]:
-                    return part.outputs(th, start, stop)
+                    return part.outputs(th, start, stop)  # noqa: B023
 
                 def loss(outs: tuple[Tensor, ...], start: int = start, stop: int = stop) -> Tensor:
-                    return scale * (part.losses(outs, start, stop).sum(-1) @ weights)
+                    return scale * (part.losses(outs, start, stop).sum(-1) @ weights)  # noqa: B023
 
                 outs, pullback = vjp(outputs, self.theta)
                 loss_grad = grad(loss)
 
                 def ggn_v(v: Tensor) -> Tensor:
                     jv = jvp(outputs, (self.theta,), (v,))[1]
-                    h_jv = jvp(loss_grad, (outs,), (jv,))[1]
-                    return pullback(h_jv)[0]
+                    h_jv = jvp(loss_grad, (outs,), (jv,))[1]  # noqa: B023
+                    return pullback(h_jv)[0]  # noqa: B023
 
                 total = total + vmap(ggn_v, in_dims=1, out_dims=1)(block)
         return total + self.objective.sigma * block  # σS = ½σ‖θ‖² has the Hessian σI
