@@ -239,7 +239,7 @@ class QuasiStaticEngine:
                 try:
                     report = self._step(state)
                 except StepSizeError as error:
-                    if self.config.at_fold == "arclength" and not isinstance(error, NegativeControlsError):
+                    if self._arclength is not None and not isinstance(error, NegativeControlsError):
                         report = self._continue(self._arclength.begin(state, self.control.h_max))
                     elif self.config.at_fold == "jump" and isinstance(error, FoldError):
                         report = self._jump(state, error.fold, error.rejected)
@@ -321,6 +321,9 @@ class QuasiStaticEngine:
 
     def _continue(self, state: EngineState) -> StepReport:
         """One pseudo-arclength step (:mod:`quasistatic.arclength`)."""
+        if self._arclength is None:
+            raise bad_value("engine at_fold", "'arclength' to continue a state on an arclength continuation",
+                            self.config.at_fold)
         new, correction, tangent_iterations, rejected, fold = self._arclength.step(state)
         return StepReport(new, correction, tangent_iterations, rejected, fold=fold)
 

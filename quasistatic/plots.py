@@ -7,7 +7,7 @@ host's backend (a notebook's, a GUI's) alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -23,7 +23,7 @@ def new_figure(figsize: tuple[float, float]) -> Figure:
     return fig
 
 
-def plot_columns(rows: Sequence[dict[str, str | float]], x: str, panels: Sequence[Sequence[str]],
+def plot_columns(rows: Sequence[Mapping[str, str | float]], x: str, panels: Sequence[Sequence[str]],
                  path: Path, title: str = "", log_scale: Sequence[str] = ("grad_norm",)) -> Path:
     """One panel per group of columns in ``panels``, each plotted against column ``x``; a panel
     holding a column of ``log_scale`` gets a logarithmic y axis."""
@@ -41,7 +41,7 @@ def plot_columns(rows: Sequence[dict[str, str | float]], x: str, panels: Sequenc
     return save_figure(fig, path, title)
 
 
-def plot_hysteresis(sweeps: Sequence[tuple[str, Sequence[dict[str, str | float]]]], path: Path,
+def plot_hysteresis(sweeps: Sequence[tuple[str, Sequence[Mapping[str, str | float]]]], path: Path,
                     title: str = "") -> Path:
     """The sweeps of a loop (label, rows) on one figure: the R–D plane, the (λ, γ) path and λ–λ_min,
     rows with event ``jump`` or ``fold`` marked with a cross."""
@@ -49,7 +49,7 @@ def plot_hysteresis(sweeps: Sequence[tuple[str, Sequence[dict[str, str | float]]
     fig = new_figure((4.2 * len(panels), 3.4))
     axes = fig.subplots(1, len(panels), squeeze=False)
 
-    def value(row: dict[str, str | float], column: str) -> float:
+    def value(row: Mapping[str, str | float], column: str) -> float:
         return float(row[column]) if row.get(column, "") != "" else float("nan")
 
     for label, rows in sweeps:

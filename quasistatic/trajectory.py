@@ -62,7 +62,7 @@ class TrajectoryRecorder:
         point = state.stability[-1] if state.stability and state.stability[-1].s == state.s else None
         lambda_min = point.lambda_min if point is not None else math.nan
         negative = point.negative if point is not None and point.negative is not None else ""
-        unstable = (negative or 0) > 0 or lambda_min < 0
+        unstable = (point is not None and (point.negative or 0) > 0) or lambda_min < 0
         return {"step": state.step, "s": state.s, "lam": c.lam, "gamma": c.gamma, "t": c.t, **measured,
                 "cg_iters": cg_iters, "corrector_iters": corrector_iters, "rejected_steps": rejected, "h": state.h,
                 "grad_evals": self.train.work.gradient_equivalents,

@@ -31,7 +31,7 @@ from .errors import InputError, bad_value, choice_error
 from .models import RepresentationModel
 from .objective import Controls, Objective
 from .plots import new_figure, plot_columns, save_figure
-from .processes import Process, make_process
+from .processes import IsoClassificationTransfer, Process, make_process
 from .trajectory import TrajectoryRecorder, numeric
 
 __all__ = ["BASELINES", "LABEL_MODES", "TRANSFER_PROCESSES", "TransferData", "TransferObjectives",
@@ -184,7 +184,8 @@ def make_transfer_process(method: str, start: Controls, value: float | None = No
         raise choice_error("transfer process method", TRANSFER_PROCESSES, method)
     name, parameter = TRANSFER_PROCESSES[method]
     process = make_process(name, start, **({} if value is None else {parameter: value}))
-    if method == "constant-lambda-rate" and start.lam + process.lam_rate < 0:
+    if (method == "constant-lambda-rate" and isinstance(process, IsoClassificationTransfer)
+            and start.lam + process.lam_rate < 0):
         raise bad_value("k", f"a rate that keeps lambda >= 0 up to s = 1 (k >= -lambda = {-start.lam:g})",
                         process.lam_rate)
     return process
@@ -204,17 +205,21 @@ def train_baseline(objective: Objective, controls: Controls, config: Equilibrati
     start_epoch, optimizer_state = 0, None
     if state is not None:
         objective.layout.write(objective.model, state.theta)
+        assert recorder.extra is not None  # a baseline saves its optimizer state with every epoch
         start_epoch, optimizer_state = state.step, recorder.extra["optimizer"]
     last = [state]
 
     def on_epoch(epoch: int, row: dict[str, float], optimizer: dict) -> None:
-        last[0] = EngineState(objective.initial_theta(), controls, s=(epoch + 1) / config.epochs, step=epoch + 1,
-                              h=1 / config.epochs)
-        recorder.record(last[0], extra={"optimizer": optimizer})
+        new = EngineState(objective.initial_theta(), controls, s=(epoch + 1) / config.epochs, step=epoch + 1,
+                          h=1 / config.epochs)
+        last[0] = new
+        recorder.record(new, extra={"optimizer": optimizer})
 
     equilibrate(objective, controls, config, seed=seed, start_epoch=start_epoch, optimizer_state=optimizer_state,
                 on_epoch=on_epoch, progress=progress)
-    return last[0]
+    final = last[0]
+    assert final is not None  # an epoch ran, or the resumed state is the last one's
+    return final
 
 
 def _read_rows(path: Path) -> list[dict[str, float]]:

@@ -133,7 +133,7 @@ def follow(args: argparse.Namespace, process: Process, train: Objective, recorde
     try:
         runner.run(state, recorder.on_step)
     except (StepSizeError, DivergenceError) as error:
-        written = recorder.run.file("trajectory.csv")
+        written = str(recorder.run.file("trajectory.csv"))
         if isinstance(error, FoldError):
             recorder.run.write_json("fold.json", error.fold.to_dict())
             written = f"{written}, the fold in {recorder.run.file('fold.json')}"

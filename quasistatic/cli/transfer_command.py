@@ -115,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
         code, files = _run_baseline(args, objectives, run_dir, controls, title)
     if code:
         return code
-    files.append(plot_transfer(Path(args.out), title))  # this run has rows: never None here
+    figure = plot_transfer(Path(args.out), title)
+    assert figure is not None  # this run has rows
+    files.append(figure)
     print(f"wrote {run_dir.file('trajectory.csv')}, " + ", ".join(str(p) for p in files))
     return 0
 
