@@ -3,9 +3,18 @@
 Implements Gao & Chaudhari, "A Free-Energy Principle for Representation Learning" (ICML 2020):
 models trained on J(θ; λ, γ) = R + λD + γC, their equilibrium surface ∇θJ = 0, and processes that
 move θ along it while the controls (λ, γ) and the data mixture t change.
+
+Importing the package changes no global state of its host: no matplotlib backend, no torch thread
+count or default dtype, no warning filters, no logging configuration. Its messages go to the
+``logging`` loggers ``quasistatic.*`` (a ``NullHandler`` on ``quasistatic``); the command line
+shows them on stderr.
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from .data import (  # noqa: E402

@@ -125,6 +125,7 @@ class PseudoArclength:
         row = corner = None
         violation = 0.0
         if self.weights is not None:
+            assert target is not None  # a constrained process's state carries its constraint value g₀
             w = torch.tensor(self.weights, dtype=theta.dtype, device=theta.device)
             row = w @ gradients
             corner = torch.tensor([t_rate * float(w @ partial_t), 0.0], dtype=theta.dtype, device=theta.device)
@@ -214,7 +215,8 @@ class PseudoArclength:
         rejected = 0
         while True:
             if ds < self.min_step * memory.max_step:
-                raise StepSizeError(f"the arclength step fell below {self.min_step:g} of its largest at s={state.s:.6g}")
+                raise StepSizeError(f"the arclength step fell below {self.min_step:g} of its largest "
+                                    f"at s={state.s:.6g}")
             try:
                 point, correction = self._correct(u0 + ds * tau, tau, float(tau @ u0) + ds, state.target)
                 if correction.converged:
@@ -240,7 +242,8 @@ class PseudoArclength:
             fraction = (1.0 - s0) / (s1 - s0)
             point, correction = self._correct(u0 + fraction * (point.u - u0), plane, 1.0, state.target)
             if not correction.converged:
-                raise StepSizeError(f"the correction onto s = 1 did not converge (|grad J| = {correction.grad_norm:.3e})")
+                raise StepSizeError(f"the correction onto s = 1 did not converge "
+                                    f"(|grad J| = {correction.grad_norm:.3e})")
             new_tau, _ = self._unit_tangent(point, tau)
             s1 = 1.0
         iterations = correction.iterations
@@ -276,10 +279,10 @@ class PseudoArclength:
                 fa /= 2  # Illinois: the kept end's value halved, so that the bracket closes from both sides
             b, fb = c, fc
         point, correction, new_tau = best
-        c = point.controls
+        at = point.controls
         s_a, s_b = float(u0[n]), float(point.u[n])
         # s(σ) ≈ s_f − κ(σ − σ_f)²/2 near the fold and τ_s ≈ −κ(σ − σ_f): the error in s is ≲ |τ_s| |b − a| / 2
         last_lambda_min = state.stability[-1].lambda_min if state.stability else math.nan
-        fold = Fold(s=s_b, lam=c.lam, gamma=c.gamma, t=c.t, last_accepted_s=s_a, last_lambda_min=last_lambda_min,
+        fold = Fold(s=s_b, lam=at.lam, gamma=at.gamma, t=at.t, last_accepted_s=s_a, last_lambda_min=last_lambda_min,
                     failed_s=s_b, uncertainty=0.5 * abs(fb) * abs(b - a))
         return point, correction, new_tau, fold

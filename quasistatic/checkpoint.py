@@ -46,9 +46,11 @@ def load_checkpoint(path: str | Path, expect: ModelConfig | None = None) -> Chec
     try:
         data = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises several unrelated types for a corrupt file
-        raise InputError(f"checkpoint must be a quasistatic checkpoint, got unreadable {str(path)!r} ({error})")
+        raise InputError(f"checkpoint must be a quasistatic checkpoint, got unreadable {str(path)!r} "
+                         f"({error})") from error
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise bad_value("checkpoint format", FORMAT, data.get("format") if isinstance(data, dict) else type(data).__name__)
+        raise bad_value("checkpoint format", FORMAT,
+                        data.get("format") if isinstance(data, dict) else type(data).__name__)
     if expect is not None:
         saved = ModelConfig(**data["model_config"]).to_dict()
         for key, value in expect.to_dict().items():

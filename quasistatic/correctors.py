@@ -124,15 +124,16 @@ class NewtonCorrector(Corrector):
         grad_tol = self.grad_tol if grad_tol is None else grad_tol
         drift_tol = self.drift_tol if drift_tol is None else drift_tol
         max_iter = self.max_iter if max_iter is None else min(max_iter, self.max_iter)
-        constrained = process is not None and process.constraint is not None and target is not None
-        allowed = drift_tol * abs(target) if constrained and target else drift_tol
-        weights = (torch.tensor(process.constraint, dtype=theta.dtype, device=theta.device)
-                   if constrained else None)
+        constraint = None if process is None or target is None else process.constraint
+        constrained = constraint is not None
+        goal = 0.0 if target is None else target  # g₀, read only when constrained
+        allowed = drift_tol * abs(goal) if constrained and goal else drift_tol
+        weights = torch.tensor(constraint, dtype=theta.dtype, device=theta.device) if constraint is not None else None
         values, gradients, grad_norm = self._residual(objective, theta, controls, weights, target)
         damping, cg_total, stalls, iteration = 0.0, 0, 0, 0
         residual = math.inf
         while True:
-            violation = float(values[2] - target) if constrained else 0.0
+            violation = float(values[2] - goal) if constrained else 0.0
             if float(grad_norm) <= grad_tol and abs(violation) <= allowed:
                 return Correction(theta, controls, iteration, cg_total, float(grad_norm), abs(violation), True)
             # a residual that no longer contracts (twice) means the start is outside Newton's basin:
@@ -150,7 +151,7 @@ class NewtonCorrector(Corrector):
                 cg_total += iterations
                 if not negative:
                     accepted = self._line_search(objective, theta, controls, d_theta, d_gamma, values, gradients,
-                                                 grad_norm, violation, weights, target, constrained)
+                                                 grad_norm, violation, weights, goal, constrained)
                 if accepted is None:
                     damping = max(10 * damping, self.initial_damping)
             if accepted is None:
@@ -158,7 +159,7 @@ class NewtonCorrector(Corrector):
             theta, controls, values, gradients, grad_norm, full_step = accepted
             if full_step:
                 damping /= 10
-        violation = float(values[2] - target) if constrained else 0.0
+        violation = float(values[2] - goal) if constrained else 0.0
         return Correction(theta, controls, iteration, cg_total, float(grad_norm), abs(violation), False)
 
     def _newton_step(self, linear_solve: LinearSolve, theta: Tensor, controls: Controls, gradients: Tensor,
@@ -177,7 +178,7 @@ class NewtonCorrector(Corrector):
         p = result.solution[:, 0]
         if not constrained:
             return -p, 0.0, result.iterations, negative
-        q = -tangents[:, 1] if chord else result.solution[:, 1]
+        q = -tangents[:, 1] if chord and tangents is not None else result.solution[:, 1]
         grad_g = gradients[2]
         denominator = float(grad_g @ q)
         if denominator == 0:
@@ -187,7 +188,7 @@ class NewtonCorrector(Corrector):
 
     def _line_search(self, objective: Objective, theta: Tensor, controls: Controls, d_theta: Tensor,
                      d_gamma: float, values: Tensor, gradients: Tensor, grad_norm: Tensor, violation: float,
-                     weights: Tensor | None, target: float | None, constrained: bool) -> tuple | None:
+                     weights: Tensor | None, target: float, constrained: bool) -> tuple | None:
         """Backtracking, α = 1, ½, …, 1/16, with a sufficient-decrease test.
 
         Constrained: on the residual ½‖(∇θJ, g − g₀)‖², whose slope along an exact Newton step is
@@ -206,7 +207,8 @@ class NewtonCorrector(Corrector):
                 continue
             trial_controls = replace(controls, gamma=gamma)
             trial = theta + alpha * d_theta
-            trial_values, trial_gradients, trial_norm = self._residual(objective, trial, trial_controls, weights, target)
+            trial_values, trial_gradients, trial_norm = self._residual(objective, trial, trial_controls, weights,
+                                                                       target)
             trial_violation = float(trial_values[2] - target) if constrained else 0.0
             trial_j = float(trial_values[0])
             if not math.isfinite(trial_j) or not math.isfinite(float(trial_norm)):

@@ -44,8 +44,8 @@ from .processes import Process
 from .step_control import StepControl, StepSizeError
 from .tangents import equilibrium_tangents
 
-__all__ = ["ControlDomainError", "EngineConfig", "EngineState", "FoldError", "NegativeControlsError", "QuasiStaticEngine",
-           "StepReport", "StepSizeError", "first_law_residual"]
+__all__ = ["ControlDomainError", "EngineConfig", "EngineState", "FoldError", "NegativeControlsError",
+           "QuasiStaticEngine", "StepReport", "StepSizeError", "first_law_residual"]
 
 
 class ControlDomainError(StepSizeError):
@@ -221,7 +221,8 @@ class QuasiStaticEngine:
         return self.config.grad_tol / last if last > 0 else math.inf
 
     def _lambda_min(self, state: EngineState, iterations: int) -> float:
-        return float(self.linear_solve.smallest_eigenpairs(state.theta, state.controls, iterations=iterations).values[0])
+        pairs = self.linear_solve.smallest_eigenpairs(state.theta, state.controls, iterations=iterations)
+        return float(pairs.values[0])
 
     def run(self, state: EngineState, on_step: Callable[[StepReport], None] | None = None) -> EngineState:
         """Integrate from ``state`` to s = 1, calling ``on_step`` after every accepted step (and
@@ -240,7 +241,7 @@ class QuasiStaticEngine:
                 try:
                     report = self._step(state)
                 except StepSizeError as error:
-                    if self.config.at_fold == "arclength" and not isinstance(error, NegativeControlsError):
+                    if self._arclength is not None and not isinstance(error, NegativeControlsError):
                         report = self._continue(self._arclength.begin(state, self.control.h_max))
                     elif self.config.at_fold == "jump" and isinstance(error, FoldError):
                         report = self._jump(state, error.fold, error.rejected)
@@ -351,6 +352,9 @@ class QuasiStaticEngine:
 
     def _continue(self, state: EngineState) -> StepReport:
         """One pseudo-arclength step (:mod:`quasistatic.arclength`)."""
+        if self._arclength is None:
+            raise bad_value("engine at_fold", "'arclength' to continue a state on an arclength continuation",
+                            self.config.at_fold)
         new, correction, tangent_iterations, rejected, fold = self._arclength.step(state)
         return StepReport(new, correction, tangent_iterations, rejected, fold=fold)
 

@@ -8,7 +8,7 @@ data set).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -129,4 +129,4 @@ class FixedNoiseFunctionals:
         n = len(self.data)
         total = sum(self.per_example(theta, i, i + self.chunk_size).sum(-1)
                     for i in range(0, n, self.chunk_size))
-        return total / n
+        return cast(Tensor, total) / n  # a sum of tensors (the data set is not empty)

@@ -68,7 +68,7 @@ class Objective:
         self.model = model
         self.layout = ParameterLayout(model)
         self.mixture = data if isinstance(data, DataMixture) else None
-        sets = [data.source, data.target] if self.mixture else [data]
+        sets = [data.source, data.target] if isinstance(data, DataMixture) else [data]
         self.parts = [FixedNoiseFunctionals(model, part, samples, noise_seed + i, chunk_size)
                       for i, part in enumerate(sets)]
         self.work = WorkCounter()
@@ -109,7 +109,7 @@ class Objective:
 
     def functionals(self, theta: Tensor, t: float | Tensor = 0.0) -> Tensor:
         """(3,) [R, D, C] under p(x, t): the exact mixture (1 − t)·X_s + t·X_t for a mixture."""
-        if not self.is_mixture:
+        if self.mixture is None:
             return self.parts[0](theta)
         return self.mixture.mix(self.parts[0](theta), self.parts[1](theta), t)
 
@@ -154,13 +154,13 @@ class Objective:
         Counts the fraction batch/n of a gradient: the caller backpropagates through it."""
         self.work.gradients += max(len(i) / len(part.data) for part, i in zip(self.parts, index))
         values = [part.batch_mean(i) for part, i in zip(self.parts, index)]
-        mixed = values[0] if not self.is_mixture else self.mixture.mix(values[0], values[1], controls.t)
+        mixed = values[0] if self.mixture is None else self.mixture.mix(values[0], values[1], controls.t)
         return self._combine(mixed, torch.cat([p.reshape(-1) for p in self.model.parameters()]), controls)
 
     def accuracy(self, theta: Tensor, t: float = 0.0) -> float:
         """Classification accuracy at the encoder mean under p(x, t)."""
         accuracies = [part.accuracy(theta) for part in self.parts]
-        return accuracies[0] if not self.is_mixture else float(self.mixture.mix(accuracies[0], accuracies[1], t))
+        return accuracies[0] if self.mixture is None else float(self.mixture.mix(accuracies[0], accuracies[1], t))
 
     def combination_gradients(self, theta: Tensor, weights: Tensor, t: float = 0.0,
                               with_entropy: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -182,4 +182,5 @@ class Objective:
         """R, D, C and S as floats (no graph)."""
         self.work.forwards += 1
         with torch.no_grad():
-            return Functionals(*self.functionals(theta, t).tolist(), float(self.weight_entropy(theta)), self.sigma)
+            r, d, c = self.functionals(theta, t).tolist()
+            return Functionals(r, d, c, float(self.weight_entropy(theta)), self.sigma)

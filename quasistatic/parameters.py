@@ -30,7 +30,7 @@ class ParameterLayout:
 
     def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
         """The parameter dict whose entries are views of θ."""
-        chunks = torch.split(theta, self.sizes)
+        chunks = torch.split(theta, list(self.sizes))
         return {name: chunk.view(shape) for name, chunk, shape in zip(self.names, chunks, self.shapes)}
 
     def read(self, module: nn.Module) -> Tensor:

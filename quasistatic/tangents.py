@@ -123,7 +123,7 @@ def surface_gradients(objective: Objective, theta: Tensor, t: float) -> tuple[Te
     """∇θ(R, D, C) under p(x, t) (3, N), their t-derivatives ∂_t∇θ(R, D, C) (3, N; zero on a single
     data set), the values (R, D, C) (3,) and ∂_t(R, D, C) (3,) at fixed θ: the columns of eqs. 18
     and 25 and of a residual form's Jacobian. Counts 3 gradients (6 on a mixture) and a forward."""
-    if objective.is_mixture:
+    if objective.mixture is not None:
         parts = jacrev(objective.part_functionals)(theta)  # (2, 3, N)
         objective.work.gradients += 6
         values_parts = objective.part_functionals(theta).detach()  # (2, 3)

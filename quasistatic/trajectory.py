@@ -4,15 +4,13 @@ every step, and the paper's figures (Fig. 2: R–D curve, (λ, γ) path, C and a
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
-
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .engine import EngineState, StepReport
 from .folds import Fold, Jump
@@ -26,11 +24,13 @@ __all__ = ["TRAJECTORY_COLUMNS", "TARGET_COLUMNS", "TrajectoryRecorder", "numeri
 
 TRAJECTORY_COLUMNS = ("step", "s", "lam", "gamma", "t", "R", "D", "C", "F", "val_C", "val_acc", "grad_norm",
                       "cg_iters", "grad_evals", "wall_s", "S", "corrector_iters", "rejected_steps", "h",
-                      "precond_builds", "unconverged_solves", "lambda_min", "negative_eigenvalues", "event", "jump_distance",
-                      "dissipation")
+                      "precond_builds", "unconverged_solves", "lambda_min", "negative_eigenvalues", "event",
+                      "jump_distance", "dissipation")
 TEXT_COLUMNS = ("event",)  # the columns that are not numbers
 TARGET_COLUMNS = ("target_val_C", "target_val_acc")  # with ``target_val``: C and accuracy on the target alone
 STATE_FILE = "state.pt"
+
+logger = logging.getLogger(__name__)
 
 
 class TrajectoryRecorder:
@@ -62,7 +62,7 @@ class TrajectoryRecorder:
         point = state.stability[-1] if state.stability and state.stability[-1].s == state.s else None
         lambda_min = point.lambda_min if point is not None else math.nan
         negative = point.negative if point is not None and point.negative is not None else ""
-        unstable = (negative or 0) > 0 or lambda_min < 0
+        unstable = (point is not None and (point.negative or 0) > 0) or lambda_min < 0
         return {"step": state.step, "s": state.s, "lam": c.lam, "gamma": c.gamma, "t": c.t, **measured,
                 "cg_iters": cg_iters, "corrector_iters": corrector_iters, "rejected_steps": rejected, "h": state.h,
                 "grad_evals": self.train.work.gradient_equivalents,
@@ -86,23 +86,23 @@ class TrajectoryRecorder:
         return row
 
     def on_step(self, report: StepReport) -> None:
-        """Record an accepted step; a jump past a fold is also added to jumps.json and printed, a
-        fold reached by arclength continuation to folds.json."""
+        """Record an accepted step; a jump past a fold is also added to jumps.json, a fold reached by
+        arclength continuation to folds.json, and both are logged (INFO, logger ``quasistatic.trajectory``)."""
         if report.jump is not None:
             path = self.run.file("jumps.json")
             jumps = json.loads(path.read_text()) if path.exists() else []
             self.run.write_json("jumps.json", [*jumps[:sum(j["s"] < report.jump.s for j in jumps)],
                                                report.jump.to_dict()])
-            tqdm.write(f"{report.jump.fold.describe()}; jumped to s={report.jump.s:.6g}: |dtheta| = "
-                       f"{report.jump.distance:.3g}, dissipated J {report.jump.dissipation:.6g}", file=sys.stderr)
+            logger.info("%s; jumped to s=%.6g: |dtheta| = %.3g, dissipated J %.6g", report.jump.fold.describe(),
+                        report.jump.s, report.jump.distance, report.jump.dissipation)
         if report.fold is not None:
             path = self.run.file("folds.json")
             folds = json.loads(path.read_text()) if path.exists() else []
             self.run.write_json("folds.json", [*(f for f in folds if f["step"] < report.state.step),
                                                {"step": report.state.step, **report.fold.to_dict()}])
             fold = report.fold
-            tqdm.write(f"arclength continuation turned at a fold: lambda={fold.lam:.8g}, gamma={fold.gamma:.8g}, "
-                       f"t={fold.t:.6g}, s={fold.s:.8g} +- {fold.uncertainty:.1e}", file=sys.stderr)
+            logger.info("arclength continuation turned at a fold: lambda=%.8g, gamma=%.8g, t=%.6g, s=%.8g +- %.1e",
+                        fold.lam, fold.gamma, fold.t, fold.s, fold.uncertainty)
         self.record(report.state, cg_iters=report.tangent_cg_iterations + report.correction.cg_iterations,
                     corrector_iters=report.correction.iterations, rejected=report.rejected, jump=report.jump,
                     fold=report.fold)

@@ -30,11 +30,9 @@ from .equilibrate import EquilibrationConfig, equilibrate
 from .errors import InputError, bad_value, choice_error
 from .models import RepresentationModel
 from .objective import Controls, Objective
-from .plots import plot_columns
-from .processes import Process, make_process
+from .plots import new_figure, plot_columns, save_figure
+from .processes import IsoClassificationTransfer, Process, make_process
 from .trajectory import TrajectoryRecorder, numeric
-
-import matplotlib.pyplot as plt  # noqa: E402  (after .plots, which selects the headless backend)
 
 __all__ = ["BASELINES", "LABEL_MODES", "TRANSFER_PROCESSES", "TransferData", "TransferObjectives",
            "first_per_class", "make_transfer_process", "plot_baseline", "plot_transfer", "train_baseline",
@@ -186,7 +184,8 @@ def make_transfer_process(method: str, start: Controls, value: float | None = No
         raise choice_error("transfer process method", TRANSFER_PROCESSES, method)
     name, parameter = TRANSFER_PROCESSES[method]
     process = make_process(name, start, **({} if value is None else {parameter: value}))
-    if method == "constant-lambda-rate" and start.lam + process.lam_rate < 0:
+    if (method == "constant-lambda-rate" and isinstance(process, IsoClassificationTransfer)
+            and start.lam + process.lam_rate < 0):
         raise bad_value("k", f"a rate that keeps lambda >= 0 up to s = 1 (k >= -lambda = {-start.lam:g})",
                         process.lam_rate)
     return process
@@ -206,17 +205,21 @@ def train_baseline(objective: Objective, controls: Controls, config: Equilibrati
     start_epoch, optimizer_state = 0, None
     if state is not None:
         objective.layout.write(objective.model, state.theta)
+        assert recorder.extra is not None  # a baseline saves its optimizer state with every epoch
         start_epoch, optimizer_state = state.step, recorder.extra["optimizer"]
     last = [state]
 
     def on_epoch(epoch: int, row: dict[str, float], optimizer: dict) -> None:
-        last[0] = EngineState(objective.initial_theta(), controls, s=(epoch + 1) / config.epochs, step=epoch + 1,
-                              h=1 / config.epochs)
-        recorder.record(last[0], extra={"optimizer": optimizer})
+        new = EngineState(objective.initial_theta(), controls, s=(epoch + 1) / config.epochs, step=epoch + 1,
+                          h=1 / config.epochs)
+        last[0] = new
+        recorder.record(new, extra={"optimizer": optimizer})
 
     equilibrate(objective, controls, config, seed=seed, start_epoch=start_epoch, optimizer_state=optimizer_state,
                 on_epoch=on_epoch, progress=progress)
-    return last[0]
+    final = last[0]
+    assert final is not None  # an epoch ran, or the resumed state is the last one's
+    return final
 
 
 def _read_rows(path: Path) -> list[dict[str, float]]:
@@ -235,7 +238,8 @@ def plot_transfer(directory: Path, title: str = "") -> Path | None:
     runs = {method: rows for method, rows in runs.items() if rows}
     if not runs:
         return None
-    fig, (rd, loss, acc) = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = new_figure((13, 3.6))
+    rd, loss, acc = fig.subplots(1, 3)
     for method, rows in runs.items():
         s = [row["s"] for row in rows]
         if method == "scratch":
@@ -246,20 +250,15 @@ def plot_transfer(directory: Path, title: str = "") -> Path | None:
             rd.plot([row["D"] for row in rows], [row["R"] for row in rows], marker=".", label=method)
         loss.plot(s, [row["target_val_C"] for row in rows], marker=".", label=method)
         acc.plot(s, [row["target_val_acc"] for row in rows], marker=".", label=method)
-    for ax, (x, y, name) in zip((rd, loss, acc), (("D", "R", "(a) rate–distortion during the transfer"),
-                                                  ("progress s", "target val C", "(b) validation loss (target)"),
-                                                  ("progress s", "target val accuracy", "(c) validation accuracy (target)"))):
+    labels = (("D", "R", "(a) rate–distortion during the transfer"),
+              ("progress s", "target val C", "(b) validation loss (target)"),
+              ("progress s", "target val accuracy", "(c) validation accuracy (target)"))
+    for ax, (x, y, name) in zip((rd, loss, acc), labels):
         ax.set(xlabel=x, ylabel=y, title=name)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = directory / PLOT_FILE
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, directory / PLOT_FILE, title)
 
 
 def plot_baseline(rows: list[dict[str, str]], directory: Path, title: str) -> Path:

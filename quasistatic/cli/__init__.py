@@ -2,24 +2,37 @@
 
 Bad input ends with one line ``quasistatic: error: …`` naming the bad value and the accepted ones,
 exit code 2, and no earlier output touched; a diverging run ends with exit code 1 and keeps its
-last good checkpoint. One module per command: ``equilibrate_command``, ``process_command``
-(iso-classification and any registered process), ``transfer_command``; ``options`` holds the flags
-and the set-up they share.
+last good checkpoint. The library's log messages (a jump past a fold, a fold turned at) go to
+stderr between the progress bars. One module per command: ``equilibrate_command``,
+``process_command`` (iso-classification and any registered process), ``transfer_command``;
+``options`` holds the flags and the set-up they share.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import InputError, bad_value
 from . import equilibrate_command, process_command, transfer_command
 
 __all__ = ["main"]
+
+
+class _TqdmHandler(logging.Handler):
+    """Writes a log record's message to stderr with ``tqdm.write``, so that it does not break a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging's convention: a failing handler reports, never raises
+            self.handleError(record)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +52,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``quasistatic`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
+    # The command's settings, undone on return (main is also called in-process, by the tests):
+    # torch's thread count and the package logger's level and handler.
     threads = torch.get_num_threads()
+    logger = logging.getLogger("quasistatic")
+    level, handler = logger.level, _TqdmHandler()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
         if args.threads < 1:
             raise bad_value("--threads", "an integer >= 1", args.threads)
@@ -50,3 +69,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         torch.set_num_threads(threads)
+        logger.removeHandler(handler)
+        logger.setLevel(level)

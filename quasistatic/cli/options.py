@@ -98,7 +98,8 @@ def engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def linalg_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("linear algebra (every solve of the run: tangents, corrector, polish)")
-    group.add_argument("--solver", default="cg", help=f"Krylov solver: one of {', '.join(available_solvers())} (default cg)")
+    group.add_argument("--solver", default="cg",
+                       help=f"Krylov solver: one of {', '.join(available_solvers())} (default cg)")
     group.add_argument("--preconditioner", default="auto",
                        help=f"auto or one of {', '.join(available_preconditioners())} (default auto: dense, the "
                             "Hessian on a subsample eigendecomposed, for models up to 6,000 parameters, kfac above)")

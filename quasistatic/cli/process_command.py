@@ -71,7 +71,8 @@ def _iso_classification(args: argparse.Namespace) -> int:
 
 
 def _generic_process(args: argparse.Namespace) -> int:
-    params = {name: getattr(args, name) for name in ("lam_end", "alpha", "beta", "lam_rate", "gamma_rate", "slope", "k")}
+    params = {name: getattr(args, name)
+              for name in ("lam_end", "alpha", "beta", "lam_rate", "gamma_rate", "slope", "k")}
     return _run_process(args, args.process, params)
 
 
@@ -99,8 +100,8 @@ def starting_model(args: argparse.Namespace, run: RunDirectory, model_config: Mo
         checkpoint = load_checkpoint(args.from_checkpoint, expect=model_config)
         saved = checkpoint.controls
         if (saved.lam, saved.gamma) != (controls.lam, controls.gamma):
-            raise InputError(f"--lam and --gamma must equal the checkpoint's controls ({saved.lam:g}, {saved.gamma:g}), "
-                             f"got ({controls.lam:g}, {controls.gamma:g})")
+            raise InputError(f"--lam and --gamma must equal the checkpoint's controls "
+                             f"({saved.lam:g}, {saved.gamma:g}), got ({controls.lam:g}, {controls.gamma:g})")
         return checkpoint.model(device, dtype)
     model = build_model(model_config, seed=args.seed).to(device)  # Adam in float32, on the device
     linear_solve_config(args).resolved(sum(p.numel() for p in model.parameters()))  # refused before the training
@@ -132,7 +133,7 @@ def follow(args: argparse.Namespace, process: Process, train: Objective, recorde
     try:
         runner.run(state, recorder.on_step)
     except (StepSizeError, DivergenceError) as error:
-        written = recorder.run.file("trajectory.csv")
+        written = str(recorder.run.file("trajectory.csv"))
         if isinstance(error, FoldError):
             recorder.run.write_json("fold.json", error.fold.to_dict())
             written = f"{written}, the fold in {recorder.run.file('fold.json')}"

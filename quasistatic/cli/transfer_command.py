@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         return TransferObjectives(model, data, samples=args.samples, seed=args.seed, sigma=args.sigma)
 
     if args.method == "scratch":
-        model = build_model(config, seed=args.seed).to(device=device_option(args.device), dtype=dtype_option(args.dtype))
+        model = build_model(config, seed=args.seed).to(device=device_option(args.device),
+                                                       dtype=dtype_option(args.dtype))
     else:
         model = starting_model(run_args, run_dir, config, lambda m: objectives_of(m).source, controls)
     objectives = objectives_of(model)
@@ -114,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
         code, files = _run_baseline(args, objectives, run_dir, controls, title)
     if code:
         return code
-    files.append(plot_transfer(Path(args.out), title))  # this run has rows: never None here
+    figure = plot_transfer(Path(args.out), title)
+    assert figure is not None  # this run has rows
+    files.append(figure)
     print(f"wrote {run_dir.file('trajectory.csv')}, " + ", ".join(str(p) for p in files))
     return 0
 
@@ -137,7 +140,8 @@ def _check_head(path: str, config: ModelConfig, data: TransferData) -> None:
     saved = load_checkpoint(path)["model_config"]["num_classes"]
     if saved != config.num_classes:
         how = (f"--labels separate: source and target each relabelled to 0..{config.num_classes - 1}"
-               if data.labels == "separate" else f"--labels shared: one head over the data set's {config.num_classes} classes")
+               if data.labels == "separate"
+               else f"--labels shared: one head over the data set's {config.num_classes} classes")
         raise bad_value("--from-checkpoint classifier head", f"{config.num_classes} classes wide ({how})", saved)
 
 
@@ -152,8 +156,9 @@ def _run_process(args: argparse.Namespace, method: str, process: Process, object
         return code, []
     rows = recorder.log.rows()
     accuracy = [float(row["target_val_acc"]) for row in rows]
-    print(f"{method} ({args.integrator}/{args.corrector}): {summary(rows, args.sigma, process)}; C0 = {float(rows[0]['C']):.6g} "
-          f"on the source (polished start), target_val_acc {accuracy[0]:.4f} -> {accuracy[-1]:.4f}")
+    print(f"{method} ({args.integrator}/{args.corrector}): {summary(rows, args.sigma, process)}; "
+          f"C0 = {float(rows[0]['C']):.6g} on the source (polished start), "
+          f"target_val_acc {accuracy[0]:.4f} -> {accuracy[-1]:.4f}")
     return 0, plot_trajectory(rows, run_dir.path, f"{title}: {method}")
 
 

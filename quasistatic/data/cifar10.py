@@ -96,7 +96,9 @@ def _extract(archive: Path, data_dir: Path) -> Path:
             for member in filter(tarfile.TarInfo.isfile, members):
                 target = Path(tmp, *PurePosixPath(member.name).parts)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(member) as src, open(target, "wb") as dst:
+                src = tar.extractfile(member)
+                assert src is not None  # a regular file's member has contents
+                with src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst)
             if not (Path(tmp) / BATCH_DIR).is_dir():
                 raise bad_value(f"archive {archive}", f"a tar.gz holding {BATCH_DIR}/",

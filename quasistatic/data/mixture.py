@@ -8,6 +8,7 @@ can be differentiated in t (eqs. 25 and 27 need ∂_t of them).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import overload
 
 from torch import Tensor
 
@@ -43,7 +44,12 @@ class DataMixture:
             raise bad_value("target input shape", f"equal to the source's {self.source.input_shape}",
                             self.target.input_shape)
 
-    def mix(self, source_value: Tensor, target_value: Tensor, t: float | Tensor) -> Tensor:
+    @overload
+    def mix(self, source_value: Tensor, target_value: Tensor, t: float | Tensor) -> Tensor: ...
+    @overload
+    def mix(self, source_value: float, target_value: float, t: float) -> float: ...
+
+    def mix(self, source_value: Tensor | float, target_value: Tensor | float, t: float | Tensor) -> Tensor | float:
         """(1 − t)·source_value + t·target_value: an expectation under p(x, t) (eq. 23)."""
         w_source, w_target = mixture_weights(t)
         return w_source * source_value + w_target * target_value

@@ -83,6 +83,8 @@ def load_mnist(data_dir: Path | str | None, *, download: bool = False, seed: int
                             state)
         warnings.warn(f"only the MNIST test split (t10k) is in {data_dir}: train and val are both "
                       "split from it, and no held-out test split remains", UserWarning, stacklevel=2)
-    x, y = read_idx_pair(*files)
+    images, labels = files
+    assert images is not None and labels is not None  # all(files) above
+    x, y = read_idx_pair(images, labels)
     train, val = train_val_split(LabeledData(x, y, 10, _CLASS_NAMES), val_fraction, seed)
     return DataSplit(train, val, "mnist")

@@ -131,11 +131,12 @@ class DeflationPreconditioner(Preconditioner):
             scale = 1.0 if base is not None else largest
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale < math.inf:
             raise bad_value("deflation scale", "a finite number > 0", scale)
-        self.vectors = vectors
-        self.values = values
-        self.base = base
-        self.scale = float(scale)
-        self.magnitudes = values.abs().clamp_min(floor * largest)
+        # Declared: mypy defers this __init__ (the package's import cycle) and could not infer them in the methods.
+        self.vectors: Tensor = vectors
+        self.values: Tensor = values
+        self.base: Preconditioner | None = base
+        self.scale: float = float(scale)
+        self.magnitudes: Tensor = values.abs().clamp_min(floor * largest)
         self.info: dict[str, Any] = {}
 
     def _complement(self, block: Tensor) -> Tensor:

@@ -52,12 +52,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..data.mixture import mixture_weights
 from ..errors import InputError, bad_value, choice_error
+from ..models import RepresentationModel
 from ..models.priors import StandardNormalPrior
 from ..objective import Controls, Objective
 from .preconditioners import Preconditioner, register_preconditioner
@@ -93,7 +95,7 @@ class KroneckerBlock:
 
     def matrix(self) -> Tensor:
         """P_l = (G + g_shift I) ⊗ (Ā + a_shift I) + shift I in the W̄ = [W | b] row-major order."""
-        like = {"dtype": self.A.dtype, "device": self.A.device}
+        like: dict[str, Any] = {"dtype": self.A.dtype, "device": self.A.device}
         product = torch.kron(self.G + self.g_shift * torch.eye(self.G.shape[0], **like),
                              self.A + self.a_shift * torch.eye(self.A.shape[0], **like))
         return product + self.shift * torch.eye(product.shape[0], **like)
@@ -193,7 +195,7 @@ class _Recorder:
             handle.remove()
 
 
-def _loss_root(model: nn.Module, outs: tuple[Tensor, ...], weights: Tensor, scale: float):
+def _loss_root(model: RepresentationModel, outs: tuple[Tensor, ...], weights: Tensor, scale: float):
     """u ↦ S u for the square root S of the weighted loss Hessian in the outputs (H = S Sᵀ), u a
     tuple shaped like the outputs with a leading batch dimension."""
     mu, logvar, decoded, logits = (o.detach() for o in outs)
@@ -312,13 +314,13 @@ def kronecker_blocks(objective: Objective, theta: Tensor, controls: Controls, *,
 
     blocks = []
     for name, module in layers.items():
-        a, g = a_sum[name], g_sum[name]
-        if not isinstance(a, Tensor) or not isinstance(g, Tensor):  # the layer was not used on the data
+        a_total, g_total = a_sum[name], g_sum[name]
+        if not isinstance(a_total, Tensor) or not isinstance(g_total, Tensor):  # the layer was not used on the data
             continue
-        a = a / weight_total
+        a = a_total / weight_total
         blocks.append(KroneckerBlock(name, offsets[f"{name}.weight"],
                                      offsets[f"{name}.bias"] if module.bias is not None else None,
-                                     (a + a.mT) / 2, (g + g.mT) / 2))
+                                     (a + a.mT) / 2, (g_total + g_total.mT) / 2))
     return blocks
 
 

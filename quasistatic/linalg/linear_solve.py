@@ -23,8 +23,8 @@ same part):
   whole bordered matrix by GMRES, preconditioned through the same P).
 - the statistics the trajectory records: builds, solves, Krylov iterations, unconverged solves.
 - the smallest eigenpairs of A along the path (:meth:`LinearSolve.smallest_eigenpairs`, for fold
-  detection and the count of negative eigenvalues past a fold): LOBPCG preconditioned by the kept P and started from the last point's eigenvector, so
-  that a few products per point follow it.
+  detection and the count of negative eigenvalues past a fold): LOBPCG preconditioned by the kept
+  P and started from the last point's eigenvector, so that a few products per point follow it.
 
 Work is counted on the run's objective: a pass over a subsample costs its share of a full pass.
 """
@@ -58,7 +58,8 @@ class LinearSolveConfig:
     operator: str = "hessian"  # "hessian" (exact A) or "ggn" (Gauss–Newton, an approximation)
     mode: str = "reverse"  # Hessian-vector products: "reverse" (cached pullback) or "forward"
     solver: str = "cg"  # a name from krylov.available_solvers()
-    preconditioner: str = "auto"  # a name from available_preconditioners(), or "auto": dense up to its size limit, else kfac
+    # a name from available_preconditioners(), or "auto": dense up to its size limit, else kfac
+    preconditioner: str = "auto"
     preconditioner_options: dict[str, Any] = field(default_factory=dict)  # passed to its factory
     preconditioner_sample: float = 0.25  # fraction of training examples P is built on (no effect on results)
     whitening: str = "auto"  # the preconditioner whose P^(-1/2) whitens the polish's L-BFGS, or "auto": kfac where

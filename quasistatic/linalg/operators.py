@@ -21,6 +21,8 @@ them, so G ⪰ 0 by construction, whatever θ.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torch.func import grad, hessian, jvp, vjp, vmap
@@ -61,7 +63,7 @@ class CurvatureOperator:
         self.kind = kind
         self.damping = damping
         self.mode = mode
-        self._pullback = None
+        self._pullback: Callable[[Tensor], tuple[Tensor, ...]] | None = None
         self._apply = self._hessian_block if kind == "hessian" else self._ggn_block
 
     @property
@@ -86,7 +88,8 @@ class CurvatureOperator:
         if self._pullback is None:
             self.objective.work.gradients += 1
             self._pullback = vjp(gradient, self.theta)[1]
-        return vmap(lambda v: self._pullback(v)[0], in_dims=1, out_dims=1)(block)
+        pullback = self._pullback
+        return vmap(lambda v: pullback(v)[0], in_dims=1, out_dims=1)(block)
 
     def _ggn_block(self, block: Tensor) -> Tensor:
         """G V = Σ over parts and chunks of Jₒᵀ (∇²ℓ (Jₒ V)): jvp, then an HVP of the loss in
@@ -100,19 +103,21 @@ class CurvatureOperator:
                 continue
             scale = part_weight / len(part.data)
             for start, stop in part.chunks():
+                # The closures below read the loop's variables (B023) but are called within this iteration only.
                 def outputs(th: Tensor, start: int = start, stop: int = stop) -> tuple[Tensor, ...]:
-                    return part.outputs(th, start, stop)
+                    return part.outputs(th, start, stop)  # noqa: B023
 
                 def loss(outs: tuple[Tensor, ...], start: int = start, stop: int = stop) -> Tensor:
-                    return scale * (part.losses(outs, start, stop).sum(-1) @ weights)
+                    return scale * (part.losses(outs, start, stop).sum(-1) @ weights)  # noqa: B023
 
-                outs, pullback = vjp(outputs, self.theta)
+                # torch.func.vjp is annotated as returning 2 or 3 values whatever has_aux (no overload)
+                outs, pullback = vjp(outputs, self.theta)  # type: ignore[misc]
                 loss_grad = grad(loss)
 
                 def ggn_v(v: Tensor) -> Tensor:
                     jv = jvp(outputs, (self.theta,), (v,))[1]
-                    h_jv = jvp(loss_grad, (outs,), (jv,))[1]
-                    return pullback(h_jv)[0]
+                    h_jv = jvp(loss_grad, (outs,), (jv,))[1]  # noqa: B023
+                    return pullback(h_jv)[0]  # noqa: B023
 
                 total = total + vmap(ggn_v, in_dims=1, out_dims=1)(block)
         return total + self.objective.sigma * block  # σS = ½σ‖θ‖² has the Hessian σI

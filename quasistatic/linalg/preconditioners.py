@@ -101,7 +101,8 @@ class DensePreconditioner(Preconditioner):
 
     @property
     def memory_bytes(self) -> int:
-        return self.vectors.numel() * self.vectors.element_size() + 2 * self.inverse.numel() * self.inverse.element_size()
+        return (self.vectors.numel() * self.vectors.element_size()
+                + 2 * self.inverse.numel() * self.inverse.element_size())
 
     @property
     def smallest_eigenvalue(self) -> float:

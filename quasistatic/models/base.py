@@ -127,7 +127,7 @@ class RepresentationModel(nn.Module):
         decoded = self.decoder(z.reshape(k * n, d)).reshape(k, n, *x.shape[1:])
         return mu, logvar, decoded, self.classifier(z)
 
-    def losses(self, outputs: tuple[Tensor, Tensor, Tensor, Tensor], x: Tensor, y: Tensor,
+    def losses(self, outputs: tuple[Tensor, ...], x: Tensor, y: Tensor,
                noise: Tensor) -> Tensor:
         """Per-example (R, D, C) in nats, shape (3, n), from :meth:`outputs` (eqs. 1 and 4).
 

@@ -19,6 +19,6 @@ from .builtin import (
     IsoClassificationTransfer,
 )
 
-__all__ = ["Process", "ConstraintProcess", "ResidualForm", "SingularConstraintError", "available_processes", "make_process",
-           "register_process", "Free", "IsoClassification", "IsoClassificationRate", "IsoClassificationTransfer",
-           "ConstantLambdaRate", "GeodesicTransfer"]
+__all__ = ["Process", "ConstraintProcess", "ResidualForm", "SingularConstraintError", "available_processes",
+           "make_process", "register_process", "Free", "IsoClassification", "IsoClassificationRate",
+           "IsoClassificationTransfer", "ConstantLambdaRate", "GeodesicTransfer"]

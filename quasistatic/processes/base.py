@@ -50,6 +50,8 @@ class ResidualForm:
         """c(s, γ); ``gamma`` is required when ``solves_gamma``. Controls outside λ, γ ≥ 0 raise."""
         lam_rate, gamma_rate, t_rate = self.rates
         gamma = gamma if self.solves_gamma else self.start.gamma + s * gamma_rate
+        if gamma is None:
+            raise bad_value("gamma", "a number (this residual form solves for gamma)", gamma)
         return Controls(self.start.lam + s * lam_rate, gamma, min(max(self.start.t + s * t_rate, 0.0), 1.0))
 
 

@@ -61,6 +61,8 @@ class IsoClassification(ConstraintProcess):
             raise bad_value("lam_end", f"different from the starting lambda {start.lam}", lam_end)
 
     def driven_rates(self, s: float, controls: Controls) -> tuple[float, float]:
+        # the alpha form (lam_rate None) overrides control_velocity and has no residual form
+        assert self.lam_rate is not None
         return self.lam_rate, 0.0
 
     def residual_form(self) -> ResidualForm | None:
