@@ -272,6 +272,19 @@ def test_a_bad_parameter_of_a_newly_registered_process_exits_2(plugin, tmp_path,
     assert not out.exists()
 
 
+def test_a_newly_registered_transfer_method_is_a_method_of_the_transfer_command(restored_registries, tmp_path,
+                                                                                 capsys):
+    from quasistatic.processes import IsoClassificationTransfer
+
+    TRANSFER_PROCESSES.register("iso-c-copy", IsoClassificationTransfer)
+    out = tmp_path / "bad"
+    assert main(["transfer", "--source", "0", "--target", "1", "--method", "iso-c-copy", "--param", "lam_ned=1",
+                 *BASE, "--out", str(out)]) == 2
+    assert "options of transfer process method 'iso-c-copy' must be among {lam_end}, got 'lam_ned'" \
+        in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_corrector_tolerances_given_as_options_warn_that_the_engine_sets_them(tmp_path):
     with pytest.warns(UserWarning, match="--corrector-option grad_tol is unused: --grad-tol sets it"):
         assert main(["process", "--process", "free", "--param", "lam_rate=0.1", "--corrector-option", "grad_tol=1",
