@@ -41,9 +41,10 @@ from .errors import bad_value, choice_error
 from .linalg.linear_solve import LinearSolve
 from .objective import Controls, Objective
 from .processes import Process
+from .registry import Registry
 
 __all__ = ["Correction", "Corrector", "NoCorrector", "NewtonCorrector", "EquilibrateCorrector",
-           "register_corrector", "available_correctors", "make_corrector", "BORDERS"]
+           "CORRECTORS", "register_corrector", "available_correctors", "make_corrector", "BORDERS"]
 
 BORDERS = ("tangent", "solve")  # where the Newton corrector's border column q = A⁻¹∇θC comes from
 
@@ -248,23 +249,23 @@ class EquilibrateCorrector(Corrector):
         return Correction(theta, controls, self.config.epochs, 0, grad_norm, math.nan, True)
 
 
-_CORRECTORS: dict[str, Callable[..., Corrector]] = {
-    "none": NoCorrector,
-    "newton": NewtonCorrector,
-    "equilibrate": EquilibrateCorrector,
-}
+CORRECTORS: Registry[Corrector] = Registry("corrector")
+CORRECTORS.register("none", NoCorrector)
+CORRECTORS.register("newton", NewtonCorrector)
+CORRECTORS.register("equilibrate", EquilibrateCorrector)
 
 
-def register_corrector(name: str, factory: Callable[..., Corrector]) -> None:
-    """Make ``factory(**options)`` available under ``name`` (the CLI's ``--corrector``)."""
-    _CORRECTORS[name] = factory
+def register_corrector(name: str, factory: Callable[..., Corrector], *, replace: bool = False) -> None:
+    """Make ``factory(**options)`` available under ``name`` (the CLI's ``--corrector``, its options
+    ``--corrector-option NAME=VALUE``)."""
+    CORRECTORS.register(name, factory, replace=replace)
 
 
 def available_correctors() -> list[str]:
-    return sorted(_CORRECTORS)
+    return CORRECTORS.available()
 
 
 def make_corrector(name: str, **options: Any) -> Corrector:
-    if name not in _CORRECTORS:
-        raise choice_error("corrector", available_correctors(), name)
-    return _CORRECTORS[name](**options)
+    """The corrector registered as ``name``; an option it does not take raises :class:`InputError`
+    listing those it does."""
+    return CORRECTORS.make(name, **options)

@@ -284,9 +284,9 @@ class QuasiStaticEngine:
         except ControlDomainError as error:
             raise (self._unstable_start(state, error) or error) from error
         if self._met_negative_curvature:
-            fold = self._unstable_start(state, None)
-            if fold is not None:
-                raise fold
+            unstable = self._unstable_start(state, None)
+            if unstable is not None:
+                raise unstable
         self._start_field = (state.s, y0, slope)
         h = self.control.first(state.h, state.s, state.controls, slope, adapts)
         rejected = 0

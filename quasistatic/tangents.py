@@ -27,11 +27,9 @@ from .errors import InputError, choice_error
 from .linalg.krylov import SolveResult
 from .linalg.linear_solve import LinearSolve
 from .objective import Controls, Objective
+from .sensitivities import CONTROLS, FUNCTIONALS, Sensitivities
 
 __all__ = ["Tangents", "Sensitivities", "equilibrium_tangents", "surface_gradients", "FUNCTIONALS", "CONTROLS"]
-
-FUNCTIONALS = ("R", "D", "C", "F")
-CONTROLS = ("lam", "gamma", "t")
 
 
 @dataclass(frozen=True)
@@ -66,7 +64,7 @@ class Tangents:
         rates = torch.tensor([lam_dot, gamma_dot, t_dot], dtype=self.directions.dtype, device=self.directions.device)
         return self.directions @ rates
 
-    def sensitivities(self) -> "Sensitivities":
+    def sensitivities(self) -> Sensitivities:
         """Total derivatives X_s = ∂_sX + ∇θX·θ_s for X in R, D, C and F = R + λD + γC."""
         rdc = self.partials + self.gradients @ self.directions  # (3, 3)
         c = self.controls
@@ -76,26 +74,6 @@ class Tangents:
         f_row = (weights @ rdc + self.entropy_rates
                  + torch.stack([self.values[1], self.values[2], torch.zeros_like(self.values[0])]))
         return Sensitivities(torch.cat([rdc, f_row.unsqueeze(0)]).detach(), self.values.detach())
-
-
-@dataclass(frozen=True)
-class Sensitivities:
-    """matrix: (4, 3) total derivatives, rows R, D, C, F, columns λ, γ, t."""
-
-    matrix: Tensor
-    values: Tensor
-
-    def __call__(self, functional: str, control: str) -> float:
-        """X_s, e.g. ``s("C", "lam")`` is C_λ of eq. 21."""
-        if functional not in FUNCTIONALS:
-            raise choice_error("functional", FUNCTIONALS, functional)
-        if control not in CONTROLS:
-            raise choice_error("control", CONTROLS, control)
-        return float(self.matrix[FUNCTIONALS.index(functional), CONTROLS.index(control)])
-
-    def free_energy_hessian(self) -> Tensor:
-        """∇²F(λ, γ) = [[D_λ, D_γ], [C_λ, C_γ]] (Remark 7, eq. 29); symmetric, ⪯ 0 (Lemma 3)."""
-        return self.matrix[1:3, 0:2]
 
 
 def equilibrium_tangents(objective: Objective, theta: Tensor, controls: Controls,

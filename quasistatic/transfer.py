@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,20 +32,15 @@ from .errors import InputError, bad_value, choice_error
 from .models import RepresentationModel
 from .objective import Controls, Objective
 from .plots import new_figure, plot_columns, save_figure
-from .processes import IsoClassificationTransfer, Process, make_process
+from .processes import ConstantLambdaRate, GeodesicTransfer, IsoClassificationTransfer, Process
+from .registry import Registry
 from .trajectory import TrajectoryRecorder, numeric
 
 __all__ = ["BASELINES", "LABEL_MODES", "TRANSFER_PROCESSES", "TransferData", "TransferObjectives",
            "first_per_class", "make_transfer_process", "plot_baseline", "plot_transfer", "train_baseline",
-           "transfer_data"]
+           "transfer_data", "transfer_parameter"]
 
 LABEL_MODES = ("shared", "separate")
-# The transfer methods that run a quasi-static process: method name -> (registered process, its parameter).
-TRANSFER_PROCESSES = {
-    "iso-c": ("iso-classification-transfer", "lam_end"),  # eqs. 26–28: C constant, λ̇ = λ_end − λ₀ (0 by default)
-    "geodesic": ("geodesic-transfer", "slope"),  # eq. 30: straight R–D line of slope k = dD/dR at constant C
-    "constant-lambda-rate": ("constant-lambda-rate", "k"),  # eq. 32: λ̇ = k, γ̇ holds C
-}
 BASELINES = ("finetune", "scratch")
 PLOT_FILE = "transfer.png"
 
@@ -175,20 +171,40 @@ class TransferObjectives:
         return self._objective(self.data.target.val, self.seed + 1001)
 
 
-def make_transfer_process(method: str, start: Controls, value: float | None = None) -> Process:
-    """The process of transfer ``method`` (a key of :data:`TRANSFER_PROCESSES`) started at
-    ``start``, with its one parameter ``value`` (None: the process's default).
+def _constant_lambda_rate(start: Controls, k: float = -1.5) -> ConstantLambdaRate:
+    """Eq. 32's process, which must keep λ = λ₀ + ks ≥ 0 up to s = 1 (k ≥ −λ₀)."""
+    if start.lam + k < 0:
+        raise bad_value("k", f"a rate that keeps lambda >= 0 up to s = 1 (k >= -lambda = {-start.lam:g})", k)
+    return ConstantLambdaRate(start, k)
 
-    ``constant-lambda-rate`` must keep λ = λ₀ + ks ≥ 0 up to s = 1 (k ≥ −λ₀)."""
-    if method not in TRANSFER_PROCESSES:
-        raise choice_error("transfer process method", TRANSFER_PROCESSES, method)
-    name, parameter = TRANSFER_PROCESSES[method]
-    process = make_process(name, start, **({} if value is None else {parameter: value}))
-    if (method == "constant-lambda-rate" and isinstance(process, IsoClassificationTransfer)
-            and start.lam + process.lam_rate < 0):
-        raise bad_value("k", f"a rate that keeps lambda >= 0 up to s = 1 (k >= -lambda = {-start.lam:g})",
-                        process.lam_rate)
-    return process
+
+_constant_lambda_rate.parameters = ConstantLambdaRate.parameters  # type: ignore[attr-defined]
+
+# The transfer methods that run a quasi-static process: factory(start, **params) -> Process (a
+# mixture process), whose first declared parameter is the method's own (the transfer command's flag).
+TRANSFER_PROCESSES: Registry[Process] = Registry("transfer process method")
+# eqs. 26–28: C constant, λ̇ = λ_end − λ₀ (0 by default)
+TRANSFER_PROCESSES.register("iso-c", IsoClassificationTransfer)
+# eq. 30: straight R–D line of slope k = dD/dR at constant C
+TRANSFER_PROCESSES.register("geodesic", GeodesicTransfer)
+# eq. 32: λ̇ = k, γ̇ holds C
+TRANSFER_PROCESSES.register("constant-lambda-rate", _constant_lambda_rate)
+
+
+def transfer_parameter(method: str) -> str | None:
+    """The name of transfer ``method``'s own parameter (its first declared one; None when it has none)."""
+    parameters = TRANSFER_PROCESSES.parameters(method)
+    return parameters[0].name if parameters else None
+
+
+def make_transfer_process(method: str, start: Controls, value: float | None = None, **params: Any) -> Process:
+    """The process of transfer ``method`` (a name in :data:`TRANSFER_PROCESSES`) started at
+    ``start``, with its own parameter (:func:`transfer_parameter`) set to ``value`` (None: the
+    process's default) and any other of its parameters in ``params``."""
+    own = transfer_parameter(method)
+    if value is not None and own is None:
+        raise bad_value(f"value of transfer method {method!r}", "None (the method has no parameter)", value)
+    return TRANSFER_PROCESSES.make(method, start, **({} if value is None or own is None else {own: value}), **params)
 
 
 def train_baseline(objective: Objective, controls: Controls, config: EquilibrationConfig,

@@ -1,5 +1,7 @@
 """Shared test set-up."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -13,3 +15,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def restored_registries():
+    """Every registry of the library, restored after the test whatever it registers or replaces;
+    the value is the tuple of registries."""
+    from quasistatic.correctors import CORRECTORS
+    from quasistatic.data.registry import DATASETS
+    from quasistatic.integrators.base import INTEGRATORS
+    from quasistatic.linalg.krylov import SOLVERS
+    from quasistatic.linalg.operators import OPERATORS
+    from quasistatic.linalg.preconditioners import PRECONDITIONERS
+    from quasistatic.models.base import ARCHITECTURES
+    from quasistatic.processes import PROCESSES
+    from quasistatic.transfer import TRANSFER_PROCESSES
+
+    registries = (DATASETS, ARCHITECTURES, INTEGRATORS, CORRECTORS, SOLVERS, PRECONDITIONERS, PROCESSES, OPERATORS,
+                  TRANSFER_PROCESSES)
+    with contextlib.ExitStack() as stack:
+        for registry in registries:
+            stack.enter_context(registry.restoring())
+        yield registries

@@ -26,7 +26,7 @@ import torch
 import quasistatic.data
 from quasistatic.data import (DataSplit, LabeledData, available_datasets, load_dataset, parse_classes,
                               register_dataset)
-from quasistatic.data import cifar10, mnist, registry
+from quasistatic.data import cifar10, mnist
 from quasistatic.data.cifar10 import ARCHIVE, BATCH_DIR, load_cifar10, read_batches
 from quasistatic.data.download import download
 from quasistatic.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx, read_idx_pair
@@ -169,8 +169,7 @@ def test_val_fraction_too_small_to_stratify():
         load_dataset("digits", val_fraction=0.001)
 
 
-def test_register_dataset(monkeypatch):
-    monkeypatch.setattr(registry, "_LOADERS", dict(registry._LOADERS))
+def test_register_dataset(restored_registries):
     y = torch.arange(40) % 4
     pool = LabeledData(y.float().reshape(40, 1, 1, 1), y, 4, ("a", "b", "c", "d"))
 
@@ -181,11 +180,11 @@ def test_register_dataset(monkeypatch):
     assert "tiny" in available_datasets()
     split = load_dataset("tiny", classes=[3, 1], relabel=True)
     assert split.train.class_names == ("d", "b") and set(split.train.y.tolist()) == {0, 1}
-    with pytest.raises(InputError, match="dataset name must be a name not yet registered"):
+    with pytest.raises(InputError, match=r"dataset name must be new \(taken: .*tiny.*\), got 'tiny'; pass replace"):
         register_dataset("tiny", tiny)
     with pytest.raises(InputError, match="dataset name must be a non-empty string"):
         register_dataset(" ", tiny)
-    with pytest.raises(InputError, match="loader of dataset 'other' must be a callable"):
+    with pytest.raises(InputError, match="factory of dataset 'other' must be a callable"):
         register_dataset("other", 3)
 
 

@@ -7,9 +7,6 @@ from pathlib import Path
 
 import pytest
 
-import quasistatic.data.registry as dataset_registry
-import quasistatic.processes.base as process_registry
-
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "processes.md"
@@ -28,10 +25,8 @@ def test_the_extraction_sees_every_python_block():
     assert sum(code.count("assert ") for _, code in blocks) >= 20  # the tutorial checks what it claims
 
 
-def test_the_tutorial_runs(monkeypatch):
-    # The tutorial registers processes and a data set: keep them out of the other tests' registries.
-    monkeypatch.setattr(process_registry, "_PROCESSES", dict(process_registry._PROCESSES))
-    monkeypatch.setattr(dataset_registry, "_LOADERS", dict(dataset_registry._LOADERS))
+def test_the_tutorial_runs(restored_registries):
+    # The tutorial registers processes and a data set: the fixture keeps them out of the other tests' registries.
     namespace = {"__name__": "docs_processes"}
     for line, code in python_blocks(DOC.read_text(encoding="utf-8")):
         # Pad with blank lines so that a traceback names the line of docs/processes.md itself.

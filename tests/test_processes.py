@@ -125,7 +125,8 @@ def test_singular_constraint_is_a_clear_error():
     ("iso-c-rate", {"lam_end": 2.0, "beta": 0.0}, "beta must be a number > 0"),
     ("geodesic-transfer", {"slope": -1.0}, "slope must be different from -1/lambda"),
     ("free", {}, "not both zero"),
-    ("iso-classification", {"lam_end": 2.0, "speed": 3}, "parameters of process 'iso-classification'"),
+    ("iso-classification", {"lam_end": 2.0, "speed": 3},
+     r"options of process 'iso-classification' must be among \{alpha, lam_end\}, got 'speed'"),
 ])
 def test_bad_process_parameters(name, params, message):
     with pytest.raises(InputError, match=message):

@@ -16,7 +16,6 @@ import pytest
 import scipy.sparse.linalg
 import torch
 
-from quasistatic.linalg import krylov as solvers
 from quasistatic.errors import InputError
 from quasistatic.linalg.krylov import (SolveResult, available_solvers, cg, direct, get_solver, minres,
                                  register_solver, solve)
@@ -307,8 +306,7 @@ def test_builtin_solvers_registered() -> None:
     assert get_solver("cg") is cg
 
 
-def test_register_solver(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(solvers, "_SOLVERS", dict(solvers._SOLVERS))
+def test_register_solver(restored_registries) -> None:
     register_solver("cg-sync1", functools.partial(cg, check_every=1))
     assert "cg-sync1" in available_solvers()
     result = solve(operator(MATRICES["spd"]), torch.tensor(rhs(1)), method="cg-sync1", tol=TOL)

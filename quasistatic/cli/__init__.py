@@ -6,11 +6,17 @@ last good checkpoint. The library's log messages (a jump past a fold, a fold tur
 stderr between the progress bars. One module per command: ``equilibrate_command``,
 ``process_command`` (iso-classification and any registered process), ``transfer_command``;
 ``options`` holds the flags and the set-up they share.
+
+Every name a command takes (``--process``, ``--corrector``, ``--integrator``, ``--dataset``, ...)
+is looked up in its registry when the command runs, so ``--import MODULE`` (a module that
+registers its own processes, correctors, data sets, ...) makes them runnable by name, with their
+parameters given as ``--param NAME=VALUE``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -42,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="torch intra-op threads (default 1: on the 2-core machines measured, the README's main "
                              "job took 30 s for its start with 1 thread and 91 s with torch's default; "
                              "benchmarks/README.md)")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first, e.g. one that registers a process (repeatable; MODULE must be "
+                             "on the Python path, e.g. PYTHONPATH=.)")
     commands = parser.add_subparsers(dest="command", required=True)
     equilibrate_command.add_parser(commands)
     process_command.add_parsers(commands)
@@ -63,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads < 1:
             raise bad_value("--threads", "an integer >= 1", args.threads)
         torch.set_num_threads(args.threads)
+        for module in args.imports:
+            _import(module)
         return args.run(args)
     except InputError as error:
         print(f"quasistatic: error: {error}", file=sys.stderr)
@@ -71,3 +82,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(threads)
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def _import(module: str) -> None:
+    """Import ``module`` (for the registrations it makes); a module that is not found exits 2."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if error.name != module and not module.startswith(f"{error.name}."):  # one that it imports is missing
+            raise
+        raise bad_value("--import", "a module on the Python path", module) from None

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import platform
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -17,10 +19,11 @@ from ..integrators import available_integrators
 from ..linalg import LinearSolveConfig, available_preconditioners, available_solvers
 from ..models import ModelConfig, available_architectures
 from ..objective import Objective
+from ..registry import Registry
 from ..rundir import RunDirectory
 
 __all__ = ["DTYPES", "data_arguments", "model_arguments", "run_arguments", "engine_arguments", "linalg_arguments",
-           "linear_solve_config", "engine_config", "device_option",
+           "parameter_argument", "registry_options", "linear_solve_config", "engine_config", "device_option",
            "dtype_option", "hidden_option", "model_config", "inputs", "objectives", "write_config", "settings",
            "versions"]
 
@@ -71,6 +74,10 @@ def engine_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"predictor: one of {', '.join(available_integrators())} (default hermite: the cheapest "
                             "at the default tolerances, benchmarks/README.md)")
     group.add_argument("--corrector", default="newton", help=f"one of {', '.join(available_correctors())}")
+    group.add_argument("--corrector-option", action="append", default=None, metavar="NAME=VALUE",
+                       help="an option of the corrector, typed by its signature (repeatable), e.g. max_iter=10, "
+                            "border=solve for newton, epochs=5 for equilibrate; --grad-tol and --drift-tol set "
+                            "its tolerances")
     group.add_argument("--grad-tol", type=float, default=1e-6,
                        help="‖∇θJ‖ the start and every accepted step must reach, on the full data (default 1e-6)")
     group.add_argument("--drift-tol", type=float, default=1e-4,
@@ -114,6 +121,37 @@ def linalg_arguments(parser: argparse.ArgumentParser) -> None:
                        help="fraction of the training set of the solves' Hessian-vector products (default 1: exact; "
                             "< 1 is subsampled curvature, an approximation)")
     group.add_argument("--curvature", default="hessian", help="hessian (default, exact) or ggn (Gauss–Newton)")
+
+
+def parameter_argument(parser: argparse.ArgumentParser, registry: Registry, names: Sequence[str]) -> None:
+    """``--param NAME=VALUE`` (repeatable): a parameter of the process, by the names its factory in
+    ``registry`` declares (listed in the help for ``names``)."""
+    listing = "; ".join(f"{name}: {', '.join(p.name for p in registry.parameters(name)) or '-'}" for name in names)
+    parser.add_argument("--param", action="append", default=None, metavar="NAME=VALUE",
+                        help=f"a parameter of the process, parsed with its declared type (repeatable); {listing}")
+
+
+def registry_options(registry: Registry, name: str, texts: Sequence[str] | None, flag: str,
+                     given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The options of ``registry``'s ``name`` from the command line: ``texts``, the NAME=VALUE
+    values of the repeatable ``flag``, parsed with their declared types (an unknown name raises,
+    listing the accepted ones), and ``given``, the values of dedicated flags (None: not given)."""
+    pairs: dict[str, str] = {}
+    for text in texts or ():
+        key, equals, value = text.partition("=")
+        if not equals or not key.strip():
+            raise bad_value(flag, "NAME=VALUE", text)
+        if key.strip() in pairs:
+            raise bad_value(f"{flag} {key.strip()}", "given once", text)
+        pairs[key.strip()] = value.strip()
+    options = registry.parse_options(name, pairs)
+    for key, value in (given or {}).items():
+        if value is None:
+            continue
+        if key in options:
+            raise bad_value(f"{flag} {key}", f"given once (not also as --{key.replace('_', '-')})", pairs[key])
+        options[key] = value
+    return options
 
 
 def linear_solve_config(args: argparse.Namespace) -> LinearSolveConfig:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,41 +19,46 @@ from torch import Tensor
 from ..arclength import require_residual_form
 from ..baselines import FiniteDifferenceEquilibration
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..correctors import make_corrector
+from ..correctors import CORRECTORS, Corrector, make_corrector
 from ..engine import EngineState, FoldError, QuasiStaticEngine, StepSizeError, first_law_residual
 from ..equilibrate import DivergenceError, EquilibrationConfig, equilibrate
 from ..errors import InputError, bad_value, choice_error
-from ..integrators import make_integrator
+from ..integrators import Integrator, make_integrator
 from ..linalg import LinearSolve
 from ..models import ModelConfig, RepresentationModel, build_model
 from ..objective import Controls, Objective
 from ..plots import plot_hysteresis
 from ..polish import polish, require_equilibrium
-from ..processes import Process, available_processes, make_process
+from ..processes import PROCESSES, Process, available_processes, make_process
 from ..rundir import RunDirectory
 from ..trajectory import STATE_FILE, TrajectoryRecorder, numeric, plot_trajectory
 from ..work import WorkCounter
 from .options import (data_arguments, device_option, dtype_option, engine_arguments, engine_config, inputs,
-                      linear_solve_config, model_arguments, objectives, run_arguments, settings, write_config)
+                      linear_solve_config, model_arguments, objectives, parameter_argument, registry_options,
+                      run_arguments, settings, write_config)
 
-__all__ = ["METHODS", "add_parsers", "check_engine_flags", "starting_model", "follow", "summary"]
+__all__ = ["METHODS", "PROCESS_FLAGS", "add_parsers", "check_engine_flags", "integrator", "corrector_options",
+           "corrector", "starting_model", "follow", "summary"]
 
 METHODS = ("engine", "fd-equilibration")
 RESUME_IGNORES = ("resume", "overwrite", "no_progress", "device", "out")
+# the parameters of the built-in processes with a flag of their own (--lam-end, ...); any parameter: --param
+PROCESS_FLAGS = {"lam_end": "final λ", "alpha": "Remark 7's time scale α", "beta": "β of C + β⁻¹R (iso-c-rate)",
+                 "lam_rate": "λ̇ (free)", "gamma_rate": "γ̇ (free)", "slope": "k = dD/dR (geodesic-transfer)",
+                 "k": "λ̇ (constant-lambda-rate)"}
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     iso = commands.add_parser("iso-classification", help="run the iso-classification process (eqs. 20-22)")
     iso.add_argument("--lam-end", type=float, default=None, help="final λ (λ̇ = λ_end − λ over s ∈ [0, 1])")
     iso.add_argument("--alpha", type=float, default=None, help="Remark 7's form λ̇ = −αC_γ, γ̇ = αC_λ instead")
+    parameter_argument(iso, PROCESSES, ["iso-classification"])
     iso.set_defaults(run=_iso_classification)
     generic = commands.add_parser("process", help="run any registered quasi-static process")
     generic.add_argument("--process", required=True, help=f"one of {', '.join(available_processes())}")
-    for flag, help_text in (("--lam-end", "final λ"), ("--alpha", "Remark 7's time scale α"),
-                            ("--beta", "β of C + β⁻¹R (iso-c-rate)"), ("--lam-rate", "λ̇ (free)"),
-                            ("--gamma-rate", "γ̇ (free)"), ("--slope", "k = dD/dR (geodesic-transfer)"),
-                            ("--k", "λ̇ (constant-lambda-rate)")):
-        generic.add_argument(flag, type=float, default=None, help=help_text)
+    for name, help_text in PROCESS_FLAGS.items():
+        generic.add_argument(f"--{name.replace('_', '-')}", type=float, default=None, help=help_text)
+    parameter_argument(generic, PROCESSES, available_processes())
     generic.set_defaults(run=_generic_process)
     for sub in (iso, generic):
         data_arguments(sub)
@@ -71,21 +78,39 @@ def _iso_classification(args: argparse.Namespace) -> int:
 
 
 def _generic_process(args: argparse.Namespace) -> int:
-    params = {name: getattr(args, name)
-              for name in ("lam_end", "alpha", "beta", "lam_rate", "gamma_rate", "slope", "k")}
-    return _run_process(args, args.process, params)
+    return _run_process(args, args.process, {name: getattr(args, name) for name in PROCESS_FLAGS})
+
+
+def integrator(args: argparse.Namespace) -> Integrator:
+    """``--integrator`` with the options given (``--rtol``, ``--atol``; one it does not take: exit 2)."""
+    return make_integrator(args.integrator, **{name: value for name, value in (("rtol", args.rtol), ("atol", args.atol))
+                                               if value is not None})
+
+
+def corrector_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--corrector-option NAME=VALUE`` options of ``--corrector`` (an unknown one: exit 2)."""
+    return registry_options(CORRECTORS, args.corrector, args.corrector_option, "--corrector-option")
+
+
+def corrector(args: argparse.Namespace) -> Corrector:
+    """``--corrector`` with its options."""
+    return make_corrector(args.corrector, **corrector_options(args))
 
 
 def check_engine_flags(args: argparse.Namespace, process: Process | None = None) -> None:
-    """The engine flags that need no data: steps, tolerances, integrator, corrector and linear-algebra
-    names, and that ``--at-fold arclength`` has a process with a residual form."""
+    """The engine flags that need no data: steps, tolerances, integrator, corrector (and its options)
+    and linear-algebra names, and that ``--at-fold arclength`` has a process with a residual form."""
     if args.steps < 1:
         raise bad_value("--steps", "an integer >= 1", args.steps)
     if engine_config(args).at_fold == "arclength" and process is not None:
         require_residual_form(process)
     linear_solve_config(args)
-    make_integrator(args.integrator, rtol=args.rtol, atol=args.atol)
-    make_corrector(args.corrector)
+    integrator(args)
+    options = corrector_options(args)
+    make_corrector(args.corrector, **options)
+    for name in sorted({"grad_tol", "drift_tol"} & set(options)):  # the engine's replace the corrector's in every call
+        warnings.warn(f"--corrector-option {name} is unused: --{name.replace('_', '-')} sets it", UserWarning,
+                      stacklevel=2)
 
 
 def starting_model(args: argparse.Namespace, run: RunDirectory, model_config: ModelConfig,
@@ -117,8 +142,7 @@ def follow(args: argparse.Namespace, process: Process, train: Objective, recorde
     the process cannot be followed."""
     controls = process.start
     linear_solve = LinearSolve(train, linear_solve_config(args))
-    engine = QuasiStaticEngine(train, process, make_integrator(args.integrator, rtol=args.rtol, atol=args.atol),
-                               make_corrector(args.corrector), engine_config(args), linear_solve)
+    engine = QuasiStaticEngine(train, process, integrator(args), corrector(args), engine_config(args), linear_solve)
     recorder.linear_solve = linear_solve
     state = recorder.restore() if args.resume else None
     if state is None:
@@ -167,10 +191,12 @@ def summary(rows: list[dict[str, str]], sigma: float, process: Process) -> str:
             f"{values[-1]['grad_evals']:.0f} gradient-equivalents, {values[-1]['wall_s']:.0f} s")
 
 
-def _run_process(args: argparse.Namespace, name: str, params: dict) -> int:
-    """Start on the surface (equilibrate or a checkpoint, then polish) and run the process."""
+def _run_process(args: argparse.Namespace, name: str, flags: dict) -> int:
+    """Start on the surface (equilibrate or a checkpoint, then polish) and run the process with the
+    parameters of its flags (None: not given) and of ``--param``."""
     controls = Controls(args.lam, args.gamma)
-    process = make_process(name, controls, **{k: v for k, v in params.items() if v is not None})
+    params = registry_options(PROCESSES, name, args.param, "--param", flags)
+    process = make_process(name, controls, **params)
     if process.uses_mixture:
         raise InputError(f"process {name!r} must run on a source/target mixture, got the single data set "
                          f"{args.dataset!r} (use the transfer command)")
@@ -178,8 +204,7 @@ def _run_process(args: argparse.Namespace, name: str, params: dict) -> int:
     if args.method not in METHODS:
         raise choice_error("method", METHODS, args.method)
     if args.return_sweep and params.get("lam_end") is None:
-        raise bad_value("--return", "given with --lam-end (the return sweep drives lambda back to --lam)",
-                        {k: v for k, v in params.items() if v is not None})
+        raise bad_value("--return", "given with --lam-end (the return sweep drives lambda back to --lam)", params)
     run, split, model_config = inputs(args)
     if args.resume:
         run.check_resumable(settings(args), ignore=RESUME_IGNORES)
@@ -207,8 +232,7 @@ def _return_sweep(args: argparse.Namespace, name: str, params: dict, train: Obje
     OUT/return/ (resumable); OUT/hysteresis.png draws both sweeps, and the loop's dissipation (the
     free energy dissipated by the jumps of both sweeps) is printed."""
     end: EngineState = torch.load(run.file(STATE_FILE), weights_only=False)["state"]
-    back = make_process(name, end.controls, **{k: v for k, v in {**params, "lam_end": args.lam}.items()
-                                               if v is not None})
+    back = make_process(name, end.controls, **{**params, "lam_end": args.lam})
     path = run.path / "return"
     resume = args.resume and (path / "config.json").exists()
     sweep = RunDirectory(path, overwrite=not resume, resume=resume)
@@ -222,12 +246,13 @@ def _return_sweep(args: argparse.Namespace, name: str, params: dict, train: Obje
     if code:
         return code
     rows = recorder.log.rows()
+    loop_name = f"lambda {args.lam:g} -> {params['lam_end']:g} -> {args.lam:g}"
     figure = plot_hysteresis([("forward", forward), ("return", rows)], run.file("hysteresis.png"),
-                             f"{name}: lambda {args.lam:g} -> {args.lam_end:g} -> {args.lam:g}")
+                             f"{name}: {loop_name}")
     loop = sum(numeric(row)["dissipation"] for sweep_rows in (forward, rows) for row in sweep_rows
                if row.get("event") == "jump")
     print(f"{name} return: {summary(rows, args.sigma, back)}")
-    print(f"loop lambda {args.lam:g} -> {args.lam_end:g} -> {args.lam:g}: dissipated free energy {loop:.6g} in "
+    print(f"loop {loop_name}: dissipated free energy {loop:.6g} in "
           f"{sum(r.get('event') == 'jump' for r in forward + rows)} jump(s); wrote {sweep.file('trajectory.csv')}, "
           f"{figure}")
     return 0

@@ -25,15 +25,20 @@ from ..processes import Process
 from ..rundir import RunDirectory
 from ..trajectory import TrajectoryRecorder, numeric, plot_trajectory
 from ..transfer import (BASELINES, TRANSFER_PROCESSES, TransferData, TransferObjectives,
-                        make_transfer_process, plot_baseline, plot_transfer, train_baseline, transfer_data)
+                        make_transfer_process, plot_baseline, plot_transfer, train_baseline, transfer_data,
+                        transfer_parameter)
 from .options import (data_arguments, device_option, dtype_option, engine_arguments, inputs, model_arguments,
-                      model_config, run_arguments, settings, write_config)
+                      model_config, parameter_argument, registry_options, run_arguments, settings, write_config)
 from .process_command import RESUME_IGNORES, check_engine_flags, follow, starting_model, summary
 
-__all__ = ["METHODS", "add_parser", "run"]
+__all__ = ["methods", "add_parser", "run"]
 
-METHODS = (*TRANSFER_PROCESSES, *BASELINES)
 PARAMETER_FLAGS = {"lam_end": "--lam-end", "slope": "--slope", "k": "--k"}
+
+
+def methods() -> list[str]:
+    """The transfer methods: the registered transfer processes, then the baselines."""
+    return [*TRANSFER_PROCESSES, *BASELINES]
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -47,7 +52,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     engine_arguments(sub)
     group = sub.add_argument_group("transfer")
     group.add_argument("--method", default="iso-c",
-                       help=f"one of {', '.join(METHODS)} (default iso-c); the baselines train for --epochs")
+                       help=f"one of {', '.join(methods())} (default iso-c); the baselines train for --epochs")
     group.add_argument("--source", required=True, help="source classes: 0-4, 1,3,7, or vehicles/animals for cifar10")
     group.add_argument("--target", required=True, help="target classes, disjoint from the source classes")
     group.add_argument("--labels", default="shared",
@@ -61,6 +66,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     group.add_argument("--slope", type=float, default=None, help="geodesic (required): k = dD/dR of the R–D line")
     group.add_argument("--k", type=float, default=None,
                        help="constant-lambda-rate: λ̇ = k (default -1.5, the paper's with λ = 4); needs λ + k >= 0")
+    parameter_argument(group, TRANSFER_PROCESSES, TRANSFER_PROCESSES.available())
     group.add_argument("--out", required=True,
                        help="output folder: this method's run goes to OUT/METHOD/, the comparison to OUT/transfer.png")
     sub.set_defaults(run=run, dtype="float64")  # processes need derivatives to rounding: float64 unless asked
@@ -68,8 +74,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check every flag, build the tasks, start from the source model and run ``--method``."""
-    if args.method not in METHODS:
-        raise choice_error("method", METHODS, args.method)
+    if args.method not in methods():
+        raise choice_error("method", methods(), args.method)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise bad_value("--out", "a directory", args.out)
     _warn_unused(args)
@@ -79,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
     controls = Controls(args.lam, args.gamma)
     process = None
     if args.method in TRANSFER_PROCESSES:
-        process = make_transfer_process(args.method, controls, getattr(args, TRANSFER_PROCESSES[args.method][1]))
+        own = transfer_parameter(args.method)
+        params = registry_options(TRANSFER_PROCESSES, args.method, args.param, "--param",
+                                  {own: getattr(args, own)} if own in PARAMETER_FLAGS else {})
+        process = make_transfer_process(args.method, controls, **params)
         check_engine_flags(run_args, process)
     run_dir, split, _ = inputs(run_args)
     data = transfer_data(split, args.source, args.target, args.labels, args.max_per_class)
@@ -127,8 +136,10 @@ def _warn_unused(args: argparse.Namespace) -> None:
     unused = []
     if args.classes is not None or args.relabel:
         unused.append("--classes/--relabel (the tasks are --source, --target and --labels)")
-    own = TRANSFER_PROCESSES[args.method][1] if args.method in TRANSFER_PROCESSES else None
+    own = transfer_parameter(args.method) if args.method in TRANSFER_PROCESSES else None
     unused += [flag for name, flag in PARAMETER_FLAGS.items() if getattr(args, name) is not None and name != own]
+    if args.param and args.method in BASELINES:
+        unused.append("--param (a baseline runs no process)")
     if args.method == "scratch" and args.from_checkpoint:
         unused.append("--from-checkpoint (scratch starts from a fresh model)")
     for flag in unused:

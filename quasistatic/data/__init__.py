@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from .base import DataSplit, LabeledData
-from .registry import available_datasets, load_dataset, register_dataset
+from .registry import DATASETS, available_datasets, load_dataset, register_dataset
 from .subsets import parse_classes
 from .mixture import DataMixture  # last: written separately, needs only .base
 
-__all__ = ["LabeledData", "DataSplit", "load_dataset", "register_dataset", "available_datasets",
+__all__ = ["LabeledData", "DataSplit", "DATASETS", "load_dataset", "register_dataset", "available_datasets",
            "parse_classes", "DataMixture"]

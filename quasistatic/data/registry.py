@@ -7,14 +7,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from ..errors import bad_value, choice_error
+from ..registry import Registry
 from .base import DataSplit
 from .cifar10 import load_cifar10
 from .digits import load_digits
 from .mnist import load_mnist
 from .subsets import check_split_args, parse_classes, select_classes
 
-__all__ = ["Loader", "available_datasets", "load_dataset", "register_dataset"]
+__all__ = ["Loader", "DATASETS", "available_datasets", "load_dataset", "register_dataset"]
 
 
 class Loader(Protocol):
@@ -24,23 +24,20 @@ class Loader(Protocol):
         ...
 
 
-_LOADERS: dict[str, Loader] = {"digits": load_digits, "mnist": load_mnist, "cifar10": load_cifar10}
+DATASETS: Registry[DataSplit] = Registry("dataset")  # name -> Loader
+DATASETS.register("digits", load_digits)
+DATASETS.register("mnist", load_mnist)
+DATASETS.register("cifar10", load_cifar10)
 
 
-def register_dataset(name: str, loader: Loader) -> None:
-    """Make ``loader`` available as ``load_dataset(name, ...)``; a name can be registered once."""
-    if not isinstance(name, str) or not name.strip():
-        raise bad_value("dataset name", "a non-empty string", name)
-    if name in _LOADERS:
-        raise bad_value("dataset name", f"a name not yet registered (taken: {', '.join(sorted(_LOADERS))})", name)
-    if not callable(loader):
-        raise bad_value(f"loader of dataset {name!r}", "a callable", loader)
-    _LOADERS[name] = loader
+def register_dataset(name: str, loader: Loader, *, replace: bool = False) -> None:
+    """Make ``loader`` available as ``load_dataset(name, ...)``; a taken name is refused unless ``replace``."""
+    DATASETS.register(name, loader, replace=replace)
 
 
 def available_datasets() -> list[str]:
     """The registered data set names, sorted."""
-    return sorted(_LOADERS)
+    return DATASETS.available()
 
 
 def load_dataset(name: str, *, data_dir: Path | str | None = None, classes: str | Sequence[int] | None = None,
@@ -52,11 +49,10 @@ def load_dataset(name: str, *, data_dir: Path | str | None = None, classes: str 
     and "5-9") come from one partition; ``classes`` (see :func:`parse_classes`) then selects, and
     ``relabel`` maps the chosen classes to 0..k-1 (see :func:`select_classes`).
     """
-    if name not in _LOADERS:
-        raise choice_error("dataset", available_datasets(), name)
+    loader = DATASETS.get(name)
     check_split_args(seed, val_fraction)  # before a possibly long load or download
-    split = _LOADERS[name](None if data_dir is None else Path(data_dir).expanduser(), download=download,
-                           seed=seed, val_fraction=val_fraction)
+    split = loader(None if data_dir is None else Path(data_dir).expanduser(), download=download, seed=seed,
+                   val_fraction=val_fraction)
     if classes is None:
         if relabel:
             warnings.warn("relabel=True without classes changes nothing: all labels are kept",

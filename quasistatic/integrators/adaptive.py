@@ -18,7 +18,6 @@ class TorchdiffeqIntegrator(Integrator):
     """``torchdiffeq.odeint`` over [s, s + h] with an embedded-error step-size control."""
 
     adaptive = True
-    options: ClassVar[tuple[str, ...]] = ("rtol", "atol")
     method: ClassVar[str]
 
     def __init__(self, rtol: float = 1e-6, atol: float = 1e-8) -> None:

@@ -8,16 +8,16 @@ effort, as in numerical continuation), so every method takes exactly the steps t
 
 from __future__ import annotations
 
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 from torch import Tensor
 
-from ..errors import choice_error
+from ..registry import Registry
 
-__all__ = ["VectorField", "Integrator", "register_integrator", "available_integrators", "make_integrator"]
+__all__ = ["VectorField", "Integrator", "INTEGRATORS", "register_integrator", "available_integrators",
+           "make_integrator"]
 
 VectorField = Callable[[float, Tensor], Tensor]
 
@@ -44,26 +44,19 @@ class Integrator(ABC):
         return self.step(field, s, y, h)
 
 
-_INTEGRATORS: dict[str, Callable[..., Integrator]] = {}
+INTEGRATORS: Registry[Integrator] = Registry("integrator")
 
 
-def register_integrator(name: str, factory: Callable[..., Integrator]) -> None:
+def register_integrator(name: str, factory: Callable[..., Integrator], *, replace: bool = False) -> None:
     """Make ``factory(**options)`` available under ``name`` (the CLI's ``--integrator``)."""
-    _INTEGRATORS[name] = factory
+    INTEGRATORS.register(name, factory, replace=replace)
 
 
 def available_integrators() -> list[str]:
-    return sorted(_INTEGRATORS)
+    return INTEGRATORS.available()
 
 
 def make_integrator(name: str, **options: Any) -> Integrator:
-    """The integrator registered as ``name``; options a fixed-step method does not use (rtol, atol)
-    are dropped with a warning, never silently."""
-    if name not in _INTEGRATORS:
-        raise choice_error("integrator", available_integrators(), name)
-    factory = _INTEGRATORS[name]
-    accepted = getattr(factory, "options", ())
-    unused = sorted(k for k, v in options.items() if k not in accepted and v is not None)
-    if unused:
-        warnings.warn(f"integrator {name!r} ignores the options {unused}", UserWarning, stacklevel=2)
-    return factory(**{k: v for k, v in options.items() if k in accepted and v is not None})
+    """The integrator registered as ``name``; an option it does not take (rtol, atol for a
+    fixed-step method) raises :class:`InputError` listing those it does."""
+    return INTEGRATORS.make(name, **options)

@@ -43,12 +43,14 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from quasistatic.errors import bad_value, choice_error
+from quasistatic.errors import bad_value
+from quasistatic.registry import Registry
 
 __all__ = [
     "Matvec",
     "SolveResult",
     "Solver",
+    "SOLVERS",
     "register_solver",
     "available_solvers",
     "get_solver",
@@ -106,34 +108,26 @@ class Solver(Protocol):
                  x0: Tensor | None, preconditioner: Matvec | None = None) -> SolveResult: ...
 
 
-_SOLVERS: dict[str, Solver] = {}
+SOLVERS: Registry[SolveResult] = Registry("linear solver")  # name -> Solver
 
 
-def register_solver(name: str, fn: Solver) -> None:
+def register_solver(name: str, fn: Solver, *, replace: bool = False) -> None:
     """Make ``fn`` available to :func:`solve` (and to configs and the CLI) as ``method=name``.
 
     Options of a built-in solver can be fixed under a new name, e.g.
     ``register_solver("cg-sync1", functools.partial(cg, check_every=1))``.
     """
-    if not isinstance(name, str) or not name:
-        raise bad_value("solver name", "a non-empty string", name)
-    if name in _SOLVERS:
-        raise bad_value("solver name", f"new (taken: {', '.join(available_solvers())})", name)
-    if not callable(fn):
-        raise bad_value("solver", "callable", fn)
-    _SOLVERS[name] = fn
+    SOLVERS.register(name, fn, replace=replace)
 
 
 def available_solvers() -> list[str]:
     """The registered solver names, sorted."""
-    return sorted(_SOLVERS)
+    return SOLVERS.available()
 
 
 def get_solver(name: str) -> Solver:
     """The solver registered as ``name``; an unknown name raises an InputError listing the valid ones."""
-    if not isinstance(name, str) or name not in _SOLVERS:
-        raise choice_error("linear solver", available_solvers(), name)
-    return _SOLVERS[name]
+    return SOLVERS.get(name)
 
 
 def solve(matvec: Matvec, rhs: Tensor, *, method: str = "cg", tol: float = 1e-6,

@@ -43,7 +43,7 @@ from ..objective import Controls, Objective
 from ..work import WorkCounter
 from .bordered import solve_bordered
 from .deflation import RitzPairs, ritz_pairs
-from .krylov import SolveResult, available_solvers, solve
+from .krylov import SOLVERS, SolveResult, solve
 from .operators import MODES, OPERATORS, CurvatureOperator
 from .preconditioners import (DENSE_MAX_SIZE, PRECONDITIONERS, IdentityPreconditioner, Preconditioner,
                               available_preconditioners, check_dense_size, make_preconditioner)
@@ -70,12 +70,10 @@ class LinearSolveConfig:
     seed: int = 0  # of the subsamples
 
     def __post_init__(self) -> None:
-        if self.operator not in OPERATORS:
-            raise choice_error("curvature operator", OPERATORS, self.operator)
+        OPERATORS.get(self.operator)  # an unknown name raises, listing the registered ones
         if self.mode not in MODES:
             raise choice_error("Hessian-vector product mode", MODES, self.mode)
-        if self.solver not in available_solvers():
-            raise choice_error("linear solver", available_solvers(), self.solver)
+        SOLVERS.get(self.solver)
         if self.preconditioner not in PRECONDITIONERS and self.preconditioner != "auto":
             raise choice_error("preconditioner", ["auto", *available_preconditioners()], self.preconditioner)
         if self.whitening not in PRECONDITIONERS and self.whitening != "auto":

@@ -17,6 +17,11 @@ The generalized Gauss–Newton matrix G = Σ Jₒᵀ ∇²ℓ Jₒ linearizes th
 mean and log-variance, decoder parameters, classifier logits) and keeps the curvature of the losses
 ℓ in the outputs: KL to N(0, I), Bernoulli/Gaussian log-likelihood and cross-entropy are convex in
 them, so G ⪰ 0 by construction, whatever θ.
+
+The matrices are registered by name in :data:`OPERATORS` (``"hessian"``, ``"ggn"``): a factory
+``(objective, theta, controls, mode) -> products`` returns the undamped block products V ↦ A V,
+(N, k) → (N, k), and counts the passes they share on ``objective.work``; the
+:class:`CurvatureOperator` around them adds the damping and counts the products.
 """
 
 from __future__ import annotations
@@ -30,16 +35,18 @@ from torch.func import grad, hessian, jvp, vjp, vmap
 from ..data.mixture import mixture_weights
 from ..errors import InputError, bad_value, choice_error
 from ..objective import Controls, Objective
+from ..registry import Registry
+from .krylov import Matvec
 
-__all__ = ["CurvatureOperator", "OPERATORS", "MODES", "dense_hessian"]
+__all__ = ["CurvatureOperator", "OPERATORS", "MODES", "hessian_products", "ggn_products", "dense_hessian"]
 
-OPERATORS = ("hessian", "ggn")
 MODES = ("reverse", "forward")
 
 
 class CurvatureOperator:
-    """V ↦ (A + μI)V with A = ∇²θJ (``kind="hessian"``) or the Gauss–Newton G (``kind="ggn"``),
-    at a fixed point θ and controls (λ, γ, t). V is (N,) or (N, k); the result has its shape.
+    """V ↦ (A + μI)V with A = ∇²θJ (``kind="hessian"``), the Gauss–Newton G (``kind="ggn"``) or
+    another matrix registered in :data:`OPERATORS`, at a fixed point θ and controls (λ, γ, t). V is
+    (N,) or (N, k); the result has its shape.
 
     Every application counts k Hessian-vector products on ``objective.work``; the "reverse"
     mode's one-off pullback counts one gradient, and the "forward" mode's shared forward and
@@ -48,23 +55,18 @@ class CurvatureOperator:
 
     def __init__(self, objective: Objective, theta: Tensor, controls: Controls, kind: str = "hessian",
                  damping: float = 0.0, mode: str = "reverse") -> None:
-        if kind not in OPERATORS:
-            raise choice_error("curvature operator", OPERATORS, kind)
+        OPERATORS.get(kind)  # an unknown name raises, listing the registered ones
         if mode not in MODES:
             raise choice_error("Hessian-vector product mode", MODES, mode)
         if not damping >= 0:
             raise bad_value("damping", "a number >= 0", damping)
-        if kind == "ggn" and not objective.model.prior.has_closed_form_kl:
-            raise InputError("curvature operator 'ggn' must be used with a prior with a closed-form KL "
-                             f"(normal), got prior {objective.model.config.prior!r}")
         self.objective = objective
         self.theta = theta.detach()
         self.controls = controls
         self.kind = kind
         self.damping = damping
         self.mode = mode
-        self._pullback: Callable[[Tensor], tuple[Tensor, ...]] | None = None
-        self._apply = self._hessian_block if kind == "hessian" else self._ggn_block
+        self._apply = OPERATORS.make(kind, objective, self.theta, controls, mode)
 
     @property
     def size(self) -> int:
@@ -78,27 +80,48 @@ class CurvatureOperator:
             out = out + self.damping * block
         return out.squeeze(-1) if v.dim() == 1 else out
 
-    def _hessian_block(self, block: Tensor) -> Tensor:
-        """A V: each column pulled back through ∇θJ (reverse) or pushed forward through it
-        (forward), vmapped over the columns."""
-        gradient = grad(lambda th: self.objective.value(th, self.controls))
-        if self.mode == "forward":
-            self.objective.work.gradients += 1
-            return vmap(lambda v: jvp(gradient, (self.theta,), (v,))[1], in_dims=1, out_dims=1)(block)
-        if self._pullback is None:
-            self.objective.work.gradients += 1
-            self._pullback = vjp(gradient, self.theta)[1]
-        pullback = self._pullback
+    def dense(self) -> Tensor:
+        """The (N, N) matrix, assembled column by column; for small models and tests."""
+        return self(torch.eye(self.size, dtype=self.theta.dtype, device=self.theta.device))
+
+
+def hessian_products(objective: Objective, theta: Tensor, controls: Controls, mode: str) -> Matvec:
+    """V ↦ A V with A = ∇²θJ: each column pulled back through ∇θJ (``mode="reverse"``: the pullback
+    built at the first call and kept) or pushed forward through it (``"forward"``), vmapped over the
+    columns."""
+    gradient = grad(lambda th: objective.value(th, controls))
+    if mode == "forward":
+        def forward_products(block: Tensor) -> Tensor:
+            objective.work.gradients += 1
+            return vmap(lambda v: jvp(gradient, (theta,), (v,))[1], in_dims=1, out_dims=1)(block)
+
+        return forward_products
+    pullback: Callable[[Tensor], tuple[Tensor]] | None = None
+
+    def reverse_products(block: Tensor) -> Tensor:
+        nonlocal pullback
+        if pullback is None:
+            objective.work.gradients += 1
+            pullback = vjp(gradient, theta)[1]
         return vmap(lambda v: pullback(v)[0], in_dims=1, out_dims=1)(block)
 
-    def _ggn_block(self, block: Tensor) -> Tensor:
-        """G V = Σ over parts and chunks of Jₒᵀ (∇²ℓ (Jₒ V)): jvp, then an HVP of the loss in
-        the outputs, then the vjp of the outputs (whose forward pass is shared by the columns)."""
-        self.objective.work.gradients += 1  # the outputs' forward pass and pullback, shared by the columns
-        weights = self.controls.weights(self.theta)
-        part_weights = [1.0] if not self.objective.is_mixture else mixture_weights(self.controls.t)
+    return reverse_products
+
+
+def ggn_products(objective: Objective, theta: Tensor, controls: Controls, mode: str) -> Matvec:
+    """V ↦ G V = Σ over parts and chunks of Jₒᵀ (∇²ℓ (Jₒ V)): jvp, then an HVP of the loss in the
+    outputs, then the vjp of the outputs (whose forward pass is shared by the columns). The same
+    whatever ``mode``; the prior must have a closed-form KL (the loss is then convex in the outputs)."""
+    if not objective.model.prior.has_closed_form_kl:
+        raise InputError("curvature operator 'ggn' must be used with a prior with a closed-form KL "
+                         f"(normal), got prior {objective.model.config.prior!r}")
+
+    def products(block: Tensor) -> Tensor:
+        objective.work.gradients += 1  # the outputs' forward pass and pullback, shared by the columns
+        weights = controls.weights(theta)
+        part_weights = [1.0] if not objective.is_mixture else mixture_weights(controls.t)
         total = torch.zeros_like(block)
-        for part, part_weight in zip(self.objective.parts, part_weights):
+        for part, part_weight in zip(objective.parts, part_weights):
             if part_weight == 0:
                 continue
             scale = part_weight / len(part.data)
@@ -111,20 +134,24 @@ class CurvatureOperator:
                     return scale * (part.losses(outs, start, stop).sum(-1) @ weights)  # noqa: B023
 
                 # torch.func.vjp is annotated as returning 2 or 3 values whatever has_aux (no overload)
-                outs, pullback = vjp(outputs, self.theta)  # type: ignore[misc]
+                outs, pullback = vjp(outputs, theta)  # type: ignore[misc]
                 loss_grad = grad(loss)
 
                 def ggn_v(v: Tensor) -> Tensor:
-                    jv = jvp(outputs, (self.theta,), (v,))[1]
+                    jv = jvp(outputs, (theta,), (v,))[1]
                     h_jv = jvp(loss_grad, (outs,), (jv,))[1]  # noqa: B023
                     return pullback(h_jv)[0]  # noqa: B023
 
                 total = total + vmap(ggn_v, in_dims=1, out_dims=1)(block)
-        return total + self.objective.sigma * block  # σS = ½σ‖θ‖² has the Hessian σI
+        return total + objective.sigma * block  # σS = ½σ‖θ‖² has the Hessian σI
 
-    def dense(self) -> Tensor:
-        """The (N, N) matrix, assembled column by column; for small models and tests."""
-        return self(torch.eye(self.size, dtype=self.theta.dtype, device=self.theta.device))
+    return products
+
+
+# factory(objective, theta, controls, mode) -> V ↦ A V (undamped); CurvatureOperator's ``kind``
+OPERATORS: Registry[Matvec] = Registry("curvature operator")
+OPERATORS.register("hessian", hessian_products)
+OPERATORS.register("ggn", ggn_products)
 
 
 def dense_hessian(objective: Objective, theta: Tensor, controls: Controls) -> Tensor:

@@ -2,6 +2,7 @@
 
 from . import mlp, resnet  # noqa: F401  (register the built-in architectures)
 from .base import (
+    ARCHITECTURES,
     ModelConfig,
     RepresentationModel,
     available_architectures,
@@ -11,6 +12,7 @@ from .base import (
 from .priors import MixtureOfGaussiansPrior, Prior, StandardNormalPrior
 
 __all__ = [
+    "ARCHITECTURES",
     "ModelConfig",
     "RepresentationModel",
     "available_architectures",

@@ -20,12 +20,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..errors import bad_value, choice_error
+from ..registry import Registry
 from .likelihoods import LIKELIHOODS
 from .priors import MixtureOfGaussiansPrior, Prior, StandardNormalPrior
 
 __all__ = [
     "ModelConfig",
     "RepresentationModel",
+    "ARCHITECTURES",
     "register_architecture",
     "available_architectures",
     "build_model",
@@ -54,8 +56,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
         object.__setattr__(self, "hidden", tuple(self.hidden))
-        if self.architecture not in _ARCHITECTURES:
-            raise choice_error("model", available_architectures(), self.architecture)
+        ARCHITECTURES.get(self.architecture)  # an unknown name raises, listing the registered ones
         if self.likelihood not in LIKELIHOODS:
             raise choice_error("likelihood", LIKELIHOODS, self.likelihood)
         if self.prior not in PRIORS:
@@ -102,7 +103,7 @@ class RepresentationModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        nets = _ARCHITECTURES[config.architecture](config)
+        nets = ARCHITECTURES.make(config.architecture, config)
         self.encoder = nets.encoder
         self.decoder = nets.decoder
         self.classifier = nets.classifier or (ReferenceClassLinear(config.latent_dim, config.num_classes)
@@ -159,16 +160,16 @@ class RepresentationModel(nn.Module):
 
 
 ArchitectureBuilder = Callable[[ModelConfig], Networks]
-_ARCHITECTURES: dict[str, ArchitectureBuilder] = {}
+ARCHITECTURES: Registry[Networks] = Registry("model")  # name -> ArchitectureBuilder; the CLI's --model
 
 
-def register_architecture(name: str, builder: ArchitectureBuilder) -> None:
+def register_architecture(name: str, builder: ArchitectureBuilder, *, replace: bool = False) -> None:
     """Make ``builder(config) -> Networks`` available as ``ModelConfig(architecture=name)``."""
-    _ARCHITECTURES[name] = builder
+    ARCHITECTURES.register(name, builder, replace=replace)
 
 
 def available_architectures() -> list[str]:
-    return sorted(_ARCHITECTURES)
+    return ARCHITECTURES.available()
 
 
 def build_model(config: ModelConfig, seed: int | None = None) -> RepresentationModel:

@@ -1,7 +1,10 @@
 """Quasi-static processes: the base class, the registry and the paper's processes."""
 
+from ..registry import Parameter
+from ..sensitivities import Sensitivities
 from . import builtin  # noqa: F401  (register the built-in processes)
 from .base import (
+    PROCESSES,
     ConstraintProcess,
     Process,
     ResidualForm,
@@ -19,6 +22,6 @@ from .builtin import (
     IsoClassificationTransfer,
 )
 
-__all__ = ["Process", "ConstraintProcess", "ResidualForm", "SingularConstraintError", "available_processes",
-           "make_process", "register_process", "Free", "IsoClassification", "IsoClassificationRate",
-           "IsoClassificationTransfer", "ConstantLambdaRate", "GeodesicTransfer"]
+__all__ = ["Process", "ConstraintProcess", "Parameter", "ResidualForm", "Sensitivities", "SingularConstraintError",
+           "PROCESSES", "available_processes", "make_process", "register_process", "Free", "IsoClassification",
+           "IsoClassificationRate", "IsoClassificationTransfer", "ConstantLambdaRate", "GeodesicTransfer"]

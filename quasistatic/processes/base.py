@@ -26,11 +26,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..errors import InputError, bad_value, choice_error
+from ..errors import InputError, bad_value
 from ..objective import Controls
-from ..tangents import Sensitivities
+from ..registry import Parameter, Registry
+from ..sensitivities import Sensitivities
 
-__all__ = ["Process", "ConstraintProcess", "ResidualForm", "SingularConstraintError", "register_process",
+__all__ = ["Process", "ConstraintProcess", "ResidualForm", "SingularConstraintError", "PROCESSES", "register_process",
            "available_processes", "make_process"]
 
 Rates = tuple[float, float, float]  # (λ̇, γ̇, ṫ)
@@ -63,6 +64,9 @@ class Process(ABC):
     """A (λ, γ, t)-controlled quasi-static process, started at ``start``."""
 
     uses_mixture: ClassVar[bool] = False  # True when the data move from source to target (ṫ ≠ 0)
+    # the keyword parameters of __init__ as the command line takes them (--param NAME=VALUE);
+    # None: read from __init__'s signature, without help texts
+    parameters: ClassVar[tuple[Parameter, ...] | None] = None
 
     def __init__(self, start: Controls) -> None:
         self.start = start
@@ -127,23 +131,21 @@ class ConstraintProcess(Process):
         return lam_dot, -(g_lam * lam_dot + g_t * t_dot) / g_gamma, t_dot
 
 
-_PROCESSES: dict[str, Callable[..., Process]] = {}
+# factory(start, **params) -> Process; the CLI's --process
+PROCESSES: Registry[Process] = Registry("process")
 
 
-def register_process(name: str, factory: Callable[..., Process]) -> None:
-    """Make ``factory(start, **params)`` available under ``name`` (the CLI's ``--process``)."""
-    _PROCESSES[name] = factory
+def register_process(name: str, factory: Callable[..., Process], *, replace: bool = False) -> None:
+    """Make ``factory(start, **params)`` available under ``name`` (the CLI's ``--process``); its
+    ``parameters`` attribute, when it has one, declares what ``--param`` takes."""
+    PROCESSES.register(name, factory, replace=replace)
 
 
 def available_processes() -> list[str]:
-    return sorted(_PROCESSES)
+    return PROCESSES.available()
 
 
 def make_process(name: str, start: Controls, **params: Any) -> Process:
-    """The process registered as ``name``, started at ``start``, with its parameters."""
-    if name not in _PROCESSES:
-        raise choice_error("process", available_processes(), name)
-    try:
-        return _PROCESSES[name](start, **params)
-    except TypeError as error:  # a parameter the process does not take
-        raise bad_value(f"parameters of process {name!r}", "those of its constructor", sorted(params)) from error
+    """The process registered as ``name``, started at ``start``, with its parameters (a name its
+    factory does not take raises :class:`InputError` listing those it does)."""
+    return PROCESSES.make(name, start, **params)

@@ -12,11 +12,15 @@ import torch
 
 from ..errors import bad_value
 from ..objective import Controls
-from ..tangents import Sensitivities
+from ..registry import Parameter
+from ..sensitivities import Sensitivities
 from .base import ConstraintProcess, Process, Rates, ResidualForm, SingularConstraintError, register_process
 
 __all__ = ["Free", "IsoClassification", "IsoClassificationRate", "IsoClassificationTransfer",
            "ConstantLambdaRate", "GeodesicTransfer"]
+
+
+_LAM_END = Parameter("lam_end", float, None, "final λ: λ̇ = λ_end − λ₀ over s ∈ [0, 1]")
 
 
 def _lam_rate(start: Controls, lam_end: float | None) -> float:
@@ -29,6 +33,9 @@ def _lam_rate(start: Controls, lam_end: float | None) -> float:
 
 class Free(Process):
     """Lemma 5: (λ̇, γ̇) given, θ̇ = θ_λλ̇ + θ_γγ̇ (eq. 17)."""
+
+    parameters = (Parameter("lam_rate", float, 0.0, "λ̇, the change of λ over s ∈ [0, 1]"),
+                  Parameter("gamma_rate", float, 0.0, "γ̇, the change of γ over s ∈ [0, 1]"))
 
     def __init__(self, start: Controls, lam_rate: float = 0.0, gamma_rate: float = 0.0) -> None:
         super().__init__(start)
@@ -49,6 +56,9 @@ class Free(Process):
 class IsoClassification(ConstraintProcess):
     """dC = 0 with θ on the surface (eqs. 19–20): λ̇ = λ_end − λ₀ and γ̇ = −C_λλ̇ / C_γ, or, with
     ``alpha``, Remark 7's form λ̇ = −α C_γ, γ̇ = α C_λ (eqs. 22, 31)."""
+
+    parameters = (_LAM_END, Parameter("alpha", float, None, "Remark 7's time scale: λ̇ = −αC_γ, γ̇ = αC_λ "
+                                                             "instead of a lam_end"))
 
     def __init__(self, start: Controls, lam_end: float | None = None, alpha: float | None = None) -> None:
         super().__init__(start)
@@ -84,6 +94,8 @@ class IsoClassification(ConstraintProcess):
 class IsoClassificationRate(ConstraintProcess):
     """Remark 8: C + β⁻¹R held constant while λ moves from λ₀ to λ_end."""
 
+    parameters = (_LAM_END, Parameter("beta", float, 1.0, "β of C + β⁻¹R"))
+
     def __init__(self, start: Controls, lam_end: float | None = None, beta: float = 1.0) -> None:
         super().__init__(start)
         if not beta > 0:
@@ -106,6 +118,7 @@ class IsoClassificationTransfer(ConstraintProcess):
     """Eqs. 26–28: the data move (ṫ = 1), λ̇ given, γ̇ = −(C_λλ̇ + C_t) / C_γ keeps C constant."""
 
     uses_mixture = True
+    parameters = (Parameter("lam_end", float, None, "final λ, λ̇ = λ_end − λ₀ (default: λ kept)"),)
 
     def __init__(self, start: Controls, lam_end: float | None = None) -> None:
         super().__init__(start)
@@ -120,6 +133,8 @@ class IsoClassificationTransfer(ConstraintProcess):
 
 class ConstantLambdaRate(IsoClassificationTransfer):
     """Eq. 32: λ̇ = k constant while the data move, γ̇ from the iso-classification constraint."""
+
+    parameters = (Parameter("k", float, -1.5, "λ̇, constant (the paper's -1.5 with λ = 4)"),)
 
     def __init__(self, start: Controls, k: float = -1.5) -> None:
         super().__init__(start)
@@ -140,6 +155,7 @@ class GeodesicTransfer(Process):
     """
 
     uses_mixture = True
+    parameters = (Parameter("slope", float, None, "k = dD/dR of the R–D line (required)"),)
 
     def __init__(self, start: Controls, slope: float | None = None) -> None:
         super().__init__(start)
