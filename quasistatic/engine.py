@@ -36,7 +36,7 @@ from torch import Tensor
 from .arclength import ArclengthState, PseudoArclength
 from .correctors import Correction, Corrector
 from .errors import InputError, bad_value, choice_error
-from .folds import AT_FOLD, Fold, FoldError, Jump, StabilityPoint, jump_past, locate_fold
+from .folds import AT_FOLD, REFINED_COUNT, Fold, FoldError, Jump, StabilityPoint, jump_past, locate_fold
 from .integrators import Integrator
 from .linalg.linear_solve import LinearSolve
 from .objective import Controls, Objective
@@ -204,12 +204,15 @@ class QuasiStaticEngine:
         return replace(state, stability=(*state.stability, point)[-3:])
 
     def _refined(self, state: EngineState) -> EngineState:
-        """``state`` with λ_min at its point recomputed with 10 × ``eigen_iterations`` (warm): where
-        the steps collapse, λ_min changes faster than the per-step iterations follow (on digits,
-        8 per step tracked 1.4e-5 where the converged value was 3.7e-6, the next one 6.9e-4)."""
+        """``state`` with λ_min at its point recomputed with 10 × ``eigen_iterations`` on a block of
+        :data:`REFINED_COUNT` vectors (the kept one and random ones): where the steps collapse, λ_min
+        changes faster than the per-step iterations follow (on digits, 8 per step tracked 1.4e-5
+        where the converged value was 3.7e-6), and the one tracked vector can follow another
+        eigenvector than the smallest (on digits at λ 1.91675: tracked 1.9e-3, one vector with 80
+        iterations 1.9e-4, a block of 3 −7.1e-6: the point was a saddle)."""
         if not self.config.eigen_iterations or not state.stability or state.stability[-1].s != state.s:
             return state
-        value = self._lambda_min(state, 10 * self.config.eigen_iterations)  # LOBPCG from the kept vector: ≤ it
+        value = self._lambda_min(state, 10 * self.config.eigen_iterations, REFINED_COUNT)
         return replace(state, stability=(*state.stability[:-1], replace(state.stability[-1], lambda_min=value)))
 
     def _resolution(self, state: EngineState) -> float:
@@ -220,8 +223,9 @@ class QuasiStaticEngine:
         last = state.stability[-1].lambda_min if state.stability else math.nan
         return self.config.grad_tol / last if last > 0 else math.inf
 
-    def _lambda_min(self, state: EngineState, iterations: int) -> float:
-        pairs = self.linear_solve.smallest_eigenpairs(state.theta, state.controls, iterations=iterations)
+    def _lambda_min(self, state: EngineState, iterations: int, count: int = 1) -> float:
+        pairs = self.linear_solve.smallest_eigenpairs(state.theta, state.controls, iterations=iterations,
+                                                      count=min(count, state.theta.numel()))
         return float(pairs.values[0])
 
     def run(self, state: EngineState, on_step: Callable[[StepReport], None] | None = None) -> EngineState:

@@ -38,9 +38,10 @@ from .processes import Process
 from .step_control import StepSizeError
 from .tangents import equilibrium_tangents
 
-__all__ = ["AT_FOLD", "Fold", "FoldError", "Jump", "StabilityPoint", "jump_past", "locate_fold"]
+__all__ = ["AT_FOLD", "REFINED_COUNT", "Fold", "FoldError", "Jump", "StabilityPoint", "jump_past", "locate_fold"]
 
 AT_FOLD = ("jump", "stop", "arclength")  # what the engine does at a located fold
+REFINED_COUNT = 3  # eigenvectors in the LOBPCG block where λ_min decides (a collapse, a relaxation's end)
 
 
 @dataclass(frozen=True)
@@ -172,8 +173,9 @@ def jump_past(fold: Fold, points: tuple[StabilityPoint, ...], theta: Tensor, lin
     relaxed = polish(linear_solve, start, controls, grad_tol=grad_tol)
     if not relaxed.converged:
         raise refuse(f"the relaxation at fixed controls reached |grad J| = {relaxed.grad_norm:.3e} > {grad_tol:g}")
-    lambda_min = float(linear_solve.smallest_eigenpairs(relaxed.theta, controls,
-                                                       iterations=10 * max(eigen_iterations, 1)).values[0])
+    lambda_min = float(linear_solve.smallest_eigenpairs(
+        relaxed.theta, controls, count=min(REFINED_COUNT, relaxed.theta.numel()),
+        iterations=10 * max(eigen_iterations, 1)).values[0])
     if not lambda_min > 0:
         raise refuse(f"the relaxation ended on a saddle (lambda_min = {lambda_min:.3e})")
     moved = float(torch.linalg.vector_norm(relaxed.theta - theta))

@@ -250,3 +250,23 @@ def test_a_saddle_missed_by_the_tracking_is_found_by_the_next_tangent_solve(at_f
         assert jump.dissipation > 0 and jump.lambda_min > 0
         fold = jump.fold
     assert 0.5 < fold.s < 0.6 and fold.last_lambda_min < 0 and fold.failed_s == fold.last_accepted_s == 0.6
+
+
+def test_the_refined_lambda_min_is_not_fooled_by_a_tracked_vector_of_another_eigenvalue():
+    """One tracked vector can sit on another eigenvector than the smallest (on digits at λ 1.91675 it
+    read 1.9e-3 where the smallest eigenvalue was −7.1e-6). The refinement runs a block of
+    REFINED_COUNT vectors and finds the smallest; the tracking then follows it."""
+    scales = torch.tensor([-0.5, 2.0, 3.0, 5.0, 7.0, 11.0], dtype=torch.float64)
+    objective = functional_objective(lambda th: torch.stack([0.5 * (scales * th**2).sum(), th[0] * 0, th[0] * 0]), 6)
+    engine = QuasiStaticEngine(objective, make_process("free", START, lam_rate=0.5), make_integrator("hermite"),
+                               make_corrector("newton"), EngineConfig(steps=10),
+                               LinearSolve(objective, LinearSolveConfig(preconditioner="none", preconditioner_sample=1.0)))
+    theta = torch.zeros(6, dtype=torch.float64)
+    wrong = torch.zeros(6, 1, dtype=torch.float64)
+    wrong[1] = 1.0  # the eigenvector of 2.0
+    engine.linear_solve.remember("eigenvector", wrong)
+    state = EngineState(theta, START, s=0.3, stability=(StabilityPoint(0.3, 0.0, 1.0, 0.0, 2.0),))
+    assert engine._lambda_min(state, 8) == pytest.approx(2.0)  # one vector stays where it was put
+    refined = engine._refined(state).stability[-1].lambda_min
+    assert refined == pytest.approx(-0.5, abs=1e-8)
+    assert engine._lambda_min(state, 8) == pytest.approx(-0.5, abs=1e-8)  # tracked from the refined block

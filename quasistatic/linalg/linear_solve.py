@@ -175,7 +175,8 @@ class LinearSolve:
                             tol: float = 1e-6) -> RitzPairs:
         """The ``count`` algebraically smallest eigenpairs of the exact A = ∇²θJ at (θ, controls)
         (full data, Hessian whatever the solves' ``operator``): at most ``iterations`` of LOBPCG,
-        preconditioned by the kept P and started from the last call's eigenvectors, to residual
+        preconditioned by the kept P and started from the last call's eigenvectors (its ``count``
+        smallest; missing ones drawn at random), to residual
         ``tol``; the first call starts from random vectors and gets 10 × ``iterations`` (on the
         digits default: 0.030 after 8 cold iterations, 8.1e-4 after 80, then ±1e-6 per 8 warm
         ones). The values are Rayleigh–Ritz values, upper bounds of the smallest eigenvalues. The
@@ -183,6 +184,7 @@ class LinearSolve:
         operator = CurvatureOperator(self.objective, theta, controls, mode=self.config.mode)
         preconditioner = self.current(theta, controls)
         start = self._warm.get("eigenvector")
+        start = None if start is None else start[:, :count]
         pairs = ritz_pairs(operator, theta.numel(), count, start=start, tol=tol,
                            iterations=iterations if start is not None else 10 * iterations, seed=self.config.seed,
                            dtype=theta.dtype, device=theta.device,
