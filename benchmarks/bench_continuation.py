@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 import quasistatic as qs
-from quasistatic.baselines import FiniteDifferenceEquilibration
-from quasistatic.engine import EngineConfig, QuasiStaticEngine, first_law_residual
+from quasistatic.experiments.baselines import FiniteDifferenceEquilibration
+from quasistatic.continuation.engine import EngineConfig, QuasiStaticEngine, first_law_residual
 from quasistatic.linalg import LinearSolve, LinearSolveConfig, make_preconditioner, solve
 
 START = qs.Controls(1.0, 10.0)
@@ -70,7 +70,7 @@ def follow(objective: qs.Objective, theta: torch.Tensor, runner_of, steps: int) 
     error = None
     try:
         runner.run(state, lambda report: rows.append(row(objective, report.state.theta, report.state.controls)))
-    except qs.engine.StepSizeError as failure:
+    except qs.continuation.engine.StepSizeError as failure:
         error = str(failure)[:200]
     wall = time.perf_counter() - started
     residual, delta_r = first_law_residual(rows, SIGMA)

@@ -46,7 +46,7 @@ import torch
 from quasistatic.linalg.operators import CurvatureOperator
 from quasistatic.data import load_dataset
 from quasistatic.models import ModelConfig, build_model
-from quasistatic.objective import Controls, Objective
+from quasistatic.thermo.objective import Controls, Objective
 from quasistatic.linalg.krylov import SolveResult, solve
 from quasistatic.work import HVP_COST
 

@@ -25,12 +25,12 @@ import pytest
 import torch
 
 from quasistatic import Controls, ModelConfig, Objective, build_model
-from quasistatic.baselines import FiniteDifferenceEquilibration
-from quasistatic.correctors import make_corrector
-from quasistatic.engine import EngineConfig, EngineState, QuasiStaticEngine
+from quasistatic.experiments.baselines import FiniteDifferenceEquilibration
+from quasistatic.continuation.correctors import make_corrector
+from quasistatic.continuation.engine import EngineConfig, EngineState, QuasiStaticEngine
 from quasistatic.linalg import LinearSolve
 from quasistatic.integrators import make_integrator
-from quasistatic.polish import polish
+from quasistatic.continuation.polish import polish
 from quasistatic.processes import make_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

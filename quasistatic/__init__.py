@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from .experiments.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from .data import (  # noqa: E402
     DataMixture,
     DataSplit,
@@ -25,23 +25,23 @@ from .data import (  # noqa: E402
     load_dataset,
     register_dataset,
 )
-from .equilibrate import EquilibrationConfig, equilibrate, equilibration_rate  # noqa: E402
+from .continuation.equilibrate import EquilibrationConfig, equilibrate, equilibration_rate  # noqa: E402
 from .errors import InputError  # noqa: E402
-from .evaluation import measure  # noqa: E402
-from .functionals import FixedNoiseFunctionals, Functionals  # noqa: E402
+from .thermo.evaluation import measure  # noqa: E402
+from .thermo.functionals import FixedNoiseFunctionals, Functionals  # noqa: E402
 from .models import ModelConfig, RepresentationModel, available_architectures, build_model, register_architecture  # noqa: E402
-from .objective import Controls, Objective  # noqa: E402
-from .parameters import ParameterLayout  # noqa: E402
+from .thermo.objective import Controls, Objective  # noqa: E402
+from .thermo.parameters import ParameterLayout  # noqa: E402
 from .linalg.operators import CurvatureOperator  # noqa: E402
 from .linalg.krylov import available_solvers, register_solver, solve  # noqa: E402
-from .tangents import Sensitivities, Tangents, equilibrium_tangents  # noqa: E402
+from .continuation.tangents import Sensitivities, Tangents, equilibrium_tangents  # noqa: E402
 from .integrators import Integrator, available_integrators, make_integrator, register_integrator  # noqa: E402
 from .processes import ConstraintProcess, Process, available_processes, make_process, register_process  # noqa: E402
-from .correctors import Corrector, available_correctors, make_corrector, register_corrector  # noqa: E402
-from .engine import EngineConfig, EngineState, QuasiStaticEngine, first_law_residual  # noqa: E402
-from .polish import polish  # noqa: E402
-from .baselines import FiniteDifferenceEquilibration  # noqa: E402
-from .transfer import (TransferData, TransferObjectives, make_transfer_process, plot_transfer,  # noqa: E402
+from .continuation.correctors import Corrector, available_correctors, make_corrector, register_corrector  # noqa: E402
+from .continuation.engine import EngineConfig, EngineState, QuasiStaticEngine, first_law_residual  # noqa: E402
+from .continuation.polish import polish  # noqa: E402
+from .experiments.baselines import FiniteDifferenceEquilibration  # noqa: E402
+from .experiments.transfer import (TransferData, TransferObjectives, make_transfer_process, plot_transfer,  # noqa: E402
                        train_baseline, transfer_data)
 
 __all__ = [

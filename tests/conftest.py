@@ -21,7 +21,7 @@ def one_thread():
 def restored_registries():
     """Every registry of the library, restored after the test whatever it registers or replaces;
     the value is the tuple of registries."""
-    from quasistatic.correctors import CORRECTORS
+    from quasistatic.continuation.correctors import CORRECTORS
     from quasistatic.data.registry import DATASETS
     from quasistatic.integrators.base import INTEGRATORS
     from quasistatic.linalg.krylov import SOLVERS
@@ -29,7 +29,7 @@ def restored_registries():
     from quasistatic.linalg.preconditioners import PRECONDITIONERS
     from quasistatic.models.base import ARCHITECTURES
     from quasistatic.processes import PROCESSES
-    from quasistatic.transfer import TRANSFER_PROCESSES
+    from quasistatic.experiments.transfer import TRANSFER_PROCESSES
 
     registries = (DATASETS, ARCHITECTURES, INTEGRATORS, CORRECTORS, SOLVERS, PRECONDITIONERS, PROCESSES, OPERATORS,
                   TRANSFER_PROCESSES)

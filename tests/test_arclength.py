@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from quasistatic import Controls, Objective
-from quasistatic.arclength import require_residual_form
-from quasistatic.correctors import make_corrector
-from quasistatic.engine import EngineConfig, QuasiStaticEngine
+from quasistatic.continuation.arclength import require_residual_form
+from quasistatic.continuation.correctors import make_corrector
+from quasistatic.continuation.engine import EngineConfig, QuasiStaticEngine
 from quasistatic.errors import InputError
 from quasistatic.integrators import make_integrator
 from quasistatic.linalg import LinearSolve, LinearSolveConfig
@@ -149,8 +149,8 @@ def test_fold_and_saddle_rows_are_recorded(tmp_path, s_curve, caplog, monkeypatc
     import json
     import logging
 
-    import quasistatic.trajectory as trajectory
-    from quasistatic.rundir import RunDirectory
+    import quasistatic.experiments.trajectory as trajectory
+    from quasistatic.experiments.rundir import RunDirectory
     caplog.set_level(logging.INFO, logger="quasistatic")
     _, reports, _ = s_curve
     monkeypatch.setattr(trajectory, "measure", lambda *args, **kwargs: {})  # the toy has no data to measure on
@@ -166,7 +166,7 @@ def test_fold_and_saddle_rows_are_recorded(tmp_path, s_curve, caplog, monkeypatc
     assert saddle_row["negative_eigenvalues"] == "1" and float(saddle_row["lambda_min"]) < 0
     (saved,) = json.loads(run.file("folds.json").read_text())
     assert saved["lam"] == pytest.approx(FOLD_UP, rel=1e-6)
-    assert "turned at a fold" in caplog.text  # logged by quasistatic.trajectory (the CLI shows it on stderr)
+    assert "turned at a fold" in caplog.text  # logged by quasistatic.experiments.trajectory (the CLI: on stderr)
 
 
 def test_bordered_solve_falls_back_when_the_preconditioners_schur_complement_vanishes():

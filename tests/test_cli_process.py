@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from quasistatic.cli import main
-from quasistatic.engine import first_law_residual
-from quasistatic.trajectory import numeric
+from quasistatic.continuation.engine import first_law_residual
+from quasistatic.experiments.trajectory import numeric
 from small_problem import register_small_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -58,7 +58,7 @@ def test_iso_classification_run_writes_trajectory_and_plots(iso_run):
 def test_resume_after_an_interruption_gives_the_same_trajectory(iso_run, tmp_path):
     out = tmp_path / "run"
     args = ["iso-classification", *BASE, "--lam-end", "1.1", "--steps", "3", "--out", str(out)]
-    from quasistatic import trajectory
+    from quasistatic.experiments import trajectory
 
     original = trajectory.TrajectoryRecorder.on_step
     calls = {"n": 0}

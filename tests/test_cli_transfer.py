@@ -19,7 +19,7 @@ from quasistatic import (DataSplit, LabeledData, ParameterLayout, TransferObject
                          transfer_data)
 from quasistatic.cli import main
 from quasistatic.data import available_datasets, register_dataset
-from quasistatic.trajectory import TARGET_COLUMNS, TRAJECTORY_COLUMNS, numeric
+from quasistatic.experiments.trajectory import TARGET_COLUMNS, TRAJECTORY_COLUMNS, numeric
 from small_problem import small_labeled
 from test_data import cifar_batches, write_batches
 
@@ -124,7 +124,7 @@ def test_c0_is_the_source_and_the_end_is_the_target(pair_runs):
 def test_target_columns_equal_an_independent_evaluation(pair_runs):
     """target_val_acc and target_val_C of the last row, recomputed by hand from the saved θ: the
     accuracy at the encoder mean, and C on the K = 2 fixed draws of the target's validation seed
-    (seed + 1001, drawn in float64 like quasistatic.functionals.fixed_noise)."""
+    (seed + 1001, drawn in float64 like quasistatic.thermo.functionals.fixed_noise)."""
     last = rows(pair_runs / "iso-c")[-1]
     theta = torch.load(pair_runs / "iso-c" / "state.pt", weights_only=False)["state"].theta
     model = load_checkpoint(pair_runs / "iso-c" / "start.pt").model(dtype=torch.float64)
@@ -171,7 +171,7 @@ def test_finetune_prints_its_first_epoch_target_accuracy(tmp_path, capsys):
 
 
 def _interrupt_after(count: int):
-    from quasistatic import trajectory
+    from quasistatic.experiments import trajectory
 
     original = trajectory.TrajectoryRecorder.record
     calls = {"n": 0}

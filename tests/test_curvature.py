@@ -1,6 +1,6 @@
 """CurvatureOperator (Hessian and Gauss–Newton products, damping) against dense float64 references.
 
-References are built here, independently of ``quasistatic.curvature``:
+References are built here, independently of ``quasistatic.linalg.operators``:
 
 - the Hessian A = ∇²θJ by ``torch.func.hessian`` of ``Objective.value`` on an objective evaluated in one
   chunk (the operator under test uses ``chunk_size`` < n, ragged last chunk);

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from quasistatic import Controls, DataMixture, ModelConfig, Objective, build_model
-from quasistatic.correctors import available_correctors, make_corrector
-from quasistatic.engine import EngineConfig, QuasiStaticEngine, StepSizeError, first_law_residual
+from quasistatic.continuation.correctors import available_correctors, make_corrector
+from quasistatic.continuation.engine import EngineConfig, QuasiStaticEngine, StepSizeError, first_law_residual
 from quasistatic.errors import InputError
 from quasistatic.integrators import available_integrators, make_integrator
 from quasistatic.linalg import LinearSolve
-from quasistatic.polish import NotOnSurfaceError, polish, require_equilibrium
+from quasistatic.continuation.polish import NotOnSurfaceError, polish, require_equilibrium
 from quasistatic.processes import ConstraintProcess, SingularConstraintError, make_process
 from small_problem import small_labeled
 

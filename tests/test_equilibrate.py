@@ -1,4 +1,4 @@
-"""Tests of quasistatic.equilibrate: the paper's two learning-rate schedules (Sec. 5.1), that a short
+"""Tests of quasistatic.continuation.equilibrate: the paper's two learning-rate schedules (Sec. 5.1), that a short
 run lowers the full-batch J, and that a non-finite loss stops the run before the bad update."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from quasistatic import (Controls, EquilibrationConfig, LabeledData, ModelConfig, Objective, build_model,
                          equilibrate, equilibration_rate, load_dataset)
-from quasistatic.equilibrate import DivergenceError
+from quasistatic.continuation.equilibrate import DivergenceError
 from quasistatic.errors import InputError
 
 CONTROLS = Controls(1.0, 10.0)

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from quasistatic import Controls, ModelConfig, Objective, build_model
-from quasistatic.correctors import Correction, make_corrector
-from quasistatic.engine import EngineConfig, EngineState, FoldError, QuasiStaticEngine, StepReport
-from quasistatic.folds import Fold, Jump, StabilityPoint, jump_past, locate_fold
-from quasistatic.rundir import RunDirectory
-from quasistatic.trajectory import TrajectoryRecorder
+from quasistatic.continuation.correctors import Correction, make_corrector
+from quasistatic.continuation.engine import EngineConfig, EngineState, FoldError, QuasiStaticEngine, StepReport
+from quasistatic.continuation.folds import Fold, Jump, StabilityPoint, jump_past, locate_fold
+from quasistatic.experiments.rundir import RunDirectory
+from quasistatic.experiments.trajectory import TrajectoryRecorder
 from small_problem import small_labeled, toy_objective as functional_objective
 from quasistatic.integrators import make_integrator
 from quasistatic.linalg import LinearSolve, LinearSolveConfig
@@ -154,7 +154,7 @@ def test_a_jump_and_an_unstable_point_are_recorded(tmp_path, caplog):
     assert unstable["event"] == "unstable" and float(unstable["lambda_min"]) == -1e-3 and unstable["dissipation"] == ""
     (saved,) = json.loads(run.file("jumps.json").read_text())
     assert saved["dissipation"] == 0.25 and saved["fold"]["lam"] == 1.19 and saved["s"] == 0.5
-    assert "lambda=1.19" in caplog.text  # logged by quasistatic.trajectory (the CLI shows it on stderr)
+    assert "lambda=1.19" in caplog.text  # logged by quasistatic.experiments.trajectory (the CLI shows it on stderr)
 
 
 def test_a_sign_change_of_lambda_min_between_two_points_is_located_at_its_zero():

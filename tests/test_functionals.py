@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from quasistatic import Controls, DataMixture, LabeledData, ModelConfig, Objective, ParameterLayout, build_model
-from quasistatic.functionals import FixedNoiseFunctionals, fixed_noise
+from quasistatic.thermo.functionals import FixedNoiseFunctionals, fixed_noise
 from quasistatic.errors import InputError
 from quasistatic.models.priors import StandardNormalPrior
 

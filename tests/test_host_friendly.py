@@ -52,8 +52,8 @@ def test_import_keeps_the_hosts_backend_threads_and_dtype(backend):
 
         import quasistatic
         import quasistatic.cli
-        import quasistatic.plots
-        import quasistatic.transfer
+        import quasistatic.experiments.plots
+        import quasistatic.experiments.transfer
 
         assert matplotlib.get_backend() == {backend!r}, matplotlib.get_backend()
         assert torch.get_num_threads() == 3, torch.get_num_threads()
@@ -71,7 +71,7 @@ def test_plots_write_pngs_without_pyplot(tmp_path):
 
         import matplotlib
         matplotlib.use("svg")
-        from quasistatic.plots import plot_columns, plot_hysteresis
+        from quasistatic.experiments.plots import plot_columns, plot_hysteresis
 
         rows = [{{"step": i, "R": 1.0 / (i + 1), "D": float(i), "grad_norm": 10.0 ** -i}} for i in range(4)]
         out = Path({str(tmp_path)!r})
@@ -95,8 +95,8 @@ def test_the_cli_shows_the_library_log_on_stderr_and_restores_the_logger(tmp_pat
     from quasistatic.cli import equilibrate_command
 
     def command(args):
-        logging.getLogger("quasistatic.trajectory").info("jumped to s=%.6g", 0.5)
-        logging.getLogger("quasistatic.trajectory").debug("not shown")
+        logging.getLogger("quasistatic.experiments.trajectory").info("jumped to s=%.6g", 0.5)
+        logging.getLogger("quasistatic.experiments.trajectory").debug("not shown")
         return 0
 
     monkeypatch.setattr(equilibrate_command, "run", command)

@@ -11,15 +11,15 @@ from torch.func import jacrev
 
 from quasistatic import Controls, ModelConfig, Objective, build_model
 from quasistatic.cli import main
-from quasistatic.correctors import make_corrector
-from quasistatic.engine import EngineConfig, QuasiStaticEngine, StepSizeError
+from quasistatic.continuation.correctors import make_corrector
+from quasistatic.continuation.engine import EngineConfig, QuasiStaticEngine, StepSizeError
 from quasistatic.errors import InputError
 from quasistatic.integrators import make_integrator
 from quasistatic.linalg import (LinearSolve, LinearSolveConfig, available_preconditioners, dense_hessian,
                                 make_preconditioner)
-from quasistatic.polish import polish, require_equilibrium
+from quasistatic.continuation.polish import polish, require_equilibrium
 from quasistatic.processes import make_process
-from quasistatic.tangents import equilibrium_tangents
+from quasistatic.continuation.tangents import equilibrium_tangents
 from small_problem import register_small_dataset, small_labeled
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")

@@ -11,7 +11,7 @@ from quasistatic.processes import (
     available_processes,
     make_process,
 )
-from quasistatic.tangents import Sensitivities
+from quasistatic.continuation.tangents import Sensitivities
 
 START = Controls(1.0, 10.0)
 

@@ -14,7 +14,7 @@ import pytest
 
 from quasistatic import Controls
 from quasistatic.cli import main
-from quasistatic.correctors import CORRECTORS, make_corrector, register_corrector
+from quasistatic.continuation.correctors import CORRECTORS, make_corrector, register_corrector
 from quasistatic.data.registry import DATASETS, register_dataset
 from quasistatic.errors import InputError
 from quasistatic.integrators import INTEGRATORS, make_integrator, register_integrator
@@ -24,7 +24,7 @@ from quasistatic.linalg.preconditioners import PRECONDITIONERS, register_precond
 from quasistatic.models.base import ARCHITECTURES, register_architecture
 from quasistatic.processes import PROCESSES, Parameter, Process, make_process, register_process
 from quasistatic.registry import Registry
-from quasistatic.transfer import TRANSFER_PROCESSES, make_transfer_process
+from quasistatic.experiments.transfer import TRANSFER_PROCESSES, make_transfer_process
 from small_problem import register_small_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -294,7 +294,7 @@ def test_corrector_tolerances_given_as_options_warn_that_the_engine_sets_them(tm
 # --- the process contract without the linear algebra ---------------------------------------------------
 
 SOLVER_STACK = ("quasistatic.linalg.krylov", "quasistatic.linalg.linear_solve", "quasistatic.linalg.operators",
-                "quasistatic.tangents")
+                "quasistatic.continuation.tangents")
 
 
 def module_path(name: str) -> Path | None:
@@ -342,16 +342,17 @@ def test_the_process_contract_does_not_import_the_solvers():
         if name not in seen:
             seen.add(name)
             queue.extend(imports_of(name) - seen)
-    assert "quasistatic.sensitivities" in seen and "quasistatic.objective" in seen  # the walk follows imports
+    # the walk follows imports
+    assert "quasistatic.thermo.sensitivities" in seen and "quasistatic.thermo.objective" in seen
     assert not seen & set(SOLVER_STACK), sorted(seen & set(SOLVER_STACK))
 
 
 def test_sensitivities_keep_their_old_names():
     import quasistatic
     import quasistatic.processes
-    import quasistatic.sensitivities
-    import quasistatic.tangents
+    import quasistatic.continuation.tangents as tangents
+    import quasistatic.thermo.sensitivities as sensitivities
 
-    assert quasistatic.Sensitivities is quasistatic.tangents.Sensitivities is quasistatic.sensitivities.Sensitivities
-    assert quasistatic.processes.Sensitivities is quasistatic.sensitivities.Sensitivities
-    assert quasistatic.tangents.CONTROLS == ("lam", "gamma", "t") and quasistatic.tangents.FUNCTIONALS[-1] == "F"
+    assert quasistatic.Sensitivities is tangents.Sensitivities is sensitivities.Sensitivities
+    assert quasistatic.processes.Sensitivities is sensitivities.Sensitivities
+    assert tangents.CONTROLS == ("lam", "gamma", "t") and tangents.FUNCTIONALS[-1] == "F"

@@ -1,4 +1,4 @@
-"""Tests of quasistatic.solvers against numpy/scipy references on seeded dense float64 matrices.
+"""Tests of quasistatic.linalg.krylov against numpy/scipy references on seeded dense float64 matrices.
 
 The shared suite is parametrized over ``available_solvers()``, so a newly registered solver is
 tested by registering it. Accuracy is asserted with the bound that a residual implies:

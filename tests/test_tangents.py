@@ -35,7 +35,7 @@ from quasistatic import Controls, DataMixture, ModelConfig, Objective, build_mod
 from quasistatic.linalg.operators import CurvatureOperator
 from quasistatic.linalg.krylov import available_solvers
 from quasistatic.linalg import LinearSolve, LinearSolveConfig
-from quasistatic.tangents import CONTROLS, FUNCTIONALS, equilibrium_tangents
+from quasistatic.continuation.tangents import CONTROLS, FUNCTIONALS, equilibrium_tangents
 from small_problem import small_labeled
 
 BASE = Controls(lam=1.0, gamma=1.0, t=0.4)

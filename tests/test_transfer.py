@@ -10,9 +10,9 @@ from quasistatic import (Controls, DataSplit, EquilibrationConfig, InputError, L
                          TransferObjectives, build_model, load_dataset, make_transfer_process, plot_transfer,
                          train_baseline, transfer_data)
 from quasistatic.processes import ConstantLambdaRate, GeodesicTransfer, IsoClassificationTransfer
-from quasistatic.rundir import RunDirectory
-from quasistatic.trajectory import TARGET_COLUMNS, TRAJECTORY_COLUMNS, TrajectoryRecorder, numeric
-from quasistatic.transfer import first_per_class
+from quasistatic.experiments.rundir import RunDirectory
+from quasistatic.experiments.trajectory import TARGET_COLUMNS, TRAJECTORY_COLUMNS, TrajectoryRecorder, numeric
+from quasistatic.experiments.transfer import first_per_class
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 

@@ -11,15 +11,15 @@ import time
 
 import torch
 
-from ..checkpoint import load_checkpoint, save_checkpoint
-from ..equilibrate import DivergenceError, EquilibrationConfig, equilibrate
+from ..experiments.checkpoint import load_checkpoint, save_checkpoint
+from ..continuation.equilibrate import DivergenceError, EquilibrationConfig, equilibrate
 from ..errors import bad_value
 from ..linalg import LinearSolve, LinearSolveConfig
 from ..models import RepresentationModel, build_model
-from ..objective import Controls
-from ..plots import plot_columns
-from ..polish import PolishResult, polish
-from ..rundir import CsvLog, RunDirectory
+from ..thermo.objective import Controls
+from ..experiments.plots import plot_columns
+from ..continuation.polish import PolishResult, polish
+from ..experiments.rundir import CsvLog, RunDirectory
 from .options import (data_arguments, device_option, dtype_option, inputs, linalg_arguments, linear_solve_config,
                       model_arguments, objectives, run_arguments, settings, write_config)
 

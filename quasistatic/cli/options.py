@@ -11,16 +11,16 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..correctors import available_correctors
+from ..continuation.correctors import available_correctors
 from ..data import DataSplit, available_datasets, load_dataset
-from ..engine import EngineConfig
+from ..continuation.engine import EngineConfig
 from ..errors import bad_value, choice_error
 from ..integrators import available_integrators
 from ..linalg import LinearSolveConfig, available_preconditioners, available_solvers
 from ..models import ModelConfig, available_architectures
-from ..objective import Objective
+from ..thermo.objective import Objective
 from ..registry import Registry
-from ..rundir import RunDirectory
+from ..experiments.rundir import RunDirectory
 
 __all__ = ["DTYPES", "data_arguments", "model_arguments", "run_arguments", "engine_arguments", "linalg_arguments",
            "parameter_argument", "registry_options", "linear_solve_config", "engine_config", "device_option",

@@ -16,22 +16,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..arclength import require_residual_form
-from ..baselines import FiniteDifferenceEquilibration
-from ..checkpoint import load_checkpoint, save_checkpoint
-from ..correctors import CORRECTORS, Corrector, make_corrector
-from ..engine import EngineState, FoldError, QuasiStaticEngine, StepSizeError, first_law_residual
-from ..equilibrate import DivergenceError, EquilibrationConfig, equilibrate
+from ..continuation.arclength import require_residual_form
+from ..experiments.baselines import FiniteDifferenceEquilibration
+from ..experiments.checkpoint import load_checkpoint, save_checkpoint
+from ..continuation.correctors import CORRECTORS, Corrector, make_corrector
+from ..continuation.engine import EngineState, FoldError, QuasiStaticEngine, StepSizeError, first_law_residual
+from ..continuation.equilibrate import DivergenceError, EquilibrationConfig, equilibrate
 from ..errors import InputError, bad_value, choice_error
 from ..integrators import Integrator, make_integrator
 from ..linalg import LinearSolve
 from ..models import ModelConfig, RepresentationModel, build_model
-from ..objective import Controls, Objective
-from ..plots import plot_hysteresis
-from ..polish import polish, require_equilibrium
+from ..thermo.objective import Controls, Objective
+from ..experiments.plots import plot_hysteresis
+from ..continuation.polish import polish, require_equilibrium
 from ..processes import PROCESSES, Process, available_processes, make_process
-from ..rundir import RunDirectory
-from ..trajectory import STATE_FILE, TrajectoryRecorder, numeric, plot_trajectory
+from ..experiments.rundir import RunDirectory
+from ..experiments.trajectory import STATE_FILE, TrajectoryRecorder, numeric, plot_trajectory
 from ..work import WorkCounter
 from .options import (data_arguments, device_option, dtype_option, engine_arguments, engine_config, inputs,
                       linear_solve_config, model_arguments, objectives, parameter_argument, registry_options,

@@ -16,15 +16,15 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..checkpoint import load_checkpoint, save_checkpoint
-from ..equilibrate import DivergenceError, EquilibrationConfig
+from ..experiments.checkpoint import load_checkpoint, save_checkpoint
+from ..continuation.equilibrate import DivergenceError, EquilibrationConfig
 from ..errors import bad_value, choice_error
 from ..models import ModelConfig, build_model
-from ..objective import Controls
+from ..thermo.objective import Controls
 from ..processes import Process
-from ..rundir import RunDirectory
-from ..trajectory import TrajectoryRecorder, numeric, plot_trajectory
-from ..transfer import (BASELINES, TRANSFER_PROCESSES, TransferData, TransferObjectives,
+from ..experiments.rundir import RunDirectory
+from ..experiments.trajectory import TrajectoryRecorder, numeric, plot_trajectory
+from ..experiments.transfer import (BASELINES, TRANSFER_PROCESSES, TransferData, TransferObjectives,
                         make_transfer_process, plot_baseline, plot_transfer, train_baseline, transfer_data,
                         transfer_parameter)
 from .options import (data_arguments, device_option, dtype_option, engine_arguments, inputs, model_arguments,

@@ -85,7 +85,7 @@ from threadpoolctl import threadpool_limits  # installed with scikit-learn
 from torch import Tensor
 
 from ..errors import bad_value
-from ..objective import Controls, Objective
+from ..thermo.objective import Controls, Objective
 from .operators import CurvatureOperator
 from .preconditioners import Preconditioner, make_preconditioner, register_preconditioner
 

@@ -61,7 +61,7 @@ from ..data.mixture import mixture_weights
 from ..errors import InputError, bad_value, choice_error
 from ..models import RepresentationModel
 from ..models.priors import StandardNormalPrior
-from ..objective import Controls, Objective
+from ..thermo.objective import Controls, Objective
 from .preconditioners import Preconditioner, register_preconditioner
 
 __all__ = ["KroneckerBlock", "KFACPreconditioner", "kronecker_blocks", "build_kfac", "FORMS", "LIKELIHOOD_CURVATURES"]

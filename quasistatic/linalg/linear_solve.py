@@ -39,7 +39,7 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import bad_value, choice_error
-from ..objective import Controls, Objective
+from ..thermo.objective import Controls, Objective
 from ..work import WorkCounter
 from .bordered import solve_bordered
 from .deflation import RitzPairs, ritz_pairs

@@ -34,7 +34,7 @@ from torch.func import grad, hessian, jvp, vjp, vmap
 
 from ..data.mixture import mixture_weights
 from ..errors import InputError, bad_value, choice_error
-from ..objective import Controls, Objective
+from ..thermo.objective import Controls, Objective
 from ..registry import Registry
 from .krylov import Matvec
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..errors import bad_value
-from ..objective import Controls, Objective
+from ..thermo.objective import Controls, Objective
 from ..registry import Registry
 from .krylov import assemble
 from .operators import CurvatureOperator

@@ -1,7 +1,7 @@
 """Priors m(z) on the latent code.
 
 A prior gives ``log_prob(z)`` and, when it has one, the closed-form KL(e(z|x) ‖ m(z)) for a diagonal
-Gaussian encoder; :func:`quasistatic.functionals.per_example_functionals` uses the closed form when
+Gaussian encoder; :func:`quasistatic.thermo.functionals.per_example_functionals` uses the closed form when
 it exists and a Monte-Carlo estimate on the same fixed noise otherwise (the rate R of eq. 1).
 """
 

@@ -1,7 +1,7 @@
 """Quasi-static processes: the base class, the registry and the paper's processes."""
 
 from ..registry import Parameter
-from ..sensitivities import Sensitivities
+from ..thermo.sensitivities import Sensitivities
 from . import builtin  # noqa: F401  (register the built-in processes)
 from .base import (
     PROCESSES,

@@ -12,7 +12,7 @@ returns to that constraint by adjusting γ; :class:`ConstraintProcess` solves it
 A process whose controls move along a straight line in s (and γ, when a constraint fixes it) also
 has a *residual form* (:class:`ResidualForm`): its path is the zero set of
 G(θ, s[, γ]) = (∇θJ, w·(R, D, C) − g₀), a curve that pseudo-arclength continuation follows
-through folds (:mod:`quasistatic.arclength`). Processes defined only by their ODE (Remark 7's α
+through folds (:mod:`quasistatic.continuation.arclength`). Processes defined only by their ODE (Remark 7's α
 form, the geodesic transfer) have none.
 """
 
@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError, bad_value
-from ..objective import Controls
+from ..thermo.objective import Controls
 from ..registry import Parameter, Registry
-from ..sensitivities import Sensitivities
+from ..thermo.sensitivities import Sensitivities
 
 __all__ = ["Process", "ConstraintProcess", "ResidualForm", "SingularConstraintError", "PROCESSES", "register_process",
            "available_processes", "make_process"]

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 
 from ..errors import bad_value
-from ..objective import Controls
+from ..thermo.objective import Controls
 from ..registry import Parameter
-from ..sensitivities import Sensitivities
+from ..thermo.sensitivities import Sensitivities
 from .base import ConstraintProcess, Process, Rates, ResidualForm, SingularConstraintError, register_process
 
 __all__ = ["Free", "IsoClassification", "IsoClassificationRate", "IsoClassificationTransfer",

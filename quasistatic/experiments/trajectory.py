@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from .engine import EngineState, StepReport
-from .folds import Fold, Jump
-from .evaluation import measure
-from .linalg import LinearSolve
-from .objective import Objective
+from ..continuation.engine import EngineState, StepReport
+from ..continuation.folds import Fold, Jump
+from ..thermo.evaluation import measure
+from ..linalg import LinearSolve
+from ..thermo.objective import Objective
 from .plots import plot_columns
 from .rundir import CsvLog, RunDirectory, atomic_save
 
@@ -87,7 +87,8 @@ class TrajectoryRecorder:
 
     def on_step(self, report: StepReport) -> None:
         """Record an accepted step; a jump past a fold is also added to jumps.json, a fold reached by
-        arclength continuation to folds.json, and both are logged (INFO, logger ``quasistatic.trajectory``)."""
+        arclength continuation to folds.json, and both are logged (INFO, logger
+        ``quasistatic.experiments.trajectory``)."""
         if report.jump is not None:
             path = self.run.file("jumps.json")
             jumps = json.loads(path.read_text()) if path.exists() else []

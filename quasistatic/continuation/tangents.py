@@ -23,11 +23,11 @@ import torch
 from torch import Tensor
 from torch.func import jacrev
 
-from .errors import InputError, choice_error
-from .linalg.krylov import SolveResult
-from .linalg.linear_solve import LinearSolve
-from .objective import Controls, Objective
-from .sensitivities import CONTROLS, FUNCTIONALS, Sensitivities
+from ..errors import InputError, choice_error
+from ..linalg.krylov import SolveResult
+from ..linalg.linear_solve import LinearSolve
+from ..thermo.objective import Controls, Objective
+from ..thermo.sensitivities import CONTROLS, FUNCTIONALS, Sensitivities
 
 __all__ = ["Tangents", "Sensitivities", "equilibrium_tangents", "surface_gradients", "FUNCTIONALS", "CONTROLS"]
 

@@ -13,13 +13,13 @@ import torch
 from torch import Tensor
 from torch.func import grad, grad_and_value, jacrev
 
-from .data.base import LabeledData
-from .data.mixture import DataMixture, mixture_weights
-from .errors import bad_value
+from ..data.base import LabeledData
+from ..data.mixture import DataMixture, mixture_weights
+from ..errors import bad_value
 from .functionals import FixedNoiseFunctionals, Functionals
-from .models import RepresentationModel
+from ..models import RepresentationModel
 from .parameters import ParameterLayout
-from .work import WorkCounter
+from ..work import WorkCounter
 
 __all__ = ["Controls", "Objective"]
 

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .errors import bad_value, choice_error
-from .evaluation import measure
-from .objective import Controls, Objective
+from ..errors import bad_value, choice_error
+from ..thermo.evaluation import measure
+from ..thermo.objective import Controls, Objective
 
 __all__ = ["EquilibrationConfig", "DivergenceError", "equilibration_rate", "equilibrate", "SCHEDULES"]
 
@@ -78,7 +78,7 @@ def equilibrate(objective: Objective, controls: Controls, config: EquilibrationC
     """Train ``objective.model`` in place with Adam; returns the final θ.
 
     After each epoch, ``on_epoch(epoch, row, optimizer_state)`` receives the measurements of
-    :func:`quasistatic.evaluation.measure` (R, D, C, F, grad_norm, val_C, val_acc); resuming at
+    :func:`quasistatic.thermo.evaluation.measure` (R, D, C, F, grad_norm, val_C, val_acc); resuming at
     ``start_epoch`` with the saved optimizer state reproduces the uninterrupted run, because each
     epoch's shuffle is seeded by (seed, epoch). Raises :class:`DivergenceError` on a non-finite loss
     before the bad update is applied.

@@ -24,16 +24,16 @@ from typing import Any
 
 import torch
 
-from .data import DataMixture, DataSplit, LabeledData, parse_classes
-from .data.subsets import select_classes
-from .engine import EngineState
-from .equilibrate import EquilibrationConfig, equilibrate
-from .errors import InputError, bad_value, choice_error
-from .models import RepresentationModel
-from .objective import Controls, Objective
+from ..data import DataMixture, DataSplit, LabeledData, parse_classes
+from ..data.subsets import select_classes
+from ..continuation.engine import EngineState
+from ..continuation.equilibrate import EquilibrationConfig, equilibrate
+from ..errors import InputError, bad_value, choice_error
+from ..models import RepresentationModel
+from ..thermo.objective import Controls, Objective
 from .plots import new_figure, plot_columns, save_figure
-from .processes import ConstantLambdaRate, GeodesicTransfer, IsoClassificationTransfer, Process
-from .registry import Registry
+from ..processes import ConstantLambdaRate, GeodesicTransfer, IsoClassificationTransfer, Process
+from ..registry import Registry
 from .trajectory import TrajectoryRecorder, numeric
 
 __all__ = ["BASELINES", "LABEL_MODES", "TRANSFER_PROCESSES", "TransferData", "TransferObjectives",

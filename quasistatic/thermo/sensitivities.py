@@ -2,7 +2,7 @@
 equilibrium surface (eqs. 21, 27, 29, 30).
 
 This module holds only the container, so that the process contract (:mod:`quasistatic.processes`)
-does not depend on the linear algebra that computes it (:mod:`quasistatic.tangents`).
+does not depend on the linear algebra that computes it (:mod:`quasistatic.continuation.tangents`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .errors import choice_error
+from ..errors import choice_error
 
 __all__ = ["Sensitivities", "FUNCTIONALS", "CONTROLS"]
 

@@ -31,10 +31,10 @@ import torch
 from torch import Tensor
 
 from .correctors import Correction, Corrector
-from .linalg.linear_solve import LinearSolve
-from .objective import Controls
+from ..linalg.linear_solve import LinearSolve
+from ..thermo.objective import Controls
 from .polish import polish
-from .processes import Process
+from ..processes import Process
 from .step_control import StepSizeError
 from .tangents import equilibrium_tangents
 

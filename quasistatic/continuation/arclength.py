@@ -34,11 +34,11 @@ import torch
 from torch import Tensor
 
 from .correctors import Correction
-from .errors import InputError
+from ..errors import InputError
 from .folds import Fold, StabilityPoint
-from .linalg.linear_solve import LinearSolve
-from .objective import Controls
-from .processes import Process, ResidualForm
+from ..linalg.linear_solve import LinearSolve
+from ..thermo.objective import Controls
+from ..processes import Process, ResidualForm
 from .step_control import StepSizeError
 from .tangents import surface_gradients
 

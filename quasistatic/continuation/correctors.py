@@ -37,11 +37,11 @@ import torch
 from torch import Tensor
 
 from .equilibrate import EquilibrationConfig, equilibrate
-from .errors import bad_value, choice_error
-from .linalg.linear_solve import LinearSolve
-from .objective import Controls, Objective
-from .processes import Process
-from .registry import Registry
+from ..errors import bad_value, choice_error
+from ..linalg.linear_solve import LinearSolve
+from ..thermo.objective import Controls, Objective
+from ..processes import Process
+from ..registry import Registry
 
 __all__ = ["Correction", "Corrector", "NoCorrector", "NewtonCorrector", "EquilibrateCorrector",
            "CORRECTORS", "register_corrector", "available_correctors", "make_corrector", "BORDERS"]

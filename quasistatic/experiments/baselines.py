@@ -14,13 +14,13 @@ from dataclasses import replace
 
 import torch
 
-from .correctors import EquilibrateCorrector
-from .engine import EngineState, StepReport
-from .errors import bad_value
-from .linalg import LinearSolve, LinearSolveConfig
-from .objective import Controls, Objective
-from .processes import Process
-from .tangents import CONTROLS, Sensitivities
+from ..continuation.correctors import EquilibrateCorrector
+from ..continuation.engine import EngineState, StepReport
+from ..errors import bad_value
+from ..linalg import LinearSolve, LinearSolveConfig
+from ..thermo.objective import Controls, Objective
+from ..processes import Process
+from ..continuation.tangents import CONTROLS, Sensitivities
 
 __all__ = ["FiniteDifferenceEquilibration"]
 

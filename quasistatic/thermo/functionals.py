@@ -14,9 +14,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .data.base import LabeledData
-from .errors import bad_value
-from .models import RepresentationModel
+from ..data.base import LabeledData
+from ..errors import bad_value
+from ..models import RepresentationModel
 from .parameters import ParameterLayout
 
 __all__ = ["Functionals", "FixedNoiseFunctionals", "fixed_noise"]

@@ -16,11 +16,11 @@ budget, whose corrector moved θ farther than the predictor did and farther than
 allows (``max_correction``: past a fold, Newton can converge onto another branch, the silent jump
 of the paper's re-equilibration), that
 leaves the control domain, or whose tangent solve does not converge is not accepted: it is
-retried at h/2 (:mod:`quasistatic.step_control`).
+retried at h/2 (:mod:`quasistatic.continuation.step_control`).
 
 At every accepted point the smallest eigenvalue λ_min of A is tracked (a few warm-started LOBPCG
 iterations, ``eigen_iterations``); when the steps collapse where λ_min was falling towards 0, the
-fold ahead is located (:mod:`quasistatic.folds`) and a :class:`~quasistatic.folds.FoldError`
+fold ahead is located (:mod:`quasistatic.continuation.folds`) and a :class:`~quasistatic.continuation.folds.FoldError`
 names it.
 """
 
@@ -35,12 +35,12 @@ from torch import Tensor
 
 from .arclength import ArclengthState, PseudoArclength
 from .correctors import Correction, Corrector
-from .errors import InputError, bad_value, choice_error
+from ..errors import InputError, bad_value, choice_error
 from .folds import AT_FOLD, REFINED_COUNT, Fold, FoldError, Jump, StabilityPoint, jump_past, locate_fold
-from .integrators import Integrator
-from .linalg.linear_solve import LinearSolve
-from .objective import Controls, Objective
-from .processes import Process
+from ..integrators import Integrator
+from ..linalg.linear_solve import LinearSolve
+from ..thermo.objective import Controls, Objective
+from ..processes import Process
 from .step_control import StepControl, StepSizeError
 from .tangents import equilibrium_tangents
 
@@ -355,7 +355,7 @@ class QuasiStaticEngine:
         return error
 
     def _continue(self, state: EngineState) -> StepReport:
-        """One pseudo-arclength step (:mod:`quasistatic.arclength`)."""
+        """One pseudo-arclength step (:mod:`quasistatic.continuation.arclength`)."""
         if self._arclength is None:
             raise bad_value("engine at_fold", "'arclength' to continue a state on an arclength continuation",
                             self.config.at_fold)
@@ -363,7 +363,7 @@ class QuasiStaticEngine:
         return StepReport(new, correction, tangent_iterations, rejected, fold=fold)
 
     def _jump(self, state: EngineState, fold: Fold, rejected: int = 0) -> StepReport:
-        """The jump past ``fold`` from the last accepted ``state`` (:func:`~quasistatic.folds.jump_past`),
+        """The jump past ``fold`` from the last accepted ``state`` (:func:`~quasistatic.continuation.folds.jump_past`),
         as a step: the new branch starts with no previous point and a fresh stability history."""
         landed, jump = jump_past(fold, state.stability, state.theta, self.linear_solve, self.corrector, self.process,
                                  state.target, grad_tol=self.config.grad_tol, drift_tol=self.config.drift_tol,

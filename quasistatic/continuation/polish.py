@@ -39,9 +39,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .correctors import NewtonCorrector
-from .errors import InputError, bad_value
-from .linalg.linear_solve import LinearSolve
-from .objective import Controls
+from ..errors import InputError, bad_value
+from ..linalg.linear_solve import LinearSolve
+from ..thermo.objective import Controls
 
 __all__ = ["PolishResult", "NotOnSurfaceError", "polish", "require_equilibrium"]
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from .errors import InputError, bad_value
-from .models import ModelConfig, RepresentationModel, build_model
-from .objective import Controls
+from ..errors import InputError, bad_value
+from ..models import ModelConfig, RepresentationModel, build_model
+from ..thermo.objective import Controls
 from .rundir import atomic_save
 
 __all__ = ["save_checkpoint", "load_checkpoint", "Checkpoint"]

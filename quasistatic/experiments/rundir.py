@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = ["RunDirectory", "CsvLog", "atomic_save"]
 

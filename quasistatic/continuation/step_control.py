@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .objective import Controls
+from ..thermo.objective import Controls
 
 __all__ = ["StepControl", "StepSizeError"]
 
