@@ -8,6 +8,33 @@ Importing the package changes no global state of its host: no matplotlib backend
 count or default dtype, no warning filters, no logging configuration. Its messages go to the
 ``logging`` loggers ``quasistatic.*`` (a ``NullHandler`` on ``quasistatic``); the command line
 shows them on stderr.
+
+Layout. The folders are the layers, top to bottom; a module imports only from its own folder and
+the layers below it (tests/test_layout.py checks this):
+
+    cli/                          the command line: parse the flags, build the objects, run them
+    experiments/                  runs and their outputs: run directories, checkpoints, trajectory
+                                  recording and the paper's figures, the fd-equilibration baseline,
+                                  transfer (Sec. 4), plots
+    continuation/                 following the equilibrium surface: the engine loop, step control,
+                                  correctors, polish, tangents (eqs. 17–18, 24–25), folds,
+                                  pseudo-arclength, and the paper's Adam equilibration (Sec. 5.1)
+    processes/ linalg/ integrators/
+                                  side by side, none imports another: the processes' rates
+                                  (eqs. 20–22, 26–32); curvature operators, Krylov solvers,
+                                  preconditioners, the run's LinearSolve; ODE steps
+    thermo/                       J = R + λD + γC as a pure function of θ (eqs. 8, 14, 23), the
+                                  functionals R, D, C, F, θ's layout, the sensitivities a process
+                                  reads (eqs. 21, 27, 29, 30), the per-step measurements
+    models/ data/                 architectures e, m, d, c; data sets, label subsets, the mixture (eq. 23)
+    registry.py work.py errors.py one registry mechanism (on errors), work accounting, one error template
+
+The thermodynamic quantities have a folder of their own, ``thermo/``, because they are built on
+``models`` and ``data``, while ``errors``, ``registry`` and ``work`` stay at the root because every
+layer uses them, ``data`` and ``models`` included: in one folder with the objective they would make
+two layers import each other. ``work`` counts computational work in gradient-equivalents, not the
+paper's thermodynamic work. The public names below are re-exported from these modules; each folder's
+``__init__`` re-exports its own.
 """
 
 import logging
