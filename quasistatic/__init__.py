@@ -29,7 +29,8 @@ from .equilibrate import EquilibrationConfig, equilibrate, equilibration_rate  #
 from .errors import InputError  # noqa: E402
 from .evaluation import measure  # noqa: E402
 from .functionals import FixedNoiseFunctionals, Functionals  # noqa: E402
-from .models import ModelConfig, RepresentationModel, available_architectures, build_model, register_architecture  # noqa: E402
+from .models import (ModelConfig, Networks, RepresentationModel, available_architectures, build_model,  # noqa: E402
+                     register_architecture)
 from .objective import Controls, Objective  # noqa: E402
 from .parameters import ParameterLayout  # noqa: E402
 from .linalg.operators import CurvatureOperator  # noqa: E402
@@ -43,6 +44,7 @@ from .polish import polish  # noqa: E402
 from .baselines import FiniteDifferenceEquilibration  # noqa: E402
 from .transfer import (TransferData, TransferObjectives, make_transfer_process, plot_transfer,  # noqa: E402
                        train_baseline, transfer_data)
+from .runner import DataConfig, FollowConfig, ProcessConfig, Run, RunConfig, StartConfig, run_process  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -78,6 +80,13 @@ __all__ = [
     "plot_transfer",
     "train_baseline",
     "transfer_data",
+    "DataConfig",
+    "FollowConfig",
+    "ProcessConfig",
+    "Run",
+    "RunConfig",
+    "StartConfig",
+    "run_process",
     "Checkpoint",
     "Controls",
     "DataMixture",
@@ -88,6 +97,7 @@ __all__ = [
     "InputError",
     "LabeledData",
     "ModelConfig",
+    "Networks",
     "Objective",
     "ParameterLayout",
     "RepresentationModel",
