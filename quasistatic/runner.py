@@ -29,7 +29,7 @@ import platform
 import typing
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -57,9 +57,9 @@ from .trajectory import STATE_FILE, TrajectoryRecorder, numeric, plot_trajectory
 from .work import WorkCounter
 
 __all__ = ["CONFIG_FILE", "DTYPES", "METHODS", "RESUME_IGNORES", "DataConfig", "FollowConfig", "ProcessConfig",
-           "Run", "RunConfig", "StartConfig", "follow", "import_modules", "model_for_data", "run_process",
-           "split_objectives", "starting_model", "stop_message", "torch_device", "torch_dtype", "trajectory_summary",
-           "versions"]
+           "Run", "RunConfig", "StartConfig", "follow", "import_modules", "model_for_data", "module_names",
+           "run_process", "split_objectives", "starting_model", "stop_message", "torch_device", "torch_dtype",
+           "trajectory_summary", "versions"]
 
 CONFIG_FILE = "config.json"
 RECORD = "record"  # config.json's key for what the run found, beside the RunConfig's keys
@@ -204,7 +204,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", str(self.out))
-        object.__setattr__(self, "imports", tuple(self.imports))
+        object.__setattr__(self, "imports", module_names(self.imports))
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
             raise bad_value("samples", "an integer >= 1", self.samples)
         if self.dtype not in DTYPES:
@@ -229,22 +229,29 @@ def _from_mapping(kind: type[_Config], data: Any, where: str) -> _Config:
     """The dataclass ``kind`` from ``data``, its dataclass fields built the same way."""
     if not isinstance(data, Mapping):
         raise bad_value(where, "a mapping", data)
-    names = [f.name for f in fields(kind)]  # type: ignore[arg-type]
+    known = fields(kind)  # type: ignore[arg-type]
+    names = [f.name for f in known]
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise bad_value(f"keys of {where}", f"among {{{', '.join(names)}}}", unknown)
+    required = [f.name for f in known if f.default is MISSING and f.default_factory is MISSING]
+    if not set(required) <= set(data):
+        raise bad_value(where, f"a mapping with the keys {{{', '.join(required)}}}", sorted(data))
     hints = typing.get_type_hints(kind)
-    values = {key: _from_mapping(hints[key], value, f"{where} {key}") if is_dataclass(hints[key]) else value
-              for key, value in data.items()}
-    try:
-        return kind(**values)
-    except TypeError as error:  # a field without default is missing
-        raise bad_value(where, f"a mapping with the keys {{{', '.join(names)}}}", sorted(data)) from error
+    return kind(**{key: _from_mapping(hints[key], value, f"{where} {key}") if is_dataclass(hints[key]) else value
+                   for key, value in data.items()})
+
+
+def module_names(names: Iterable[str]) -> tuple[str, ...]:
+    """``names`` as a tuple of module names (a single string is refused: it is not a list of them)."""
+    if isinstance(names, str):
+        raise bad_value("imports", "a sequence of module names", names)
+    return tuple(names)
 
 
 def import_modules(names: Iterable[str]) -> None:
     """Import each module of ``names`` (for the registrations it makes); one that is not found raises."""
-    for name in names:
+    for name in module_names(names):
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as error:

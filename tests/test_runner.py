@@ -168,7 +168,9 @@ def test_resume_goes_on_with_the_same_config_only(runs, tmp_path):
      "steps must be an integer >= 1, got 0"),
     (lambda out: qs.RunConfig.from_dict({"out": str(out), "start": {"lam": 1.0, "epochs": 3}}),
      "keys of run config start must be among {lam, gamma, checkpoint, equilibration}, got ['epochs']"),
-    (lambda out: qs.RunConfig.from_dict({"data": {}}), "run config must be a mapping with the keys"),
+    (lambda out: qs.RunConfig.from_dict({"data": {}}), "run config must be a mapping with the keys {out}, got ['data']"),
+    (lambda out: qs.RunConfig.from_dict({"out": str(out), "imports": "plugin"}),
+     "imports must be a sequence of module names, got 'plugin'"),
 ])
 def test_a_bad_config_value_raises_and_writes_nothing(tmp_path, make, message):
     out = tmp_path / "bad"
@@ -192,3 +194,18 @@ def test_rerun_of_a_bad_config_exits_2_and_writes_nothing(runs, tmp_path, capsys
     assert main(["rerun", str(tmp_path / "nothing"), "--out", str(new)]) == 2
     assert "DIR must be a run directory with a config.json" in capsys.readouterr().err
     assert not new.exists()
+
+
+def test_the_library_s_defaults_are_the_command_line_s(monkeypatch, tmp_path):
+    from quasistatic.cli import process_command
+
+    made = []
+
+    def capture(config, **options):
+        made.append(config)
+        raise qs.InputError("captured")
+
+    monkeypatch.setattr(process_command, "run_process", capture)
+    out = tmp_path / "x"
+    assert main(["iso-classification", "--lam-end", "1.2", "--out", str(out)]) == 2
+    assert made == [qs.RunConfig(out=out, process=qs.ProcessConfig(params={"lam_end": 1.2}))]
