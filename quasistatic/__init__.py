@@ -33,6 +33,7 @@ from .models import (ModelConfig, Networks, RepresentationModel, available_archi
                      register_architecture)
 from .objective import Controls, Objective  # noqa: E402
 from .parameters import ParameterLayout  # noqa: E402
+from .linalg import LinearSolveConfig  # noqa: E402
 from .linalg.operators import CurvatureOperator  # noqa: E402
 from .linalg.krylov import available_solvers, register_solver, solve  # noqa: E402
 from .tangents import Sensitivities, Tangents, equilibrium_tangents  # noqa: E402
@@ -55,6 +56,7 @@ __all__ = [
     "EngineState",
     "FiniteDifferenceEquilibration",
     "Integrator",
+    "LinearSolveConfig",
     "Process",
     "QuasiStaticEngine",
     "Sensitivities",
