@@ -396,7 +396,8 @@ class Run:
     label: str  # the summary line's lead: "iso-classification (engine, hermite/newton)", "... return"
     error: StopError | None = None  # what stopped the process before s = 1 (None: it got there)
     figures: list[Path] = field(default_factory=list)  # drawn by run_process: Figs. 2 and 4b
-    returned: Run | None = None  # the return sweep (config.process.return_sweep), in directory/return/
+    returned: Run | None = None  # the return sweep (config.process.return_sweep) in directory/return/: its
+    # process is the way back, its config the forward run's
     hysteresis: Path | None = None  # both sweeps drawn together, once the return sweep got back
 
     @property

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from ..correctors import CORRECTORS, available_correctors
@@ -216,13 +217,15 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
                        likelihood="gaussian" if args.dataset == "cifar10" else "bernoulli")
 
 
-def inputs(args: argparse.Namespace) -> tuple[RunDirectory, DataSplit, ModelConfig]:
-    """Validate the shared flags, then the output directory, the data and the model's config
-    (in that order: nothing is touched on disk before every flag has been checked)."""
+def inputs(args: argparse.Namespace, out: str | Path | None = None,
+           data: DataConfig | None = None) -> tuple[RunDirectory, DataSplit, ModelConfig]:
+    """Validate the shared flags, then the output directory (``out``, default ``--out``), the data
+    (``data``, default the flags') and the model's config (in that order: nothing is touched on
+    disk before every flag has been checked)."""
     if args.samples < 1:
         raise bad_value("--samples", "an integer >= 1", args.samples)
-    data, model = data_config(args), model_config(args)
-    run = RunDirectory(args.out, overwrite=args.overwrite, resume=args.resume)
+    data, model = data_config(args) if data is None else data, model_config(args)
+    run = RunDirectory(args.out if out is None else out, overwrite=args.overwrite, resume=args.resume)
     split = data.load(args.seed)
     return run, split, model_for_data(model, split.train)
 

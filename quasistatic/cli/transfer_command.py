@@ -30,7 +30,7 @@ from ..trajectory import TrajectoryRecorder, numeric, plot_trajectory
 from ..transfer import (BASELINES, TRANSFER_PROCESSES, TransferData, TransferObjectives,
                         make_transfer_process, plot_baseline, plot_transfer, train_baseline, transfer_data,
                         transfer_parameter)
-from .options import (RESUME_IGNORES, data_arguments, data_config, engine_arguments, follow_config,
+from .options import (RESUME_IGNORES, data_arguments, data_config, engine_arguments, follow_config, inputs,
                       linear_solve_config, model_arguments, model_config, parameter_argument, registry_options,
                       run_arguments, settings, start_config, write_config)
 
@@ -82,8 +82,6 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise bad_value("--out", "a directory", args.out)
     _warn_unused(args)
-    if args.samples < 1:
-        raise bad_value("--samples", "an integer >= 1", args.samples)
     start = start_config(args)
     controls = start.controls
     process, follows = None, None
@@ -94,13 +92,11 @@ def run(args: argparse.Namespace) -> int:
         process = make_transfer_process(args.method, controls, **params)
         follows = follow_config(args)
         follows.check(process)
-    data_set = replace(data_config(args), classes=None, relabel=False)  # the tasks select the classes
-    template = model_config(args)
-    # This method's run goes to its own folder, OUT/METHOD.
-    run_dir = RunDirectory(Path(args.out) / args.method, overwrite=args.overwrite, resume=args.resume)
-    split = data_set.load(args.seed)
+    # This method's run goes to its own folder, OUT/METHOD; the whole data set is loaded (the tasks select).
+    run_dir, split, _ = inputs(args, out=Path(args.out) / args.method,
+                               data=replace(data_config(args), classes=None, relabel=False))
     data = transfer_data(split, args.source, args.target, args.labels, args.max_per_class)
-    config = model_for_data(template, data.source.train)
+    config = model_for_data(model_config(args), data.source.train)
     if args.resume:
         run_dir.check_resumable(settings(args), ignore=RESUME_IGNORES)
     if args.from_checkpoint and args.method != "scratch":
