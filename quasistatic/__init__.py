@@ -56,9 +56,11 @@ from .continuation.equilibrate import EquilibrationConfig, equilibrate, equilibr
 from .errors import InputError  # noqa: E402
 from .thermo.evaluation import measure  # noqa: E402
 from .thermo.functionals import FixedNoiseFunctionals, Functionals  # noqa: E402
-from .models import ModelConfig, RepresentationModel, available_architectures, build_model, register_architecture  # noqa: E402
+from .models import (ModelConfig, Networks, RepresentationModel, available_architectures, build_model,  # noqa: E402
+                     register_architecture)
 from .thermo.objective import Controls, Objective  # noqa: E402
 from .thermo.parameters import ParameterLayout  # noqa: E402
+from .linalg import LinearSolveConfig  # noqa: E402
 from .linalg.operators import CurvatureOperator  # noqa: E402
 from .linalg.krylov import available_solvers, register_solver, solve  # noqa: E402
 from .continuation.tangents import Sensitivities, Tangents, equilibrium_tangents  # noqa: E402
@@ -70,6 +72,7 @@ from .continuation.polish import polish  # noqa: E402
 from .experiments.baselines import FiniteDifferenceEquilibration  # noqa: E402
 from .experiments.transfer import (TransferData, TransferObjectives, make_transfer_process, plot_transfer,  # noqa: E402
                        train_baseline, transfer_data)
+from .experiments.runner import DataConfig, FollowConfig, ProcessConfig, Run, RunConfig, StartConfig, run_process  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -80,6 +83,7 @@ __all__ = [
     "EngineState",
     "FiniteDifferenceEquilibration",
     "Integrator",
+    "LinearSolveConfig",
     "Process",
     "QuasiStaticEngine",
     "Sensitivities",
@@ -105,6 +109,13 @@ __all__ = [
     "plot_transfer",
     "train_baseline",
     "transfer_data",
+    "DataConfig",
+    "FollowConfig",
+    "ProcessConfig",
+    "Run",
+    "RunConfig",
+    "StartConfig",
+    "run_process",
     "Checkpoint",
     "Controls",
     "DataMixture",
@@ -115,6 +126,7 @@ __all__ = [
     "InputError",
     "LabeledData",
     "ModelConfig",
+    "Networks",
     "Objective",
     "ParameterLayout",
     "RepresentationModel",

@@ -21,3 +21,8 @@ def test_registries_are_public_and_populated():
 def test_transfer_is_public():
     assert {"TransferData", "TransferObjectives", "make_transfer_process", "plot_transfer", "train_baseline",
             "transfer_data"} <= set(quasistatic.__all__)
+
+
+def test_the_runner_is_public():
+    assert {"RunConfig", "DataConfig", "StartConfig", "ProcessConfig", "FollowConfig", "Run", "run_process",
+            "Networks", "LinearSolveConfig"} <= set(quasistatic.__all__)

@@ -222,7 +222,7 @@ def test_a_newly_registered_process_runs_from_the_command_line_by_name(plugin, t
         rows = list(csv.DictReader(f))
     assert (float(rows[-1]["s"]), float(rows[-1]["lam"])) == pytest.approx((1.0, 1.05))  # λ̇ = speed
     assert {float(row["gamma"]) for row in rows} == {4.0}
-    assert json.loads((out / "config.json").read_text())["process"] == {
+    assert json.loads((out / "config.json").read_text())["record"]["process"] == {
         "process": "LambdaDrift", "start": START.to_dict(), "speed": 0.05}
     assert "lambda-drift (engine, hermite/newton): 2 steps" in capsys.readouterr().out
 

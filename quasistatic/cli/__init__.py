@@ -4,8 +4,9 @@ Bad input ends with one line ``quasistatic: error: …`` naming the bad value an
 exit code 2, and no earlier output touched; a diverging run ends with exit code 1 and keeps its
 last good checkpoint. The library's log messages (a jump past a fold, a fold turned at) go to
 stderr between the progress bars. One module per command: ``equilibrate_command``,
-``process_command`` (iso-classification and any registered process), ``transfer_command``;
-``options`` holds the flags and the set-up they share.
+``process_command`` (iso-classification, any registered process, and ``rerun`` of a run's
+config.json: parsers around :func:`quasistatic.experiments.runner.run_process`), ``transfer_command``;
+``options`` holds the flags, the configs they make and the set-up the commands share.
 
 Every name a command takes (``--process``, ``--corrector``, ``--integrator``, ``--dataset``, ...)
 is looked up in its registry when the command runs, so ``--import MODULE`` (a module that
@@ -16,7 +17,6 @@ parameters given as ``--param NAME=VALUE``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import InputError, bad_value
+from ..experiments.runner import import_modules
 from . import equilibrate_command, process_command, transfer_command
 
 __all__ = ["main"]
@@ -72,8 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads < 1:
             raise bad_value("--threads", "an integer >= 1", args.threads)
         torch.set_num_threads(args.threads)
-        for module in args.imports:
-            _import(module)
+        import_modules(args.imports)
         return args.run(args)
     except InputError as error:
         print(f"quasistatic: error: {error}", file=sys.stderr)
@@ -83,12 +83,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.removeHandler(handler)
         logger.setLevel(level)
 
-
-def _import(module: str) -> None:
-    """Import ``module`` (for the registrations it makes); a module that is not found exits 2."""
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError as error:
-        if error.name != module and not module.startswith(f"{error.name}."):  # one that it imports is missing
-            raise
-        raise bad_value("--import", "a module on the Python path", module) from None

@@ -20,8 +20,9 @@ from ..thermo.objective import Controls
 from ..experiments.plots import plot_columns
 from ..continuation.polish import PolishResult, polish
 from ..experiments.rundir import CsvLog, RunDirectory
-from .options import (data_arguments, device_option, dtype_option, inputs, linalg_arguments, linear_solve_config,
-                      model_arguments, objectives, run_arguments, settings, write_config)
+from ..experiments.runner import split_objectives, torch_device, torch_dtype
+from .options import (RESUME_IGNORES, data_arguments, inputs, linalg_arguments, linear_solve_config, model_arguments,
+                      run_arguments, settings, write_config)
 
 __all__ = ["EQUILIBRATE_COLUMNS", "add_parser", "run"]
 
@@ -47,7 +48,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Train a model to the surface at (λ, γ) with the paper's schedules; resumable per epoch."""
     controls = Controls(args.lam, args.gamma)
-    device, dtype = device_option(args.device), dtype_option(args.dtype)
+    device, dtype = torch_device(args.device), torch_dtype(args.dtype)
     config = EquilibrationConfig(epochs=args.epochs, batch_size=args.batch_size,
                                  schedule="equilibration" if args.from_checkpoint else "initial")
     if not args.grad_tol > 0:
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     run, split, model_config = inputs(args)
     state = None
     if args.resume:
-        run.check_resumable(settings(args), ignore=("resume", "overwrite", "no_progress", "device", "out"))
+        run.check_resumable(settings(args), ignore=RESUME_IGNORES)
     if args.resume and run.file("checkpoint.pt").exists():  # none yet: interrupted in the first epoch
         state = load_checkpoint(run.file("checkpoint.pt"), expect=model_config)
         model = state.model(device, dtype)
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.no_polish:
         solve_config.resolved(sum(p.numel() for p in model.parameters()))  # refused before the training
-    train, val = objectives(args, model, split)
+    train, val = split_objectives(model, split, samples=args.samples, sigma=args.sigma, seed=args.seed)
     run.prepare()
     if not args.resume:
         write_config(run, args, model_config, split, equilibration=config.to_dict())
@@ -114,7 +115,7 @@ def _polish(args: argparse.Namespace, solve_config: LinearSolveConfig, run: RunD
     polish.json (both gradient norms, the work, the validation metrics) and print it; 1 when the
     tolerance was not reached (the better model is still saved)."""
     exact = copy.deepcopy(model).to(dtype=torch.float64)
-    train, val = objectives(args, exact, split)
+    train, val = split_objectives(exact, split, samples=args.samples, sigma=args.sigma, seed=args.seed)
     started = time.perf_counter()
     result: PolishResult = polish(LinearSolve(train, solve_config), train.initial_theta(), controls,
                                   grad_tol=args.grad_tol, progress=not args.no_progress)

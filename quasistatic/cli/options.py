@@ -1,33 +1,33 @@
-"""Flags and set-up shared by the commands: argument groups, their checks, the run directory, the
-data, the model's config and the objectives."""
+"""Flags and set-up shared by the commands: argument groups, their checks, the configs of
+:mod:`quasistatic.experiments.runner` they make, and the run directory, data and model of the commands that
+record their flags (equilibrate, transfer)."""
 
 from __future__ import annotations
 
 import argparse
-import platform
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-import torch
-
-from .. import __version__
-from ..continuation.correctors import available_correctors
-from ..data import DataSplit, available_datasets, load_dataset
+from ..continuation.correctors import CORRECTORS, available_correctors
+from ..data import DataSplit, available_datasets
 from ..continuation.engine import EngineConfig
-from ..errors import bad_value, choice_error
+from ..continuation.equilibrate import EquilibrationConfig
+from ..errors import bad_value
 from ..integrators import available_integrators
 from ..linalg import LinearSolveConfig, available_preconditioners, available_solvers
 from ..models import ModelConfig, available_architectures
-from ..thermo.objective import Objective
 from ..registry import Registry
 from ..experiments.rundir import RunDirectory
+from ..experiments.runner import DataConfig, FollowConfig, StartConfig, model_for_data, versions
 
-__all__ = ["DTYPES", "data_arguments", "model_arguments", "run_arguments", "engine_arguments", "linalg_arguments",
-           "parameter_argument", "registry_options", "linear_solve_config", "engine_config", "device_option",
-           "dtype_option", "hidden_option", "model_config", "inputs", "objectives", "write_config", "settings",
-           "versions"]
+__all__ = ["RESUME_IGNORES", "data_arguments", "model_arguments", "run_arguments", "engine_arguments",
+           "linalg_arguments", "parameter_argument", "registry_options", "linear_solve_config", "engine_config",
+           "follow_config", "data_config", "start_config", "hidden_option", "model_config", "inputs", "write_config",
+           "settings"]
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# the flags a resumed run may change (the commands whose config.json records their flags as "settings")
+RESUME_IGNORES = ("resume", "overwrite", "no_progress", "device", "out")
 
 
 def data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -164,22 +164,36 @@ def linear_solve_config(args: argparse.Namespace) -> LinearSolveConfig:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The run's EngineConfig from the process flags (checked here: exit 2 on a bad one)."""
+    if args.steps < 1:
+        raise bad_value("--steps", "an integer >= 1", args.steps)
     return EngineConfig(steps=args.steps, grad_tol=args.grad_tol, drift_tol=args.drift_tol,
                         tangent_tol=args.tangent_tol, eigen_iterations=args.eigen_iterations, at_fold=args.at_fold)
 
 
-def device_option(name: str) -> torch.device:
-    accepted = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
-    if name not in accepted:
-        raise choice_error("device" + ("" if torch.cuda.is_available() else " (CUDA is not available here)"),
-                           accepted, name)
-    return torch.device(name)
+def follow_config(args: argparse.Namespace, method: str = "engine") -> FollowConfig:
+    """How the process is followed by ``method``, from the flags of :func:`engine_arguments`: the
+    integrator with ``--rtol``/``--atol``, the corrector with its ``--corrector-option``s."""
+    return FollowConfig(method=method, integrator=args.integrator,
+                        integrator_options={name: value for name, value in (("rtol", args.rtol), ("atol", args.atol))
+                                            if value is not None},
+                        corrector=args.corrector,
+                        corrector_options=registry_options(CORRECTORS, args.corrector, args.corrector_option,
+                                                           "--corrector-option"),
+                        engine=engine_config(args), linear_solve=linear_solve_config(args), fd_step=args.fd_step,
+                        fd_epochs=args.fd_epochs)
 
 
-def dtype_option(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise choice_error("dtype", DTYPES, name)
-    return DTYPES[name]
+def data_config(args: argparse.Namespace) -> DataConfig:
+    """The data set of the flags of :func:`data_arguments`."""
+    return DataConfig(dataset=args.dataset, data_dir=args.data_dir, download=args.download, classes=args.classes,
+                      relabel=args.relabel, val_fraction=args.val_fraction)
+
+
+def start_config(args: argparse.Namespace) -> StartConfig:
+    """The start of a process: ``--lam``, ``--gamma``, and ``--from-checkpoint`` or the equilibration
+    of ``--epochs`` and ``--batch-size``."""
+    return StartConfig(lam=args.lam, gamma=args.gamma, checkpoint=args.from_checkpoint,
+                       equilibration=EquilibrationConfig(epochs=args.epochs, batch_size=args.batch_size))
 
 
 def hidden_option(spec: str) -> tuple[int, ...]:
@@ -194,32 +208,26 @@ def hidden_option(spec: str) -> tuple[int, ...]:
     return widths
 
 
-def model_config(args: argparse.Namespace, split) -> ModelConfig:
-    if args.model not in available_architectures():
-        raise choice_error("model", available_architectures(), args.model)
-    return ModelConfig(architecture=args.model, input_shape=split.train.input_shape,
-                       num_classes=split.train.num_classes, latent_dim=args.latent_dim,
-                       hidden=hidden_option(args.hidden), width=args.width, prior=args.prior,
-                       likelihood="gaussian" if split.name == "cifar10" else "bernoulli")
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    """The model of the flags of :func:`model_arguments`, the likelihood by ``--dataset`` (gaussian
+    for cifar10); its input shape and number of classes are the data's
+    (:func:`quasistatic.experiments.runner.model_for_data`)."""
+    return ModelConfig(architecture=args.model, latent_dim=args.latent_dim, hidden=hidden_option(args.hidden),
+                       width=args.width, prior=args.prior,
+                       likelihood="gaussian" if args.dataset == "cifar10" else "bernoulli")
 
 
-def inputs(args: argparse.Namespace) -> tuple[RunDirectory, DataSplit, ModelConfig]:
-    """Validate the shared flags, then the output directory, the data and the model's config
-    (in that order: nothing is touched on disk before every flag has been checked)."""
+def inputs(args: argparse.Namespace, out: str | Path | None = None,
+           data: DataConfig | None = None) -> tuple[RunDirectory, DataSplit, ModelConfig]:
+    """Validate the shared flags, then the output directory (``out``, default ``--out``), the data
+    (``data``, default the flags') and the model's config (in that order: nothing is touched on
+    disk before every flag has been checked)."""
     if args.samples < 1:
         raise bad_value("--samples", "an integer >= 1", args.samples)
-    if args.dataset not in available_datasets():
-        raise choice_error("dataset", available_datasets(), args.dataset)
-    run = RunDirectory(args.out, overwrite=args.overwrite, resume=args.resume)
-    split = load_dataset(args.dataset, data_dir=args.data_dir, classes=args.classes, relabel=args.relabel,
-                         seed=args.seed, val_fraction=args.val_fraction, download=args.download)
-    return run, split, model_config(args, split)
-
-
-def objectives(args: argparse.Namespace, model, split) -> tuple[Objective, Objective]:
-    """J on the training split and on the validation split (its own fixed noise)."""
-    return (Objective(model, split.train, samples=args.samples, noise_seed=args.seed, sigma=args.sigma),
-            Objective(model, split.val, samples=args.samples, noise_seed=args.seed + 1000, sigma=args.sigma))
+    data, model = data_config(args) if data is None else data, model_config(args)
+    run = RunDirectory(args.out if out is None else out, overwrite=args.overwrite, resume=args.resume)
+    split = data.load(args.seed)
+    return run, split, model_for_data(model, split.train)
 
 
 def write_config(run: RunDirectory, args: argparse.Namespace, model_config: ModelConfig, split, **extra) -> None:
@@ -231,12 +239,3 @@ def write_config(run: RunDirectory, args: argparse.Namespace, model_config: Mode
 
 def settings(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("run", "command")}
-
-
-def versions() -> dict[str, str]:
-    import numpy
-    import scipy
-    import sklearn
-    return {"quasistatic": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": numpy.__version__, "scipy": scipy.__version__, "scikit-learn": sklearn.__version__}
-

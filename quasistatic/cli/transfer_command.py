@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from ..experiments.checkpoint import load_checkpoint, save_checkpoint
@@ -23,13 +24,15 @@ from ..models import ModelConfig, build_model
 from ..thermo.objective import Controls
 from ..processes import Process
 from ..experiments.rundir import RunDirectory
+from ..experiments.runner import (FollowConfig, follow, model_for_data, starting_model, stop_message, torch_device, torch_dtype,
+                      trajectory_summary)
 from ..experiments.trajectory import TrajectoryRecorder, numeric, plot_trajectory
 from ..experiments.transfer import (BASELINES, TRANSFER_PROCESSES, TransferData, TransferObjectives,
                         make_transfer_process, plot_baseline, plot_transfer, train_baseline, transfer_data,
                         transfer_parameter)
-from .options import (data_arguments, device_option, dtype_option, engine_arguments, inputs, model_arguments,
-                      model_config, parameter_argument, registry_options, run_arguments, settings, write_config)
-from .process_command import RESUME_IGNORES, check_engine_flags, follow, starting_model, summary
+from .options import (RESUME_IGNORES, data_arguments, data_config, engine_arguments, follow_config, inputs,
+                      linear_solve_config, model_arguments, model_config, parameter_argument, registry_options,
+                      run_arguments, settings, start_config, write_config)
 
 __all__ = ["methods", "add_parser", "run"]
 
@@ -79,47 +82,50 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise bad_value("--out", "a directory", args.out)
     _warn_unused(args)
-    # The shared set-up sees this method's folder as --out and loads the whole data set.
-    run_args = argparse.Namespace(**{**vars(args), "out": str(Path(args.out) / args.method), "classes": None,
-                                     "relabel": False})
-    controls = Controls(args.lam, args.gamma)
-    process = None
+    start = start_config(args)
+    controls = start.controls
+    process, follows = None, None
     if args.method in TRANSFER_PROCESSES:
         own = transfer_parameter(args.method)
         params = registry_options(TRANSFER_PROCESSES, args.method, args.param, "--param",
                                   {own: getattr(args, own)} if own in PARAMETER_FLAGS else {})
         process = make_transfer_process(args.method, controls, **params)
-        check_engine_flags(run_args, process)
-    run_dir, split, _ = inputs(run_args)
+        follows = follow_config(args)
+        follows.check(process)
+    # This method's run goes to its own folder, OUT/METHOD; the whole data set is loaded (the tasks select).
+    run_dir, split, _ = inputs(args, out=Path(args.out) / args.method,
+                               data=replace(data_config(args), classes=None, relabel=False))
     data = transfer_data(split, args.source, args.target, args.labels, args.max_per_class)
-    config = model_config(args, data.source)
+    config = model_for_data(model_config(args), data.source.train)
     if args.resume:
-        run_dir.check_resumable(settings(run_args), ignore=RESUME_IGNORES)
+        run_dir.check_resumable(settings(args), ignore=RESUME_IGNORES)
     if args.from_checkpoint and args.method != "scratch":
         _check_head(args.from_checkpoint, config, data)
 
     def objectives_of(model) -> TransferObjectives:
         return TransferObjectives(model, data, samples=args.samples, seed=args.seed, sigma=args.sigma)
 
+    device, dtype = torch_device(args.device), torch_dtype(args.dtype)
     if args.method == "scratch":
-        model = build_model(config, seed=args.seed).to(device=device_option(args.device),
-                                                       dtype=dtype_option(args.dtype))
+        model = build_model(config, seed=args.seed).to(device=device, dtype=dtype)
     else:
-        model = starting_model(run_args, run_dir, config, lambda m: objectives_of(m).source, controls)
+        model = starting_model(start, config, run_dir, lambda m: objectives_of(m).source,
+                               linear_solve=linear_solve_config(args), seed=args.seed, device=device, dtype=dtype,
+                               progress=not args.no_progress)
     objectives = objectives_of(model)
     run_dir.prepare()
     if not args.resume:
         # start_C: C of the starting model on the source training set (a process polishes it first)
         start_c = None if args.method == "scratch" else objectives.source.report(objectives.source.initial_theta()).C
-        write_config(run_dir, run_args, config, split, transfer={
+        write_config(run_dir, args, config, split, transfer={
             "method": args.method, **data.describe(), "start_C": start_c,
             "process": None if process is None else process.describe()})
         if args.method != "scratch":
             save_checkpoint(run_dir.file("start.pt"), model, controls,
                             {"dataset": split.name, "classes": args.source, "labels": args.labels})
     title = f"{split.name} {args.source} → {args.target} ({args.labels} labels)"
-    if process is not None:
-        code, files = _run_process(run_args, args.method, process, objectives, run_dir, title)
+    if process is not None and follows is not None:
+        code, files = _run_process(args, follows, process, objectives, run_dir, title)
     else:
         code, files = _run_baseline(args, objectives, run_dir, controls, title)
     if code:
@@ -156,21 +162,24 @@ def _check_head(path: str, config: ModelConfig, data: TransferData) -> None:
         raise bad_value("--from-checkpoint classifier head", f"{config.num_classes} classes wide ({how})", saved)
 
 
-def _run_process(args: argparse.Namespace, method: str, process: Process, objectives: TransferObjectives,
+def _run_process(args: argparse.Namespace, follows: FollowConfig, process: Process, objectives: TransferObjectives,
                  run_dir: RunDirectory, title: str) -> tuple[int, list[Path]]:
     """Polish the start onto the surface at t = 0 and run the process to t = 1 on the mixture
-    (``args``: the engine's flags, see :func:`quasistatic.cli.process_command.follow`)."""
+    (:func:`quasistatic.experiments.runner.follow`)."""
     recorder = TrajectoryRecorder(run_dir, objectives.mixture, objectives.mixture_val,
                                   target_val=objectives.target_val)
-    code = follow(args, process, objectives.mixture, recorder)
-    if code:
-        return code, []
+    error = follow(process, objectives.mixture, recorder, follows, seed=args.seed, batch_size=args.batch_size,
+                   progress=not args.no_progress)
+    if error is not None:
+        print(f"quasistatic: {stop_message(error, run_dir.path)}", file=sys.stderr)
+        return 1, []
     rows = recorder.log.rows()
     accuracy = [float(row["target_val_acc"]) for row in rows]
-    print(f"{method} ({args.integrator}/{args.corrector}): {summary(rows, args.sigma, process)}; "
+    print(f"{args.method} ({follows.integrator}/{follows.corrector}): "
+          f"{trajectory_summary(rows, args.sigma, process)}; "
           f"C0 = {float(rows[0]['C']):.6g} on the source (polished start), "
           f"target_val_acc {accuracy[0]:.4f} -> {accuracy[-1]:.4f}")
-    return 0, plot_trajectory(rows, run_dir.path, f"{title}: {method}")
+    return 0, plot_trajectory(rows, run_dir.path, f"{title}: {args.method}")
 
 
 def _run_baseline(args: argparse.Namespace, objectives: TransferObjectives, run_dir: RunDirectory,

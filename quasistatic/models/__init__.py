@@ -4,6 +4,7 @@ from . import mlp, resnet  # noqa: F401  (register the built-in architectures)
 from .base import (
     ARCHITECTURES,
     ModelConfig,
+    Networks,
     RepresentationModel,
     available_architectures,
     build_model,
@@ -14,6 +15,7 @@ from .priors import MixtureOfGaussiansPrior, Prior, StandardNormalPrior
 __all__ = [
     "ARCHITECTURES",
     "ModelConfig",
+    "Networks",
     "RepresentationModel",
     "available_architectures",
     "build_model",

@@ -26,6 +26,7 @@ from .priors import MixtureOfGaussiansPrior, Prior, StandardNormalPrior
 
 __all__ = [
     "ModelConfig",
+    "Networks",
     "RepresentationModel",
     "ARCHITECTURES",
     "register_architecture",
@@ -164,7 +165,12 @@ ARCHITECTURES: Registry[Networks] = Registry("model")  # name -> ArchitectureBui
 
 
 def register_architecture(name: str, builder: ArchitectureBuilder, *, replace: bool = False) -> None:
-    """Make ``builder(config) -> Networks`` available as ``ModelConfig(architecture=name)``."""
+    """Make ``builder(config) -> Networks`` available as ``ModelConfig(architecture=name)``.
+
+    This is how a model of one's own modules enters the library (docs/own_model.md): ``build_model``,
+    checkpoints, :class:`~quasistatic.Objective` and the runner all build it by name. The networks
+    must be pure functions of their parameters (no buffer updated in ``forward``: GroupNorm, not
+    BatchNorm) and, for the curvature solves, twice differentiable (tanh or softplus, not ReLU)."""
     ARCHITECTURES.register(name, builder, replace=replace)
 
 

@@ -1,0 +1,542 @@
+"""Running a quasi-static process end to end from one config: :class:`RunConfig` → :func:`run_process`
+→ :class:`Run` (the ``iso-classification``, ``process`` and ``rerun`` commands are thin parsers
+around it).
+
+A run starts on the equilibrium surface ∇θJ = 0 (eq. 15) at the controls (λ, γ): a fresh model
+trained there with Adam (Sec. 5.1) or a checkpoint, then polished (:func:`quasistatic.polish`) to
+‖∇θJ‖ ≤ grad_tol. It follows the process over s ∈ [0, 1] with the engine (the predictor integrates
+θ̇ = θ_λλ̇ + θ_γγ̇ + θ_tṫ, eqs. 17–18 and 24, the corrector returns to the surface) or with the
+paper's fd-equilibration, and records every step in its run directory:
+
+- ``config.json``: :meth:`RunConfig.to_dict`, plus a ``record`` of what the run found (the process
+  as built, the data set's name and sizes, the package versions, torch's thread count);
+  :meth:`RunConfig.from_dict` reads the config back, so a run re-runs from its config.json alone;
+- ``start.pt`` (the starting model), ``state.pt`` (the state after the last step: ``resume``
+  continues from it), ``trajectory.csv`` (one row per step) and the figures of Figs. 2 and 4b;
+- with ``return_sweep``: ``return/`` (the same process from the end state back to the starting λ)
+  and ``hysteresis.png``.
+
+The pieces (:func:`model_for_data`, :func:`split_objectives`, :func:`starting_model`,
+:func:`follow`, :func:`trajectory_summary`, :func:`stop_message`) also serve the transfer command.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import platform
+import typing
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from .. import __version__
+from ..continuation.arclength import require_residual_form
+from .baselines import FiniteDifferenceEquilibration
+from .checkpoint import load_checkpoint, save_checkpoint
+from ..continuation.correctors import Corrector, make_corrector
+from ..data import DATASETS, DataSplit, LabeledData, load_dataset
+from ..continuation.engine import EngineConfig, EngineState, FoldError, QuasiStaticEngine, StepSizeError, first_law_residual
+from ..continuation.equilibrate import DivergenceError, EquilibrationConfig, equilibrate
+from ..errors import InputError, bad_value, choice_error
+from ..integrators import Integrator, make_integrator
+from ..linalg import LinearSolve, LinearSolveConfig
+from ..models import ModelConfig, RepresentationModel, build_model
+from ..thermo.objective import Controls, Objective
+from .plots import plot_hysteresis
+from ..continuation.polish import polish, require_equilibrium
+from ..processes import PROCESSES, Process, make_process
+from .rundir import RunDirectory
+from .trajectory import STATE_FILE, TrajectoryRecorder, numeric, plot_trajectory
+from ..work import WorkCounter
+
+__all__ = ["CONFIG_FILE", "DTYPES", "METHODS", "RESUME_IGNORES", "DataConfig", "FollowConfig", "ProcessConfig",
+           "Run", "RunConfig", "StartConfig", "follow", "import_modules", "model_for_data", "module_names",
+           "run_process", "split_objectives", "starting_model", "stop_message", "torch_device", "torch_dtype",
+           "trajectory_summary", "versions"]
+
+CONFIG_FILE = "config.json"
+RECORD = "record"  # config.json's key for what the run found, beside the RunConfig's keys
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+METHODS = ("engine", "fd-equilibration")
+RESUME_IGNORES = ("out", "resume", "overwrite", "device")  # the RunConfig keys a resumed run may change
+StopError = StepSizeError | DivergenceError  # what ends a process before s = 1 (not a bad input)
+_Config = TypeVar("_Config")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The data set J is evaluated on (eq. 8): a registered name, its split, a class subset."""
+
+    dataset: str = "digits"  # a name from available_datasets()
+    data_dir: str | None = None  # folder with the data set's files (mnist, cifar10)
+    download: bool = False  # download missing mnist/cifar10 files
+    classes: str | None = None  # label subset: "0-4", "5-9", "1,3,7", "vehicles"/"animals" (cifar10); None: all
+    relabel: bool = False  # map the chosen classes to 0..k-1
+    val_fraction: float = 0.2  # validation share of the split
+
+    def __post_init__(self) -> None:
+        DATASETS.get(self.dataset)  # an unknown name raises, listing the registered ones
+        if self.data_dir is not None:
+            object.__setattr__(self, "data_dir", str(self.data_dir))
+
+    def load(self, seed: int = 0) -> DataSplit:
+        """The seeded, stratified train/val split (:func:`quasistatic.load_dataset`)."""
+        return load_dataset(self.dataset, data_dir=self.data_dir, classes=self.classes, relabel=self.relabel,
+                            seed=seed, val_fraction=self.val_fraction, download=self.download)
+
+
+@dataclass(frozen=True)
+class StartConfig:
+    """Where the process starts: the controls (λ, γ) and the equilibrium there, a checkpoint at them
+    or a fresh model trained there with Adam (Sec. 5.1); it is polished onto ∇θJ = 0 (eq. 15)."""
+
+    lam: float = 1.0  # λ, weight of the distortion D
+    gamma: float = 10.0  # γ, weight of the classification loss C
+    checkpoint: str | None = None  # a checkpoint at (lam, gamma) to start from instead of equilibrating
+    # Adam from a fresh model, in float32 (its batch_size is also fd-equilibration's)
+    equilibration: EquilibrationConfig = field(default_factory=EquilibrationConfig)
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is not None:
+            object.__setattr__(self, "checkpoint", str(self.checkpoint))
+        Controls(self.lam, self.gamma)  # checks λ, γ >= 0
+
+    @property
+    def controls(self) -> Controls:
+        return Controls(self.lam, self.gamma)
+
+
+@dataclass(frozen=True)
+class ProcessConfig:
+    """The quasi-static process: a registered name, its parameters, and whether to come back."""
+
+    name: str = "iso-classification"  # a name from available_processes()
+    params: dict[str, Any] = field(default_factory=dict)  # by the names its factory declares: {"lam_end": 1.2}
+    return_sweep: bool = False  # then the same process from the end state back to the start's λ (needs lam_end)
+
+    def __post_init__(self) -> None:
+        PROCESSES.get(self.name)  # an unknown name raises, listing the registered ones
+        object.__setattr__(self, "params", dict(self.params))
+        if self.return_sweep and self.params.get("lam_end") is None:
+            raise bad_value("--return", "given with --lam-end (the return sweep drives lambda back to --lam)",
+                            self.params)
+
+    def make(self, start: Controls, **overrides: Any) -> Process:
+        """The process started at ``start``; ``overrides`` replace parameters (the return sweep's lam_end)."""
+        return make_process(self.name, start, **{**self.params, **overrides})
+
+
+@dataclass(frozen=True)
+class FollowConfig:
+    """How the process is followed: ``method`` "engine" (a predictor, a corrector, what every
+    accepted step must hold, how every linear solve is done) or "fd-equilibration" (the paper's:
+    finite differences of equilibrated models, :class:`quasistatic.FiniteDifferenceEquilibration`)."""
+
+    method: str = "engine"  # one of METHODS
+    integrator: str = "hermite"  # the predictor, a name from available_integrators()
+    integrator_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"rtol": 1e-6} for the adaptive ones
+    corrector: str = "newton"  # a name from available_correctors()
+    corrector_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"max_iter": 10}; the engine sets
+    # its grad_tol and drift_tol
+    engine: EngineConfig = field(default_factory=EngineConfig)  # steps and what every accepted step holds
+    linear_solve: LinearSolveConfig = field(default_factory=LinearSolveConfig)  # tangents, corrector, polish
+    fd_step: float = 1e-2  # fd-equilibration: finite-difference step in each control
+    fd_epochs: int = 10  # fd-equilibration: epochs of every equilibration
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "integrator_options", dict(self.integrator_options))
+        object.__setattr__(self, "corrector_options", dict(self.corrector_options))
+        self.make_integrator()  # an unknown name or option raises, naming the accepted ones
+        self.make_corrector()
+        for name in sorted({"grad_tol", "drift_tol"} & set(self.corrector_options)):  # the engine's replace them
+            warnings.warn(f"--corrector-option {name} is unused: --{name.replace('_', '-')} sets it", UserWarning,
+                          stacklevel=3)
+        if self.method not in METHODS:
+            raise choice_error("method", METHODS, self.method)
+
+    def make_integrator(self) -> Integrator:
+        return make_integrator(self.integrator, **self.integrator_options)
+
+    def make_corrector(self) -> Corrector:
+        return make_corrector(self.corrector, **self.corrector_options)
+
+    def check(self, process: Process) -> None:
+        """That ``process`` can be followed so: ``at_fold="arclength"`` needs a residual form."""
+        if self.engine.at_fold == "arclength":
+            require_residual_form(process)
+
+
+def _default_model() -> ModelConfig:
+    return ModelConfig(hidden=(16,))  # the command line's: small enough for exact curvature solves on a CPU
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a process run, in sections; config.json holds :meth:`to_dict`.
+
+    ``model``'s ``input_shape`` and ``num_classes`` are the data's: :func:`run_process` sets them
+    from the loaded data (:attr:`Run.config` and config.json hold the config as run). Its
+    ``likelihood`` is as given (the command line picks "gaussian" for cifar10).
+    """
+
+    out: str  # the run directory
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=_default_model)
+    start: StartConfig = field(default_factory=StartConfig)
+    process: ProcessConfig = field(default_factory=ProcessConfig)
+    follow: FollowConfig = field(default_factory=FollowConfig)
+    samples: int = 1  # K, fixed noise draws per example (eq. 1's expectations over e(z|x))
+    sigma: float = 3e-2  # σ of eq. 6's σS term, S = ½‖θ‖² (> 0 keeps J's minima isolated)
+    seed: int = 0  # of the split, the initialization, the noise, Adam's and fd-equilibration's minibatches
+    # (the linear solves' subsamples have follow.linear_solve.seed; the command line sets both)
+    device: str = "cpu"  # "cpu" or "cuda"
+    dtype: str = "float64"  # of the process (the start's Adam runs in float32): a key of DTYPES
+    imports: tuple[str, ...] = ()  # modules imported first, for what they register (processes, data sets, ...)
+    resume: bool = False  # continue the run in ``out`` from its last step
+    overwrite: bool = False  # empty an existing ``out`` first
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", str(self.out))
+        object.__setattr__(self, "imports", module_names(self.imports))
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise bad_value("samples", "an integer >= 1", self.samples)
+        if self.dtype not in DTYPES:
+            raise choice_error("dtype", DTYPES, self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The sections as nested dicts of plain values (config.json's keys besides ``record``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+        """The config of ``data``: :meth:`to_dict`'s result or a run's config.json (its ``record``
+        is skipped). A missing key takes its default; an unknown one is refused. The modules of
+        ``imports`` are imported first: the names in the config may be theirs."""
+        if not isinstance(data, Mapping):
+            raise bad_value("run config", "a mapping of its sections", type(data).__name__)
+        import_modules(data.get("imports", ()))
+        return _from_mapping(cls, {key: value for key, value in data.items() if key != RECORD}, "run config")
+
+
+def _from_mapping(kind: type[_Config], data: Any, where: str) -> _Config:
+    """The dataclass ``kind`` from ``data``, its dataclass fields built the same way."""
+    if not isinstance(data, Mapping):
+        raise bad_value(where, "a mapping", data)
+    known = fields(kind)  # type: ignore[arg-type]
+    names = [f.name for f in known]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise bad_value(f"keys of {where}", f"among {{{', '.join(names)}}}", unknown)
+    required = [f.name for f in known if f.default is MISSING and f.default_factory is MISSING]
+    if not set(required) <= set(data):
+        raise bad_value(where, f"a mapping with the keys {{{', '.join(required)}}}", sorted(data))
+    hints = typing.get_type_hints(kind)
+    return kind(**{key: _from_mapping(hints[key], value, f"{where} {key}") if is_dataclass(hints[key]) else value
+                   for key, value in data.items()})
+
+
+def module_names(names: Iterable[str]) -> tuple[str, ...]:
+    """``names`` as a tuple of module names (a single string is refused: it is not a list of them)."""
+    if isinstance(names, str):
+        raise bad_value("imports", "a sequence of module names", names)
+    return tuple(names)
+
+
+def import_modules(names: Iterable[str]) -> None:
+    """Import each module of ``names`` (for the registrations it makes); one that is not found raises."""
+    for name in module_names(names):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name != name and not name.startswith(f"{error.name}."):  # one that it imports is missing
+                raise
+            raise bad_value("--import", "a module on the Python path", name) from None
+
+
+def torch_device(name: str) -> torch.device:
+    """The device named ``name``: "cpu", or "cuda" where CUDA is available."""
+    accepted = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    if name not in accepted:
+        raise choice_error("device" + ("" if torch.cuda.is_available() else " (CUDA is not available here)"),
+                           accepted, name)
+    return torch.device(name)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The dtype named ``name``, a key of :data:`DTYPES`."""
+    if name not in DTYPES:
+        raise choice_error("dtype", DTYPES, name)
+    return DTYPES[name]
+
+
+def versions() -> dict[str, str]:
+    """The versions config.json records: this package, Python and the numerical libraries."""
+    import numpy
+    import scipy
+    import sklearn
+    return {"quasistatic": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "scipy": scipy.__version__, "scikit-learn": sklearn.__version__}
+
+
+def model_for_data(model: ModelConfig, data: LabeledData) -> ModelConfig:
+    """``model`` with the input shape and the number of classes of ``data``."""
+    return replace(model, input_shape=data.input_shape, num_classes=data.num_classes)
+
+
+def split_objectives(model: RepresentationModel, split: DataSplit, *, samples: int = 1, sigma: float = 0.0,
+                     seed: int = 0) -> tuple[Objective, Objective]:
+    """J on the training split (noise seed ``seed``) and on the validation split (its own, seed + 1000)."""
+    return (Objective(model, split.train, samples=samples, noise_seed=seed, sigma=sigma),
+            Objective(model, split.val, samples=samples, noise_seed=seed + 1000, sigma=sigma))
+
+
+def starting_model(start: StartConfig, model: ModelConfig, run: RunDirectory,
+                   objective_of: Callable[[RepresentationModel], Objective], *, linear_solve: LinearSolveConfig,
+                   seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64,
+                   progress: bool = True) -> RepresentationModel:
+    """The model a process starts from, on ``device`` in ``dtype``: the run's own start.pt when it
+    resumes, ``start.checkpoint`` (its controls must be the start's), or a fresh model of ``model``
+    trained with ``start.equilibration`` on ``objective_of(model)`` at the start's controls (in
+    float32; ``linear_solve`` is checked for the model's size before the training)."""
+    controls = start.controls
+    if run.resume and run.file("start.pt").exists():
+        return load_checkpoint(run.file("start.pt"), expect=model).model(device, dtype)
+    if start.checkpoint:
+        checkpoint = load_checkpoint(start.checkpoint, expect=model)
+        saved = checkpoint.controls
+        if (saved.lam, saved.gamma) != (controls.lam, controls.gamma):
+            raise InputError(f"--lam and --gamma must equal the checkpoint's controls "
+                             f"({saved.lam:g}, {saved.gamma:g}), got ({controls.lam:g}, {controls.gamma:g})")
+        return checkpoint.model(device, dtype)
+    fresh = build_model(model, seed=seed).to(device)  # Adam in float32, on the device
+    linear_solve.resolved(sum(p.numel() for p in fresh.parameters()))  # refused before the training
+    equilibrate(objective_of(fresh), controls, start.equilibration, seed=seed, progress=progress)
+    return fresh.to(dtype=dtype)
+
+
+def follow(process: Process, objective: Objective, recorder: TrajectoryRecorder, config: FollowConfig, *,
+           seed: int = 0, batch_size: int = 32, start: Tensor | None = None,
+           progress: bool = True) -> StopError | None:
+    """Polish ``start`` (default: the model's parameters) onto the surface at ``process.start``
+    (unless ``recorder``'s run directory resumes: then from its last state), then follow
+    ``process`` to s = 1 by ``config.method``, recording every step. None when s = 1 was reached;
+    else the error that stopped the process (a fold it stopped at is also written to fold.json).
+    ``seed`` and ``batch_size``: fd-equilibration's minibatches."""
+    controls = process.start
+    linear_solve = LinearSolve(objective, config.linear_solve)
+    engine = QuasiStaticEngine(objective, process, config.make_integrator(), config.make_corrector(), config.engine,
+                               linear_solve)
+    recorder.linear_solve = linear_solve
+    state = recorder.restore() if recorder.run.resume else None
+    if state is None:
+        theta = objective.initial_theta() if start is None else start
+        polished = polish(linear_solve, theta, controls, grad_tol=config.engine.grad_tol, progress=progress)
+        require_equilibrium(polished, config.engine.grad_tol)
+        state = engine.start(polished.theta, controls)
+        recorder.record(state)
+    stepper = engine if config.method == "engine" else FiniteDifferenceEquilibration(
+        objective, process, steps=config.engine.steps, fd_step=config.fd_step, epochs=config.fd_epochs,
+        batch_size=batch_size, seed=seed)
+    try:
+        stepper.run(state, recorder.on_step)
+    except (StepSizeError, DivergenceError) as error:
+        if isinstance(error, FoldError):
+            recorder.run.write_json("fold.json", error.fold.to_dict())
+        return error
+    return None
+
+
+def stop_message(error: StopError, directory: Path) -> str:
+    """What stopped a process, and where its trajectory so far (and the fold it stopped at) are."""
+    written = str(directory / "trajectory.csv")
+    if isinstance(error, FoldError):
+        written = f"{written}, the fold in {directory / 'fold.json'}"
+    return f"{error}; the trajectory so far is in {written}"
+
+
+def trajectory_summary(rows: list[dict[str, str]], sigma: float, process: Process) -> str:
+    """Drift of the process's constraint (C when it has none), first-law residual dR + λdD + γdC +
+    σdS (eq. 7; on each continuous stretch when the run jumped past folds, with the dissipated free
+    energy), ‖∇θJ‖ at both ends and the cost of the recorded trajectory ``rows``."""
+    jumps = [i for i, row in enumerate(rows) if row.get("event") == "jump"]
+    values = [numeric(row) for row in rows]
+    weights = process.constraint or (0.0, 0.0, 1.0)
+    held = [sum(w * v[name] for w, name in zip(weights, "RDC")) for v in values]
+    name = " + ".join(f"{w:g}*{x}" if w != 1 else x for w, x in zip(weights, "RDC") if w) or "C"
+    drift = max(abs(g - held[0]) for g in held) / abs(held[0])
+    if jumps:
+        edges = [0, *jumps, len(values)]
+        laws = [first_law_residual(values[a:b], sigma) for a, b in zip(edges[:-1], edges[1:]) if b - a > 1]
+        worst = max((residual / delta_r for residual, delta_r in laws if delta_r > 0), default=0.0)
+        law = (f"first law on each of {len(laws)} continuous stretches <= {worst:.3e} of its |dR|, "
+               f"{len(jumps)} jump(s) past folds dissipating {sum(values[i]['dissipation'] for i in jumps):.6g} "
+               "(J before - J after)")
+    else:
+        residual, delta_r = first_law_residual(values, sigma)
+        law = f"first law |dR + lam dD + gamma dC + sigma dS| = {residual:.3e} of |dR| = {delta_r:.3e}"
+    return (f"{len(rows) - 1} steps, max |g - g0|/g0 = {drift:.3e} for g = {name}, {law}, "
+            f"grad_norm {values[0]['grad_norm']:.2e} -> {values[-1]['grad_norm']:.2e}, "
+            f"{values[-1]['grad_evals']:.0f} gradient-equivalents, {values[-1]['wall_s']:.0f} s")
+
+
+@dataclass
+class Run:
+    """A process run: the config it ran with, the process, its directory and how it ended."""
+
+    config: RunConfig  # as run (the model's input_shape and num_classes are the data's)
+    process: Process
+    directory: Path
+    label: str  # the summary line's lead: "iso-classification (engine, hermite/newton)", "... return"
+    error: StopError | None = None  # what stopped the process before s = 1 (None: it got there)
+    figures: list[Path] = field(default_factory=list)  # drawn by run_process: Figs. 2 and 4b
+    returned: Run | None = None  # the return sweep (config.process.return_sweep) in directory/return/: its
+    # process is the way back, its config the forward run's
+    hysteresis: Path | None = None  # both sweeps drawn together, once the return sweep got back
+
+    @property
+    def trajectory(self) -> list[dict[str, str]]:
+        """The rows of trajectory.csv as written, one per step (``quasistatic.experiments.trajectory.numeric``
+        gives a row's numbers)."""
+        with (self.directory / "trajectory.csv").open(newline="") as f:
+            return list(csv.DictReader(f))
+
+    @property
+    def failure(self) -> str | None:
+        """Why the process stopped before s = 1 and where its trajectory is; None when it got there."""
+        return None if self.error is None else stop_message(self.error, self.directory)
+
+    def summary(self) -> str:
+        """The line the command line prints: the label, the constraint's drift, the first law, the
+        gradient norms and the cost (:func:`trajectory_summary`)."""
+        return f"{self.label}: {trajectory_summary(self.trajectory, self.config.sigma, self.process)}"
+
+    def plot(self, directory: str | Path | None = None) -> list[Path]:
+        """Figs. 2 and 4b of the trajectory as PNGs in ``directory`` (default: the run's, created when
+        missing); their paths."""
+        target = self.directory if directory is None else Path(directory)
+        target.mkdir(parents=True, exist_ok=True)
+        return plot_trajectory(self.trajectory, target, f"{self.config.process.name} ({self.config.follow.method})")
+
+    def _loop_name(self) -> str:
+        """The λ loop of a return sweep: "lambda 1 -> 1.2 -> 1"."""
+        lam, lam_end = self.config.start.lam, self.config.process.params["lam_end"]
+        return f"lambda {lam:g} -> {lam_end:g} -> {lam:g}"
+
+    def loop_summary(self) -> str:
+        """The free energy dissipated by the jumps past folds of both sweeps of the loop."""
+        if self.returned is None:
+            raise ValueError("loop_summary needs a run with a return sweep")
+        rows = [*self.trajectory, *self.returned.trajectory]
+        jumps = [numeric(row)["dissipation"] for row in rows if row.get("event") == "jump"]
+        return f"loop {self._loop_name()}: dissipated free energy {sum(jumps):.6g} in {len(jumps)} jump(s)"
+
+
+def _check_resumable(run: RunDirectory, config: RunConfig) -> None:
+    """A resumed run goes on with the config it started with: every key of config.json but
+    :data:`RESUME_IGNORES` (and its ``record``) must equal ``config``'s."""
+    saved = run.read_json(CONFIG_FILE)
+    if not {"data", "model", "start", "process", "follow"} <= set(saved):
+        raise bad_value(f"--resume's {run.file(CONFIG_FILE)}", "a RunConfig with the sections data, model, start, "
+                        "process, follow (a process run's, written by run_process)", sorted(saved))
+    new = _flatten(json.loads(json.dumps(config.to_dict(), default=str)))
+    old = _flatten({key: value for key, value in saved.items() if key != RECORD})
+    for key in sorted(new.keys() | old.keys()):
+        if key.split(".")[0] not in RESUME_IGNORES and new.get(key) != old.get(key):
+            raise InputError(f"{key} must equal the resumed run's {old.get(key)!r}, got {new.get(key)!r}")
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one mapping with dotted keys ("follow.engine.steps")."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def run_process(config: RunConfig, *, resume: bool | None = None, progress: bool = True) -> Run:
+    """Run ``config``'s process end to end in ``config.out``, as the process commands do: start on
+    the surface, follow the process to s = 1, write config.json, start.pt, state.pt,
+    trajectory.csv and the figures, and with ``return_sweep`` the sweep back (``return/``,
+    hysteresis.png). ``resume`` (default: ``config.resume``) continues an interrupted run to the
+    same trajectory. Every setting is checked before anything is written (a bad one raises
+    :class:`~quasistatic.InputError`); a process that cannot be followed ends the run with
+    :attr:`Run.error` set, its trajectory so far recorded."""
+    if resume is not None:
+        config = replace(config, resume=resume)
+    import_modules(config.imports)
+    device, dtype = torch_device(config.device), torch_dtype(config.dtype)
+    controls = config.start.controls
+    process = config.process.make(controls)
+    if process.uses_mixture:
+        raise InputError(f"process {config.process.name!r} must run on a source/target mixture, got the single "
+                         f"data set {config.data.dataset!r} (use the transfer command)")
+    config.follow.check(process)
+    run = RunDirectory(config.out, overwrite=config.overwrite, resume=config.resume)
+    split = config.data.load(config.seed)
+    config = replace(config, model=model_for_data(config.model, split.train))
+    if config.resume:
+        _check_resumable(run, config)
+
+    def objectives(model: RepresentationModel) -> tuple[Objective, Objective]:
+        return split_objectives(model, split, samples=config.samples, sigma=config.sigma, seed=config.seed)
+
+    model = starting_model(config.start, config.model, run, lambda m: objectives(m)[0],
+                           linear_solve=config.follow.linear_solve, seed=config.seed, device=device, dtype=dtype,
+                           progress=progress)
+    train, val = objectives(model)
+    run.prepare()
+    if not config.resume:
+        run.write_json(CONFIG_FILE, {**config.to_dict(), RECORD: {
+            "process": process.describe(), "data": {"name": split.name, "train": len(split.train),
+                                                    "val": len(split.val)},
+            "versions": versions(), "threads": torch.get_num_threads()}})
+        save_checkpoint(run.file("start.pt"), model, controls, {"dataset": split.name, "classes": config.data.classes})
+    method = config.follow
+    how = f"engine, {method.integrator}/{method.corrector}" if method.method == "engine" else method.method
+    result = Run(config, process, run.path, f"{config.process.name} ({how})")
+    result.error = _follow_run(config, process, train, TrajectoryRecorder(run, train, val), progress=progress)
+    if result.error is None:
+        result.figures = result.plot()
+        if config.process.return_sweep:
+            _return_sweep(result, train, val, progress)
+    return result
+
+
+def _follow_run(config: RunConfig, process: Process, train: Objective, recorder: TrajectoryRecorder, *,
+                start: Tensor | None = None, progress: bool) -> StopError | None:
+    """:func:`follow` with the run's settings."""
+    return follow(process, train, recorder, config.follow, seed=config.seed,
+                  batch_size=config.start.equilibration.batch_size, start=start, progress=progress)
+
+
+def _return_sweep(forward: Run, train: Objective, val: Objective, progress: bool) -> None:
+    """The same process from ``forward``'s end state back to its starting λ, in forward.directory/
+    return/ (resumable), set as ``forward.returned``; once it gets back, hysteresis.png draws both
+    sweeps (the free energy their jumps dissipate: :meth:`Run.loop_summary`)."""
+    config = forward.config
+    end: EngineState = torch.load(forward.directory / STATE_FILE, weights_only=False)["state"]
+    back = config.process.make(end.controls, lam_end=config.start.lam)
+    path = forward.directory / "return"
+    resume = config.resume and (path / CONFIG_FILE).exists()
+    sweep = RunDirectory(path, overwrite=not resume, resume=resume)
+    sweep.prepare()
+    if not resume:
+        sweep.write_json(CONFIG_FILE, {"return_of": str(forward.directory), "process": back.describe()})
+        train.work = WorkCounter()  # the return sweep's rows count its own work (a resumed one restores it)
+    error = _follow_run(config, back, train, TrajectoryRecorder(sweep, train, val), start=end.theta,
+                        progress=progress)
+    forward.returned = Run(config, back, path, f"{config.process.name} return", error)
+    if error is None:
+        forward.hysteresis = plot_hysteresis(
+            [("forward", forward.trajectory), ("return", forward.returned.trajectory)],
+            forward.directory / "hysteresis.png", f"{config.process.name}: {forward._loop_name()}")
