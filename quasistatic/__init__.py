@@ -43,8 +43,8 @@ __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-from .experiments.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
-from .data import (  # noqa: E402
+from .experiments.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .data import (
     DataMixture,
     DataSplit,
     LabeledData,
@@ -52,27 +52,39 @@ from .data import (  # noqa: E402
     load_dataset,
     register_dataset,
 )
-from .continuation.equilibrate import EquilibrationConfig, equilibrate, equilibration_rate  # noqa: E402
-from .errors import InputError  # noqa: E402
-from .thermo.evaluation import measure  # noqa: E402
-from .thermo.functionals import FixedNoiseFunctionals, Functionals  # noqa: E402
-from .models import (ModelConfig, Networks, RepresentationModel, available_architectures, build_model,  # noqa: E402
-                     register_architecture)
-from .thermo.objective import Controls, Objective  # noqa: E402
-from .thermo.parameters import ParameterLayout  # noqa: E402
-from .linalg import LinearSolveConfig  # noqa: E402
-from .linalg.operators import CurvatureOperator  # noqa: E402
-from .linalg.krylov import available_solvers, register_solver, solve  # noqa: E402
-from .continuation.tangents import Sensitivities, Tangents, equilibrium_tangents  # noqa: E402
-from .integrators import Integrator, available_integrators, make_integrator, register_integrator  # noqa: E402
-from .processes import ConstraintProcess, Process, available_processes, make_process, register_process  # noqa: E402
-from .continuation.correctors import Corrector, available_correctors, make_corrector, register_corrector  # noqa: E402
-from .continuation.engine import EngineConfig, EngineState, QuasiStaticEngine, first_law_residual  # noqa: E402
-from .continuation.polish import polish  # noqa: E402
-from .experiments.baselines import FiniteDifferenceEquilibration  # noqa: E402
-from .experiments.transfer import (TransferData, TransferObjectives, make_transfer_process, plot_transfer,  # noqa: E402
-                       train_baseline, transfer_data)
-from .experiments.runner import DataConfig, FollowConfig, ProcessConfig, Run, RunConfig, StartConfig, run_process  # noqa: E402
+from .continuation.equilibrate import EquilibrationConfig, equilibrate, equilibration_rate
+from .errors import InputError
+from .thermo.evaluation import measure
+from .thermo.functionals import FixedNoiseFunctionals, Functionals
+from .models import (
+    ModelConfig,
+    Networks,
+    RepresentationModel,
+    available_architectures,
+    build_model,
+    register_architecture,
+)
+from .thermo.objective import Controls, Objective
+from .thermo.parameters import ParameterLayout
+from .linalg import LinearSolveConfig
+from .linalg.operators import CurvatureOperator
+from .linalg.krylov import available_solvers, register_solver, solve
+from .continuation.tangents import Sensitivities, Tangents, equilibrium_tangents
+from .integrators import Integrator, available_integrators, make_integrator, register_integrator
+from .processes import ConstraintProcess, Process, available_processes, make_process, register_process
+from .continuation.correctors import Corrector, available_correctors, make_corrector, register_corrector
+from .continuation.engine import EngineConfig, EngineState, QuasiStaticEngine, first_law_residual
+from .continuation.polish import polish
+from .experiments.baselines import FiniteDifferenceEquilibration
+from .experiments.transfer import (
+    TransferData,
+    TransferObjectives,
+    make_transfer_process,
+    plot_transfer,
+    train_baseline,
+    transfer_data,
+)
+from .experiments.runner import DataConfig, FollowConfig, ProcessConfig, Run, RunConfig, StartConfig, run_process
 
 __all__ = [
     "__version__",

@@ -75,8 +75,11 @@ class Registry(Generic[T]):
         declared = getattr(factory, "parameters", None) or ()
         undeclared = [p.name for p in declared if accepted is not None and p.name not in accepted]
         if undeclared:
-            raise bad_value(f"declared parameters of {self.kind} {name!r}",
-                            f"keyword options of its factory ({_listed(accepted)})", undeclared)
+            raise bad_value(
+                f"declared parameters of {self.kind} {name!r}",
+                f"keyword options of its factory ({_listed(accepted)})",
+                undeclared,
+            )
         self._factories[name] = factory
 
     def available(self) -> list[str]:
@@ -119,8 +122,11 @@ class Registry(Generic[T]):
         declared = getattr(factory, "parameters", None)
         if declared is not None:
             return tuple(declared)
-        return tuple(Parameter(p.name, _text_type(p), p.default) for p in _signature_parameters(factory) or ()
-                     if p.kind in _KEYWORD and p.default is not inspect.Parameter.empty)
+        return tuple(
+            Parameter(p.name, _text_type(p), p.default)
+            for p in _signature_parameters(factory) or ()
+            if p.kind in _KEYWORD and p.default is not inspect.Parameter.empty
+        )
 
     def parse_options(self, name: str, texts: Mapping[str, str]) -> dict[str, Any]:
         """Options of ``name`` from texts by option name, each parsed by its :class:`Parameter`; a

@@ -45,13 +45,23 @@ class _TqdmHandler(logging.Handler):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quasistatic", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"quasistatic {__version__}")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: on the 2-core machines measured, the README's main "
-                             "job took 30 s for its start with 1 thread and 91 s with torch's default; "
-                             "benchmarks/README.md)")
-    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                        help="import MODULE first, e.g. one that registers a process (repeatable; MODULE must be "
-                             "on the Python path, e.g. PYTHONPATH=.)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on the 2-core machines measured, the README's main "
+        "job took 30 s for its start with 1 thread and 91 s with torch's default; "
+        "benchmarks/README.md)",
+    )
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first, e.g. one that registers a process (repeatable; MODULE must be "
+        "on the Python path, e.g. PYTHONPATH=.)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     equilibrate_command.add_parser(commands)
     process_command.add_parsers(commands)
@@ -82,4 +92,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(threads)
         logger.removeHandler(handler)
         logger.setLevel(level)
-

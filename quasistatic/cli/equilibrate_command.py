@@ -21,8 +21,17 @@ from ..experiments.plots import plot_columns
 from ..continuation.polish import PolishResult, polish
 from ..experiments.rundir import CsvLog, RunDirectory
 from ..experiments.runner import split_objectives, torch_device, torch_dtype
-from .options import (RESUME_IGNORES, data_arguments, inputs, linalg_arguments, linear_solve_config, model_arguments,
-                      run_arguments, settings, write_config)
+from .options import (
+    RESUME_IGNORES,
+    data_arguments,
+    inputs,
+    linalg_arguments,
+    linear_solve_config,
+    model_arguments,
+    run_arguments,
+    settings,
+    write_config,
+)
 
 __all__ = ["EQUILIBRATE_COLUMNS", "add_parser", "run"]
 
@@ -36,10 +45,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     run_arguments(eq)
     eq.add_argument("--epochs", type=int, default=120, help="epochs (default 120, the paper's)")
     eq.add_argument("--batch-size", type=int, default=32, help="minibatch size (default 32)")
-    eq.add_argument("--from-checkpoint", default=None,
-                    help="start from this checkpoint with the equilibration schedule η(s) instead of from scratch")
-    eq.add_argument("--grad-tol", type=float, default=1e-4,
-                    help="after Adam, polish (full batch, float64) until ‖∇θJ‖ ≤ this (default 1e-4)")
+    eq.add_argument(
+        "--from-checkpoint",
+        default=None,
+        help="start from this checkpoint with the equilibration schedule η(s) instead of from scratch",
+    )
+    eq.add_argument(
+        "--grad-tol",
+        type=float,
+        default=1e-4,
+        help="after Adam, polish (full batch, float64) until ‖∇θJ‖ ≤ this (default 1e-4)",
+    )
     eq.add_argument("--no-polish", action="store_true", help="stop after Adam (the paper's procedure alone)")
     linalg_arguments(eq)
     eq.set_defaults(run=run)
@@ -49,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
     """Train a model to the surface at (λ, γ) with the paper's schedules; resumable per epoch."""
     controls = Controls(args.lam, args.gamma)
     device, dtype = torch_device(args.device), torch_dtype(args.dtype)
-    config = EquilibrationConfig(epochs=args.epochs, batch_size=args.batch_size,
-                                 schedule="equilibration" if args.from_checkpoint else "initial")
+    config = EquilibrationConfig(
+        epochs=args.epochs, batch_size=args.batch_size, schedule="equilibration" if args.from_checkpoint else "initial"
+    )
     if not args.grad_tol > 0:
         raise bad_value("--grad-tol", "a number > 0", args.grad_tol)
     solve_config = linear_solve_config(args)
@@ -82,57 +99,116 @@ def run(args: argparse.Namespace) -> int:
     def on_epoch(epoch: int, row: dict[str, float], optimizer_state: dict) -> None:
         wall = wall_before + time.perf_counter() - started
         log.append({"epoch": epoch + 1, "lam": controls.lam, "gamma": controls.gamma, "wall_s": wall, **row})
-        save_checkpoint(run.file("checkpoint.pt"), model, controls, data_info, epoch=epoch,
-                        optimizer=optimizer_state, wall_s=wall)
+        save_checkpoint(
+            run.file("checkpoint.pt"), model, controls, data_info, epoch=epoch, optimizer=optimizer_state, wall_s=wall
+        )
 
     try:
-        equilibrate(train, controls, config, val=val, seed=args.seed, start_epoch=start_epoch,
-                    optimizer_state=None if state is None else state["optimizer"], on_epoch=on_epoch,
-                    progress=not args.no_progress)
+        equilibrate(
+            train,
+            controls,
+            config,
+            val=val,
+            seed=args.seed,
+            start_epoch=start_epoch,
+            optimizer_state=None if state is None else state["optimizer"],
+            on_epoch=on_epoch,
+            progress=not args.no_progress,
+        )
     except DivergenceError as error:
-        kept = (f"the last good checkpoint is {run.file('checkpoint.pt')}" if run.file("checkpoint.pt").exists()
-                else "no epoch finished, so no checkpoint was written")
+        kept = (
+            f"the last good checkpoint is {run.file('checkpoint.pt')}"
+            if run.file("checkpoint.pt").exists()
+            else "no epoch finished, so no checkpoint was written"
+        )
         print(f"quasistatic: {error}; {kept}", file=sys.stderr)
         return 1
     rows = log.rows()
-    plot_columns(rows, "epoch", [("R", "D"), ("C", "val_C"), ("val_acc",), ("grad_norm",)],
-                 run.file("curves.png"), title=f"equilibration at λ={controls.lam:g}, γ={controls.gamma:g}")
+    plot_columns(
+        rows,
+        "epoch",
+        [("R", "D"), ("C", "val_C"), ("val_acc",), ("grad_norm",)],
+        run.file("curves.png"),
+        title=f"equilibration at λ={controls.lam:g}, γ={controls.gamma:g}",
+    )
     last = rows[-1]
-    print(f"equilibrated (Adam): R={float(last['R']):.4f} D={float(last['D']):.4f} C={float(last['C']):.4f} "
-          f"val_acc={float(last['val_acc']):.4f} (encoder mean) grad_norm={float(last['grad_norm']):.3e}")
+    print(
+        f"equilibrated (Adam): R={float(last['R']):.4f} D={float(last['D']):.4f} C={float(last['C']):.4f} "
+        f"val_acc={float(last['val_acc']):.4f} (encoder mean) grad_norm={float(last['grad_norm']):.3e}"
+    )
     code = 0
     if not args.no_polish:
-        code = _polish(args, solve_config, run, model, split, controls, data_info, len(rows) - 1,
-                       wall_before + time.perf_counter() - started)
-    print(f"wrote {run.file('metrics.csv')}, {run.file('curves.png')}, {run.file('checkpoint.pt')}"
-          + ("" if args.no_polish else f", {run.file('polish.json')}"))
+        code = _polish(
+            args,
+            solve_config,
+            run,
+            model,
+            split,
+            controls,
+            data_info,
+            len(rows) - 1,
+            wall_before + time.perf_counter() - started,
+        )
+    print(
+        f"wrote {run.file('metrics.csv')}, {run.file('curves.png')}, {run.file('checkpoint.pt')}"
+        + ("" if args.no_polish else f", {run.file('polish.json')}")
+    )
     return code
 
 
-def _polish(args: argparse.Namespace, solve_config: LinearSolveConfig, run: RunDirectory, model: RepresentationModel,
-            split, controls: Controls, data_info: dict, epoch: int, wall: float) -> int:
+def _polish(
+    args: argparse.Namespace,
+    solve_config: LinearSolveConfig,
+    run: RunDirectory,
+    model: RepresentationModel,
+    split,
+    controls: Controls,
+    data_info: dict,
+    epoch: int,
+    wall: float,
+) -> int:
     """Polish the trained model in float64 to ‖∇θJ‖ ≤ --grad-tol, save it as the checkpoint, write
     polish.json (both gradient norms, the work, the validation metrics) and print it; 1 when the
     tolerance was not reached (the better model is still saved)."""
     exact = copy.deepcopy(model).to(dtype=torch.float64)
     train, val = split_objectives(exact, split, samples=args.samples, sigma=args.sigma, seed=args.seed)
     started = time.perf_counter()
-    result: PolishResult = polish(LinearSolve(train, solve_config), train.initial_theta(), controls,
-                                  grad_tol=args.grad_tol, progress=not args.no_progress)
+    result: PolishResult = polish(
+        LinearSolve(train, solve_config),
+        train.initial_theta(),
+        controls,
+        grad_tol=args.grad_tol,
+        progress=not args.no_progress,
+    )
     train.layout.write(exact, result.theta)
     wall += time.perf_counter() - started
     values = train.report(result.theta)
-    summary = {"grad_tol": args.grad_tol, "grad_norm_adam": result.grad_norm_before, "grad_norm": result.grad_norm,
-               "converged": result.converged, "iterations": result.iterations,
-               "gradient_equivalents": train.work.gradient_equivalents, "wall_s": wall, "R": values.R, "D": values.D,
-               "C": values.C, "val_C": val.report(result.theta).C, "val_acc": val.accuracy(result.theta)}
+    summary = {
+        "grad_tol": args.grad_tol,
+        "grad_norm_adam": result.grad_norm_before,
+        "grad_norm": result.grad_norm,
+        "converged": result.converged,
+        "iterations": result.iterations,
+        "gradient_equivalents": train.work.gradient_equivalents,
+        "wall_s": wall,
+        "R": values.R,
+        "D": values.D,
+        "C": values.C,
+        "val_C": val.report(result.theta).C,
+        "val_acc": val.accuracy(result.theta),
+    }
     run.write_json("polish.json", summary)
     save_checkpoint(run.file("checkpoint.pt"), exact, controls, data_info, epoch=epoch, optimizer=None, wall_s=wall)
-    print(f"polished (float64, full batch): grad_norm {result.grad_norm_before:.3e} -> {result.grad_norm:.3e} "
-          f"(--grad-tol {args.grad_tol:g}) C={values.C:.4f} val_acc={summary['val_acc']:.4f}, "
-          f"{summary['gradient_equivalents']:.0f} gradient-equivalents")
+    print(
+        f"polished (float64, full batch): grad_norm {result.grad_norm_before:.3e} -> {result.grad_norm:.3e} "
+        f"(--grad-tol {args.grad_tol:g}) C={values.C:.4f} val_acc={summary['val_acc']:.4f}, "
+        f"{summary['gradient_equivalents']:.0f} gradient-equivalents"
+    )
     if not result.converged:
-        print(f"quasistatic: the polish did not reach --grad-tol {args.grad_tol:g}; the checkpoint holds the "
-              "polished model; equilibrate longer or raise --grad-tol", file=sys.stderr)
+        print(
+            f"quasistatic: the polish did not reach --grad-tol {args.grad_tol:g}; the checkpoint holds the "
+            "polished model; equilibrate longer or raise --grad-tol",
+            file=sys.stderr,
+        )
         return 1
     return 0

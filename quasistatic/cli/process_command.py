@@ -13,15 +13,31 @@ from pathlib import Path
 from ..errors import InputError, bad_value
 from ..processes import PROCESSES, available_processes
 from ..experiments.runner import CONFIG_FILE, ProcessConfig, Run, RunConfig, run_process
-from .options import (data_arguments, data_config, engine_arguments, follow_config, model_arguments, model_config,
-                      parameter_argument, registry_options, run_arguments, start_config)
+from .options import (
+    data_arguments,
+    data_config,
+    engine_arguments,
+    follow_config,
+    model_arguments,
+    model_config,
+    parameter_argument,
+    registry_options,
+    run_arguments,
+    start_config,
+)
 
 __all__ = ["PROCESS_FLAGS", "add_parsers", "run_config", "report"]
 
 # the parameters of the built-in processes with a flag of their own (--lam-end, ...); any parameter: --param
-PROCESS_FLAGS = {"lam_end": "final λ", "alpha": "Remark 7's time scale α", "beta": "β of C + β⁻¹R (iso-c-rate)",
-                 "lam_rate": "λ̇ (free)", "gamma_rate": "γ̇ (free)", "slope": "k = dD/dR (geodesic-transfer)",
-                 "k": "λ̇ (constant-lambda-rate)"}
+PROCESS_FLAGS = {
+    "lam_end": "final λ",
+    "alpha": "Remark 7's time scale α",
+    "beta": "β of C + β⁻¹R (iso-c-rate)",
+    "lam_rate": "λ̇ (free)",
+    "gamma_rate": "γ̇ (free)",
+    "slope": "k = dD/dR (geodesic-transfer)",
+    "k": "λ̇ (constant-lambda-rate)",
+}
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -42,14 +58,21 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         run_arguments(sub)
         engine_arguments(sub)
         sub.add_argument("--method", default="engine", help="engine (default) or fd-equilibration (the paper's)")
-        sub.add_argument("--return", dest="return_sweep", action="store_true",
-                         help="after reaching --lam-end, drive lambda back to --lam with the same process from the "
-                              "end state (in OUT/return/), draw both sweeps in OUT/hysteresis.png and print the "
-                              "loop's dissipation")
+        sub.add_argument(
+            "--return",
+            dest="return_sweep",
+            action="store_true",
+            help="after reaching --lam-end, drive lambda back to --lam with the same process from the "
+            "end state (in OUT/return/), draw both sweeps in OUT/hysteresis.png and print the "
+            "loop's dissipation",
+        )
         sub.set_defaults(dtype="float64")  # processes need derivatives to rounding: float64 unless asked
-    rerun = commands.add_parser("rerun", help="run a process run's config.json again (iso-classification, process)",
-                                description="Run the process of the run directory DIR again from its config.json "
-                                            "alone, into --out (default: DIR itself, with --overwrite).")
+    rerun = commands.add_parser(
+        "rerun",
+        help="run a process run's config.json again (iso-classification, process)",
+        description="Run the process of the run directory DIR again from its config.json "
+        "alone, into --out (default: DIR itself, with --overwrite).",
+    )
     rerun.add_argument("dir", metavar="DIR", help="a run directory of iso-classification, process or rerun")
     rerun.add_argument("--out", default=None, help="output directory (default: DIR, which needs --overwrite)")
     rerun.add_argument("--overwrite", action="store_true", help="empty an existing --out first")
@@ -58,8 +81,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def _iso_classification(args: argparse.Namespace) -> int:
-    return report(run_process(run_config(args, "iso-classification", {"lam_end": args.lam_end, "alpha": args.alpha}),
-                              progress=not args.no_progress))
+    return report(
+        run_process(
+            run_config(args, "iso-classification", {"lam_end": args.lam_end, "alpha": args.alpha}),
+            progress=not args.no_progress,
+        )
+    )
 
 
 def _generic_process(args: argparse.Namespace) -> int:
@@ -74,22 +101,35 @@ def _rerun(args: argparse.Namespace) -> int:
     try:
         config = RunConfig.from_dict(json.loads(path.read_text()))
     except (InputError, json.JSONDecodeError) as error:
-        raise InputError(f"{path} must be the config of a process run (iso-classification, process), got one "
-                         f"that is not: {error}") from None
+        raise InputError(
+            f"{path} must be the config of a process run (iso-classification, process), got one that is not: {error}"
+        ) from None
     out = args.dir if args.out is None else args.out
-    return report(run_process(replace(config, out=out, overwrite=args.overwrite, resume=False),
-                              progress=not args.no_progress))
+    return report(
+        run_process(replace(config, out=out, overwrite=args.overwrite, resume=False), progress=not args.no_progress)
+    )
 
 
 def run_config(args: argparse.Namespace, process: str, flags: dict) -> RunConfig:
     """The RunConfig of the process command's flags: ``process`` with the parameters of its flags
     (``flags``, None: not given) and of ``--param``."""
     params = registry_options(PROCESSES, process, args.param, "--param", flags)
-    return RunConfig(out=args.out, data=data_config(args), model=model_config(args), start=start_config(args),
-                     process=ProcessConfig(process, params, return_sweep=args.return_sweep),
-                     follow=follow_config(args, args.method), samples=args.samples, sigma=args.sigma, seed=args.seed,
-                     device=args.device, dtype=args.dtype, imports=tuple(args.imports), resume=args.resume,
-                     overwrite=args.overwrite)
+    return RunConfig(
+        out=args.out,
+        data=data_config(args),
+        model=model_config(args),
+        start=start_config(args),
+        process=ProcessConfig(process, params, return_sweep=args.return_sweep),
+        follow=follow_config(args, args.method),
+        samples=args.samples,
+        sigma=args.sigma,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        imports=tuple(args.imports),
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
 
 
 def report(run: Run) -> int:

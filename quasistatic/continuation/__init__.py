@@ -7,19 +7,63 @@ It drives a process (``processes``) with an integrator (``integrators``) and sol
 run's ``linalg.LinearSolve``; it knows nothing of run directories, figures or the command line."""
 
 from .arclength import PseudoArclength
-from .correctors import (CORRECTORS, Correction, Corrector, EquilibrateCorrector, NewtonCorrector, NoCorrector,
-                         available_correctors, make_corrector, register_corrector)
-from .engine import (ControlDomainError, EngineConfig, EngineState, NegativeControlsError, QuasiStaticEngine,
-                     StepReport, first_law_residual)
+from .correctors import (
+    CORRECTORS,
+    Correction,
+    Corrector,
+    EquilibrateCorrector,
+    NewtonCorrector,
+    NoCorrector,
+    available_correctors,
+    make_corrector,
+    register_corrector,
+)
+from .engine import (
+    ControlDomainError,
+    EngineConfig,
+    EngineState,
+    NegativeControlsError,
+    QuasiStaticEngine,
+    StepReport,
+    first_law_residual,
+)
 from .equilibrate import DivergenceError, EquilibrationConfig, equilibrate, equilibration_rate
 from .folds import Fold, FoldError, Jump
 from .polish import NotOnSurfaceError, PolishResult, polish, require_equilibrium
 from .step_control import StepControl, StepSizeError
 from .tangents import Tangents, equilibrium_tangents
 
-__all__ = ["QuasiStaticEngine", "EngineConfig", "EngineState", "StepReport", "first_law_residual", "StepControl",
-           "Corrector", "Correction", "NoCorrector", "NewtonCorrector", "EquilibrateCorrector", "CORRECTORS",
-           "available_correctors", "make_corrector", "register_corrector", "polish", "require_equilibrium",
-           "PolishResult", "Tangents", "equilibrium_tangents", "Fold", "Jump", "PseudoArclength",
-           "EquilibrationConfig", "equilibrate", "equilibration_rate", "ControlDomainError", "DivergenceError",
-           "FoldError", "NegativeControlsError", "NotOnSurfaceError", "StepSizeError"]
+__all__ = [
+    "QuasiStaticEngine",
+    "EngineConfig",
+    "EngineState",
+    "StepReport",
+    "first_law_residual",
+    "StepControl",
+    "Corrector",
+    "Correction",
+    "NoCorrector",
+    "NewtonCorrector",
+    "EquilibrateCorrector",
+    "CORRECTORS",
+    "available_correctors",
+    "make_corrector",
+    "register_corrector",
+    "polish",
+    "require_equilibrium",
+    "PolishResult",
+    "Tangents",
+    "equilibrium_tangents",
+    "Fold",
+    "Jump",
+    "PseudoArclength",
+    "EquilibrationConfig",
+    "equilibrate",
+    "equilibration_rate",
+    "ControlDomainError",
+    "DivergenceError",
+    "FoldError",
+    "NegativeControlsError",
+    "NotOnSurfaceError",
+    "StepSizeError",
+]

@@ -45,8 +45,13 @@ from .tangents import surface_gradients
 __all__ = ["ArclengthState", "PseudoArclength", "MAX_ANGLE", "RESIDUAL_FORM_PROCESSES", "require_residual_form"]
 
 # the built-in processes with a residual form (a registered process has one when its residual_form() is not None)
-RESIDUAL_FORM_PROCESSES = ("free", "iso-classification (with lam_end, not alpha)", "iso-c-rate",
-                           "iso-classification-transfer", "constant-lambda-rate")
+RESIDUAL_FORM_PROCESSES = (
+    "free",
+    "iso-classification (with lam_end, not alpha)",
+    "iso-c-rate",
+    "iso-classification-transfer",
+    "constant-lambda-rate",
+)
 MAX_ANGLE = 0.5  # radians between successive tangents before a step is retried at half the length
 TANGENT_TOL = 1e-8  # relative residual of the tangent solves (the turning point is located on τ_s)
 
@@ -65,9 +70,11 @@ def require_residual_form(process: Process) -> ResidualForm:
     """The process's residual form, or an InputError naming the processes that have one."""
     form = process.residual_form()
     if form is None:
-        raise InputError(f"--at-fold arclength needs a process with a residual form (a path G(theta, s, gamma) = 0), "
-                         f"got {type(process).__name__} {process.describe()}; the built-in processes with one: "
-                         f"{', '.join(RESIDUAL_FORM_PROCESSES)}")
+        raise InputError(
+            f"--at-fold arclength needs a process with a residual form (a path G(theta, s, gamma) = 0), "
+            f"got {type(process).__name__} {process.describe()}; the built-in processes with one: "
+            f"{', '.join(RESIDUAL_FORM_PROCESSES)}"
+        )
     return form
 
 
@@ -94,8 +101,18 @@ class PseudoArclength:
     tolerances are the engine's: ‖∇θJ‖ ≤ ``grad_tol`` and |g − g₀| ≤ ``drift_tol`` |g₀| at every
     accepted point."""
 
-    def __init__(self, linear_solve: LinearSolve, process: Process, *, grad_tol: float, drift_tol: float,
-                 max_iter: int, min_step: float, eigen_iterations: int, eigen_count: int = 3) -> None:
+    def __init__(
+        self,
+        linear_solve: LinearSolve,
+        process: Process,
+        *,
+        grad_tol: float,
+        drift_tol: float,
+        max_iter: int,
+        min_step: float,
+        eigen_iterations: int,
+        eigen_count: int = 3,
+    ) -> None:
         self.form = require_residual_form(process)
         self.process, self.linear_solve, self.objective = process, linear_solve, linear_solve.objective
         self.grad_tol, self.drift_tol, self.max_iter, self.min_step = grad_tol, drift_tol, max_iter, min_step
@@ -137,8 +154,16 @@ class PseudoArclength:
         n = point.theta.numel()
         rows = [plane[:n]] if point.constraint_row is None else [point.constraint_row, plane[:n]]
         corner = [plane[n:]] if point.constraint_corner is None else [point.constraint_corner, plane[n:]]
-        return self.linear_solve.solve_bordered(point.theta, point.controls, point.columns, torch.stack(rows, 1),
-                                                torch.stack(corner), rhs, tol=tol, kind=kind)
+        return self.linear_solve.solve_bordered(
+            point.theta,
+            point.controls,
+            point.columns,
+            torch.stack(rows, 1),
+            torch.stack(corner),
+            rhs,
+            tol=tol,
+            kind=kind,
+        )
 
     def _tangent(self, point: _Point, plane: Tensor) -> tuple[Tensor, int]:
         """The null vector x of J_G at ``point`` with planeᵀx = 1 (not normalized), and the GMRES
@@ -147,8 +172,10 @@ class PseudoArclength:
         rhs[-1] = 1.0
         result = self._bordered(point, plane, rhs, TANGENT_TOL, "arclength-tangent")
         if not result.converged:
-            raise StepSizeError(f"the arclength tangent solve did not converge at "
-                                f"s={float(point.u[point.theta.numel()]):.6g} ({result.summary()})")
+            raise StepSizeError(
+                f"the arclength tangent solve did not converge at "
+                f"s={float(point.u[point.theta.numel()]):.6g} ({result.summary()})"
+            )
         return result.solution, result.iterations
 
     def _unit_tangent(self, point: _Point, orientation: Tensor) -> tuple[Tensor, int]:
@@ -164,8 +191,9 @@ class PseudoArclength:
         for iteration in range(self.max_iter + 1):
             off_plane = float(plane @ point.u) - level
             if point.grad_norm <= self.grad_tol and abs(point.violation) <= allowed:
-                return point, Correction(point.theta, point.controls, iteration, krylov, point.grad_norm,
-                                         abs(point.violation), True)
+                return point, Correction(
+                    point.theta, point.controls, iteration, krylov, point.grad_norm, abs(point.violation), True
+                )
             residual = math.sqrt(point.grad_norm**2 + point.violation**2 + off_plane**2)
             stalls = stalls + 1 if residual > 0.9 * previous else 0
             if iteration == self.max_iter or stalls == 2:
@@ -179,13 +207,15 @@ class PseudoArclength:
             if not result.converged:
                 break
             point = self._point(point.u + result.solution, target)
-        return point, Correction(point.theta, point.controls, iteration, krylov, point.grad_norm,
-                                 abs(point.violation), False)
+        return point, Correction(
+            point.theta, point.controls, iteration, krylov, point.grad_norm, abs(point.violation), False
+        )
 
     def _stability(self, point: _Point, s: float) -> StabilityPoint:
         count = min(self.eigen_count, point.theta.numel())
-        pairs = self.linear_solve.smallest_eigenpairs(point.theta, point.controls, count=count,
-                                                      iterations=self.eigen_iterations)
+        pairs = self.linear_solve.smallest_eigenpairs(
+            point.theta, point.controls, count=count, iterations=self.eigen_iterations
+        )
         c = point.controls
         return StabilityPoint(s, c.lam, c.gamma, c.t, float(pairs.values[0]), int((pairs.values < 0).sum()))
 
@@ -215,8 +245,9 @@ class PseudoArclength:
         rejected = 0
         while True:
             if ds < self.min_step * memory.max_step:
-                raise StepSizeError(f"the arclength step fell below {self.min_step:g} of its largest "
-                                    f"at s={state.s:.6g}")
+                raise StepSizeError(
+                    f"the arclength step fell below {self.min_step:g} of its largest at s={state.s:.6g}"
+                )
             try:
                 point, correction = self._correct(u0 + ds * tau, tau, float(tau @ u0) + ds, state.target)
                 if correction.converged:
@@ -230,9 +261,11 @@ class PseudoArclength:
         turning = None
         s0, s1 = float(u0[n]), float(point.u[n])
         if s1 < 0:
-            raise StepSizeError(f"arclength continuation went back past the start of the path (s = {s1:.6g} < 0 at "
-                                f"lambda={point.controls.lam:.6g}, gamma={point.controls.gamma:.6g}): this branch does "
-                                "not reach s = 1")
+            raise StepSizeError(
+                f"arclength continuation went back past the start of the path (s = {s1:.6g} < 0 at "
+                f"lambda={point.controls.lam:.6g}, gamma={point.controls.gamma:.6g}): this branch does "
+                "not reach s = 1"
+            )
         if not memory.at_turn and float(tau[n]) * float(new_tau[n]) < 0:  # ∂s/∂σ changed sign: a fold
             point, correction, new_tau, turning = self._turning_point(state, u0, tau, ds, point, correction, new_tau)
             s1 = float(point.u[n])
@@ -242,21 +275,32 @@ class PseudoArclength:
             fraction = (1.0 - s0) / (s1 - s0)
             point, correction = self._correct(u0 + fraction * (point.u - u0), plane, 1.0, state.target)
             if not correction.converged:
-                raise StepSizeError(f"the correction onto s = 1 did not converge "
-                                    f"(|grad J| = {correction.grad_norm:.3e})")
+                raise StepSizeError(
+                    f"the correction onto s = 1 did not converge (|grad J| = {correction.grad_norm:.3e})"
+                )
             new_tau, _ = self._unit_tangent(point, tau)
             s1 = 1.0
         iterations = correction.iterations
         grow = 1.5 if iterations <= 2 else 0.7 if iterations >= self.max_iter else 1.0
         stability = self._stability(point, s1)
-        new = replace(state, theta=point.theta.detach(), controls=point.controls, s=s1, step=state.step + 1,
-                      h=abs(s1 - s0), previous=None, stability=(*state.stability, stability)[-3:],
-                      arclength=ArclengthState(new_tau, min(ds * grow, memory.max_step), memory.max_step,
-                                               at_turn=turning is not None))
+        new = replace(
+            state,
+            theta=point.theta.detach(),
+            controls=point.controls,
+            s=s1,
+            step=state.step + 1,
+            h=abs(s1 - s0),
+            previous=None,
+            stability=(*state.stability, stability)[-3:],
+            arclength=ArclengthState(
+                new_tau, min(ds * grow, memory.max_step), memory.max_step, at_turn=turning is not None
+            ),
+        )
         return new, correction, tangent_iterations, rejected, turning
 
-    def _turning_point(self, state, u0: Tensor, tau: Tensor, ds: float, point: _Point, correction: Correction,
-                       new_tau: Tensor):
+    def _turning_point(
+        self, state, u0: Tensor, tau: Tensor, ds: float, point: _Point, correction: Correction, new_tau: Tensor
+    ):
         """The point between u₀ (σ = 0) and ``point`` (σ = ds) where τ_s = 0, by the Illinois
         variant of regula falsi on τ_s(σ) (each evaluation a correction and a tangent)."""
         n = state.theta.numel()
@@ -283,6 +327,14 @@ class PseudoArclength:
         s_a, s_b = float(u0[n]), float(point.u[n])
         # s(σ) ≈ s_f − κ(σ − σ_f)²/2 near the fold and τ_s ≈ −κ(σ − σ_f): the error in s is ≲ |τ_s| |b − a| / 2
         last_lambda_min = state.stability[-1].lambda_min if state.stability else math.nan
-        fold = Fold(s=s_b, lam=at.lam, gamma=at.gamma, t=at.t, last_accepted_s=s_a, last_lambda_min=last_lambda_min,
-                    failed_s=s_b, uncertainty=0.5 * abs(fb) * abs(b - a))
+        fold = Fold(
+            s=s_b,
+            lam=at.lam,
+            gamma=at.gamma,
+            t=at.t,
+            last_accepted_s=s_a,
+            last_lambda_min=last_lambda_min,
+            failed_s=s_b,
+            uncertainty=0.5 * abs(fb) * abs(b - a),
+        )
         return point, correction, new_tau, fold

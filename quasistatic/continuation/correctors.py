@@ -43,8 +43,18 @@ from ..thermo.objective import Controls, Objective
 from ..processes import Process
 from ..registry import Registry
 
-__all__ = ["Correction", "Corrector", "NoCorrector", "NewtonCorrector", "EquilibrateCorrector",
-           "CORRECTORS", "register_corrector", "available_correctors", "make_corrector", "BORDERS"]
+__all__ = [
+    "Correction",
+    "Corrector",
+    "NoCorrector",
+    "NewtonCorrector",
+    "EquilibrateCorrector",
+    "CORRECTORS",
+    "register_corrector",
+    "available_correctors",
+    "make_corrector",
+    "BORDERS",
+]
 
 BORDERS = ("tangent", "solve")  # where the Newton corrector's border column q = A⁻¹∇θC comes from
 
@@ -68,9 +78,17 @@ class Corrector(ABC):
     adapts_step: bool = True  # False: the engine keeps the step size fixed (no effort to judge)
 
     @abstractmethod
-    def correct(self, linear_solve: LinearSolve, theta: Tensor, controls: Controls, process: Process | None,
-                target: float | None, grad_tol: float | None = None, drift_tol: float | None = None,
-                max_iter: int | None = None) -> Correction:
+    def correct(
+        self,
+        linear_solve: LinearSolve,
+        theta: Tensor,
+        controls: Controls,
+        process: Process | None,
+        target: float | None,
+        grad_tol: float | None = None,
+        drift_tol: float | None = None,
+        max_iter: int | None = None,
+    ) -> Correction:
         """Correct θ (and γ, for a constrained process, towards g = ``target``) on
         ``linear_solve.objective``, solving through ``linear_solve``. For this call ``grad_tol``
         (‖∇θJ‖) and ``drift_tol`` (|g − g₀| / |g₀|) replace the corrector's own tolerances (the
@@ -83,18 +101,33 @@ class NoCorrector(Corrector):
 
     adapts_step = False
 
-    def correct(self, linear_solve: LinearSolve, theta: Tensor, controls: Controls, process: Process | None,
-                target: float | None, grad_tol: float | None = None, drift_tol: float | None = None,
-                max_iter: int | None = None) -> Correction:
+    def correct(
+        self,
+        linear_solve: LinearSolve,
+        theta: Tensor,
+        controls: Controls,
+        process: Process | None,
+        target: float | None,
+        grad_tol: float | None = None,
+        drift_tol: float | None = None,
+        max_iter: int | None = None,
+    ) -> Correction:
         return Correction(theta, controls, 0, 0, math.nan, math.nan, True)
 
 
 class NewtonCorrector(Corrector):
     """Damped Newton–Krylov on the bordered system (see the module docstring)."""
 
-    def __init__(self, grad_tol: float = 1e-6, drift_tol: float = 1e-9, max_iter: int = 20,
-                 initial_damping: float = 1e-4, max_damping: float = 1.0, contraction: float = 0.9,
-                 border: str = "tangent") -> None:
+    def __init__(
+        self,
+        grad_tol: float = 1e-6,
+        drift_tol: float = 1e-9,
+        max_iter: int = 20,
+        initial_damping: float = 1e-4,
+        max_damping: float = 1.0,
+        contraction: float = 0.9,
+        border: str = "tangent",
+    ) -> None:
         if border not in BORDERS:
             raise choice_error("corrector border", BORDERS, border)
         if not grad_tol > 0:
@@ -107,8 +140,9 @@ class NewtonCorrector(Corrector):
         self.initial_damping, self.max_damping, self.contraction = initial_damping, max_damping, contraction
         self.border = border
 
-    def _residual(self, objective: Objective, theta: Tensor, controls: Controls, weights: Tensor | None,
-                  target: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _residual(
+        self, objective: Objective, theta: Tensor, controls: Controls, weights: Tensor | None, target: float | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Values (J, C[, g]) and their gradients under p(x, t); rows: J, C, then g if constrained."""
         rows = [controls.weights(theta), torch.tensor([0.0, 0.0, 1.0], dtype=theta.dtype, device=theta.device)]
         if weights is not None:
@@ -118,9 +152,17 @@ class NewtonCorrector(Corrector):
         values, gradients = objective.combination_gradients(theta, torch.stack(rows), controls.t, entropy)
         return values, gradients, torch.linalg.vector_norm(gradients[0])
 
-    def correct(self, linear_solve: LinearSolve, theta: Tensor, controls: Controls, process: Process | None,
-                target: float | None, grad_tol: float | None = None, drift_tol: float | None = None,
-                max_iter: int | None = None) -> Correction:
+    def correct(
+        self,
+        linear_solve: LinearSolve,
+        theta: Tensor,
+        controls: Controls,
+        process: Process | None,
+        target: float | None,
+        grad_tol: float | None = None,
+        drift_tol: float | None = None,
+        max_iter: int | None = None,
+    ) -> Correction:
         objective = linear_solve.objective
         grad_tol = self.grad_tol if grad_tol is None else grad_tol
         drift_tol = self.drift_tol if drift_tol is None else drift_tol
@@ -147,12 +189,32 @@ class NewtonCorrector(Corrector):
             accepted = None
             while accepted is None and damping <= self.max_damping:  # raise the damping until a step is accepted
                 d_theta, d_gamma, iterations, negative = self._newton_step(
-                    linear_solve, theta, controls, gradients, violation, constrained, damping, float(grad_norm),
-                    grad_tol)
+                    linear_solve,
+                    theta,
+                    controls,
+                    gradients,
+                    violation,
+                    constrained,
+                    damping,
+                    float(grad_norm),
+                    grad_tol,
+                )
                 cg_total += iterations
                 if not negative:
-                    accepted = self._line_search(objective, theta, controls, d_theta, d_gamma, values, gradients,
-                                                 grad_norm, violation, weights, goal, constrained)
+                    accepted = self._line_search(
+                        objective,
+                        theta,
+                        controls,
+                        d_theta,
+                        d_gamma,
+                        values,
+                        gradients,
+                        grad_norm,
+                        violation,
+                        weights,
+                        goal,
+                        constrained,
+                    )
                 if accepted is None:
                     damping = max(10 * damping, self.initial_damping)
             if accepted is None:
@@ -163,9 +225,18 @@ class NewtonCorrector(Corrector):
         violation = float(values[2] - goal) if constrained else 0.0
         return Correction(theta, controls, iteration, cg_total, float(grad_norm), abs(violation), False)
 
-    def _newton_step(self, linear_solve: LinearSolve, theta: Tensor, controls: Controls, gradients: Tensor,
-                     violation: float, constrained: bool, damping: float, grad_norm: float,
-                     grad_tol: float) -> tuple[Tensor, float, int, bool]:
+    def _newton_step(
+        self,
+        linear_solve: LinearSolve,
+        theta: Tensor,
+        controls: Controls,
+        gradients: Tensor,
+        violation: float,
+        constrained: bool,
+        damping: float,
+        grad_norm: float,
+        grad_tol: float,
+    ) -> tuple[Tensor, float, int, bool]:
         """(δθ, δγ, Krylov iterations, negative curvature met) from (A + μI)p = ∇J and the border
         column q = A⁻¹∇C (solved beside p, or −θ_γ of the last tangent solve)."""
         tangents = linear_solve.last("tangent") if self.border == "tangent" and constrained else None
@@ -187,9 +258,21 @@ class NewtonCorrector(Corrector):
         delta_gamma = (violation - float(grad_g @ p)) / denominator
         return -p - q * delta_gamma, delta_gamma, result.iterations, negative
 
-    def _line_search(self, objective: Objective, theta: Tensor, controls: Controls, d_theta: Tensor,
-                     d_gamma: float, values: Tensor, gradients: Tensor, grad_norm: Tensor, violation: float,
-                     weights: Tensor | None, target: float, constrained: bool) -> tuple | None:
+    def _line_search(
+        self,
+        objective: Objective,
+        theta: Tensor,
+        controls: Controls,
+        d_theta: Tensor,
+        d_gamma: float,
+        values: Tensor,
+        gradients: Tensor,
+        grad_norm: Tensor,
+        violation: float,
+        weights: Tensor | None,
+        target: float,
+        constrained: bool,
+    ) -> tuple | None:
         """Backtracking, α = 1, ½, …, 1/16, with a sufficient-decrease test.
 
         Constrained: on the residual ½‖(∇θJ, g − g₀)‖², whose slope along an exact Newton step is
@@ -208,8 +291,9 @@ class NewtonCorrector(Corrector):
                 continue
             trial_controls = replace(controls, gamma=gamma)
             trial = theta + alpha * d_theta
-            trial_values, trial_gradients, trial_norm = self._residual(objective, trial, trial_controls, weights,
-                                                                       target)
+            trial_values, trial_gradients, trial_norm = self._residual(
+                objective, trial, trial_controls, weights, target
+            )
             trial_violation = float(trial_values[2] - target) if constrained else 0.0
             trial_j = float(trial_values[0])
             if not math.isfinite(trial_j) or not math.isfinite(float(trial_norm)):
@@ -217,8 +301,9 @@ class NewtonCorrector(Corrector):
             if constrained:
                 ok = 0.5 * (float(trial_norm) ** 2 + trial_violation**2) <= (1 - 0.5 * alpha) * residual
             else:
-                ok = (trial_j <= j + 1e-4 * alpha * slope
-                      or (float(trial_norm) <= (1 - 1e-4 * alpha) * float(grad_norm) and trial_j <= j + 1e-12 * abs(j)))
+                ok = trial_j <= j + 1e-4 * alpha * slope or (
+                    float(trial_norm) <= (1 - 1e-4 * alpha) * float(grad_norm) and trial_j <= j + 1e-12 * abs(j)
+                )
             if ok:
                 return trial, trial_controls, trial_values, trial_gradients, trial_norm, halvings == 0
         return None
@@ -233,14 +318,23 @@ class EquilibrateCorrector(Corrector):
     adapts_step = False
 
     def __init__(self, epochs: int = 10, batch_size: int = 32, eta_max: float = 1.5e-3, seed: int = 0) -> None:
-        self.config = EquilibrationConfig(epochs=epochs, batch_size=batch_size, schedule="equilibration",
-                                          eta_max=eta_max)
+        self.config = EquilibrationConfig(
+            epochs=epochs, batch_size=batch_size, schedule="equilibration", eta_max=eta_max
+        )
         self.seed = seed
         self.calls = 0
 
-    def correct(self, linear_solve: LinearSolve, theta: Tensor, controls: Controls, process: Process | None,
-                target: float | None, grad_tol: float | None = None, drift_tol: float | None = None,
-                max_iter: int | None = None) -> Correction:
+    def correct(
+        self,
+        linear_solve: LinearSolve,
+        theta: Tensor,
+        controls: Controls,
+        process: Process | None,
+        target: float | None,
+        grad_tol: float | None = None,
+        drift_tol: float | None = None,
+        max_iter: int | None = None,
+    ) -> Correction:
         objective = linear_solve.objective
         objective.layout.write(objective.model, theta)
         self.calls += 1

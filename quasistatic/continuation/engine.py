@@ -44,8 +44,17 @@ from ..processes import Process
 from .step_control import StepControl, StepSizeError
 from .tangents import equilibrium_tangents
 
-__all__ = ["ControlDomainError", "EngineConfig", "EngineState", "FoldError", "NegativeControlsError",
-           "QuasiStaticEngine", "StepReport", "StepSizeError", "first_law_residual"]
+__all__ = [
+    "ControlDomainError",
+    "EngineConfig",
+    "EngineState",
+    "FoldError",
+    "NegativeControlsError",
+    "QuasiStaticEngine",
+    "StepReport",
+    "StepSizeError",
+    "first_law_residual",
+]
 
 
 class ControlDomainError(StepSizeError):
@@ -82,8 +91,11 @@ class EngineConfig:
             value = getattr(self, name)
             if not value > 0:
                 raise bad_value(name.replace("_", "-"), "a number > 0", value)
-        if isinstance(self.eigen_iterations, bool) or not isinstance(self.eigen_iterations, int) \
-                or self.eigen_iterations < 0:
+        if (
+            isinstance(self.eigen_iterations, bool)
+            or not isinstance(self.eigen_iterations, int)
+            or self.eigen_iterations < 0
+        ):
             raise bad_value("eigen-iterations", "an integer >= 0", self.eigen_iterations)
         if self.at_fold not in AT_FOLD:
             raise choice_error("at-fold", AT_FOLD, self.at_fold)
@@ -133,22 +145,40 @@ class QuasiStaticEngine:
     """Runs ``process`` on ``objective`` with ``integrator`` (the predictor) and ``corrector``;
     every linear solve goes through ``linear_solve`` (a default one on ``objective`` when None)."""
 
-    def __init__(self, objective: Objective, process: Process, integrator: Integrator, corrector: Corrector,
-                 config: EngineConfig = EngineConfig(), linear_solve: LinearSolve | None = None) -> None:
+    def __init__(
+        self,
+        objective: Objective,
+        process: Process,
+        integrator: Integrator,
+        corrector: Corrector,
+        config: EngineConfig = EngineConfig(),
+        linear_solve: LinearSolve | None = None,
+    ) -> None:
         if process.uses_mixture and not objective.is_mixture:
-            raise InputError(f"process {type(process).__name__} must run on a source/target mixture, "
-                             "got a single data set")
+            raise InputError(
+                f"process {type(process).__name__} must run on a source/target mixture, got a single data set"
+            )
         if linear_solve is not None and linear_solve.objective is not objective:
             raise InputError("the engine's linear solve must be built on the engine's objective")
         self.objective, self.process, self.integrator, self.corrector = objective, process, integrator, corrector
         self.config = config
         self.linear_solve = linear_solve or LinearSolve(objective)
-        self._arclength = None if config.at_fold != "arclength" else PseudoArclength(
-            self.linear_solve, process, grad_tol=config.grad_tol, drift_tol=config.drift_tol,
-            max_iter=config.max_corrector_iterations, min_step=config.min_step,
-            eigen_iterations=config.eigen_iterations)  # refuses a process without a residual form
-        self.control = StepControl(1.0 / config.steps, config.min_step, config.max_control_change,
-                                   config.max_corrector_iterations)
+        self._arclength = (
+            None
+            if config.at_fold != "arclength"
+            else PseudoArclength(
+                self.linear_solve,
+                process,
+                grad_tol=config.grad_tol,
+                drift_tol=config.drift_tol,
+                max_iter=config.max_corrector_iterations,
+                min_step=config.min_step,
+                eigen_iterations=config.eigen_iterations,
+            )
+        )  # refuses a process without a residual form
+        self.control = StepControl(
+            1.0 / config.steps, config.min_step, config.max_control_change, config.max_corrector_iterations
+        )
         self._tangent_tol = config.tangent_tolerance(corrector.adapts_step)
         self._tangent_cg_iterations = 0  # Krylov iterations of the tangent solves in the current step
         self._start_field: tuple[float, Tensor, Tensor] | None = None  # (s, y, dy/ds) at the step's start
@@ -183,16 +213,19 @@ class QuasiStaticEngine:
         rates = self.process.control_velocity(s, controls, tangents.sensitivities())
         velocity = torch.cat([tangents.velocity(*rates), torch.tensor(rates, dtype=theta.dtype, device=theta.device)])
         if not bool(torch.isfinite(velocity).all()):
-            raise ControlDomainError(f"the tangent is not finite at s={s:.6g}, lambda={controls.lam:.6g}, "
-                                     f"gamma={controls.gamma:.6g}, t={controls.t:.6g} (a fold of the constraint?)")
+            raise ControlDomainError(
+                f"the tangent is not finite at s={s:.6g}, lambda={controls.lam:.6g}, "
+                f"gamma={controls.gamma:.6g}, t={controls.t:.6g} (a fold of the constraint?)"
+            )
         return velocity
 
     def start(self, theta: Tensor, controls: Controls) -> EngineState:
         """The initial state: the constraint target g₀ at the (already polished) starting point."""
         values = self.objective.functionals(theta.detach(), controls.t).detach()
         target = self.process.constraint_value(values)
-        state = EngineState(theta.detach(), controls, h=1.0 / self.config.steps,
-                            target=None if target is None else float(target))
+        state = EngineState(
+            theta.detach(), controls, h=1.0 / self.config.steps, target=None if target is None else float(target)
+        )
         return self._tracked(state)
 
     def _tracked(self, state: EngineState) -> EngineState:
@@ -224,8 +257,9 @@ class QuasiStaticEngine:
         return self.config.grad_tol / last if last > 0 else math.inf
 
     def _lambda_min(self, state: EngineState, iterations: int, count: int = 1) -> float:
-        pairs = self.linear_solve.smallest_eigenpairs(state.theta, state.controls, iterations=iterations,
-                                                      count=min(count, state.theta.numel()))
+        pairs = self.linear_solve.smallest_eigenpairs(
+            state.theta, state.controls, iterations=iterations, count=min(count, state.theta.numel())
+        )
         return float(pairs.values[0])
 
     def run(self, state: EngineState, on_step: Callable[[StepReport], None] | None = None) -> EngineState:
@@ -254,8 +288,12 @@ class QuasiStaticEngine:
                 else:
                     fold = self._crossed(state, report.state)
                     if fold is not None and self.config.at_fold == "stop":
-                        raise FoldError(f"{fold.describe()}: the step to s={report.state.s:.8g} ended on a saddle "
-                                        f"(lambda_min changed sign)", fold, report.rejected)
+                        raise FoldError(
+                            f"{fold.describe()}: the step to s={report.state.s:.8g} ended on a saddle "
+                            f"(lambda_min changed sign)",
+                            fold,
+                            report.rejected,
+                        )
                     if fold is not None and self.config.at_fold == "jump":
                         report = self._jump(state, fold, report.rejected)
             state = report.state
@@ -267,8 +305,12 @@ class QuasiStaticEngine:
     def _crossed(before: EngineState, after: EngineState) -> Fold | None:
         """The fold between two accepted points where λ_min went from > 0 to ≤ 0 (the zero of the
         line through them), or None."""
-        if not (before.stability and after.stability and before.stability[-1].s == before.s
-                and after.stability[-1].s == after.s):
+        if not (
+            before.stability
+            and after.stability
+            and before.stability[-1].s == before.s
+            and after.stability[-1].s == after.s
+        ):
             return None
         old, new = before.stability[-1], after.stability[-1]
         if not new.lambda_min <= 0 < old.lambda_min:
@@ -305,18 +347,28 @@ class QuasiStaticEngine:
                 outside = isinstance(error, NegativeControlsError)
                 failure = str(error)
             else:
-                correction = self.corrector.correct(self.linear_solve, theta, controls, self.process, state.target,
-                                                    grad_tol=self.config.grad_tol, drift_tol=self.config.drift_tol,
-                                                    max_iter=self.config.max_corrector_iterations)
+                correction = self.corrector.correct(
+                    self.linear_solve,
+                    theta,
+                    controls,
+                    self.process,
+                    state.target,
+                    grad_tol=self.config.grad_tol,
+                    drift_tol=self.config.drift_tol,
+                    max_iter=self.config.max_corrector_iterations,
+                )
                 stride = max(float(torch.linalg.vector_norm(theta - state.theta)), self._resolution(state))
                 moved = float(torch.linalg.vector_norm(correction.theta - theta))
                 if not adapts or (correction.converged and moved <= self.config.max_correction * stride):
                     break
-                failure = (f"the corrector did not reach the tolerances (|grad J| = {correction.grad_norm:.3e}, "
-                           f"|g - g0| = {correction.constraint_error:.3e})" if not correction.converged else
-                           f"the corrector moved theta by {moved:.3e} from the prediction, more than "
-                           f"{self.config.max_correction:g} x max(the step's |dtheta|, grad_tol / lambda_min) = "
-                           f"{stride:.3e} (onto another branch?)")
+                failure = (
+                    f"the corrector did not reach the tolerances (|grad J| = {correction.grad_norm:.3e}, "
+                    f"|g - g0| = {correction.constraint_error:.3e})"
+                    if not correction.converged
+                    else f"the corrector moved theta by {moved:.3e} from the prediction, more than "
+                    f"{self.config.max_correction:g} x max(the step's |dtheta|, grad_tol / lambda_min) = "
+                    f"{stride:.3e} (onto another branch?)"
+                )
             rejected += 1
             self._tangent_cg_iterations = 0
             try:
@@ -326,10 +378,18 @@ class QuasiStaticEngine:
                 if fold is None:
                     raise
                 raise FoldError(f"{fold.describe()}: {error}", fold, rejected) from error
-        new = self._tracked(EngineState(
-            correction.theta.detach(), correction.controls, s=state.s + h, step=state.step + 1,
-            h=self.control.next(h, correction.iterations, rejected, adapts), target=state.target,
-            previous=(state.s, y0), stability=state.stability))
+        new = self._tracked(
+            EngineState(
+                correction.theta.detach(),
+                correction.controls,
+                s=state.s + h,
+                step=state.step + 1,
+                h=self.control.next(h, correction.iterations, rejected, adapts),
+                target=state.target,
+                previous=(state.s, y0),
+                stability=state.stability,
+            )
+        )
         return StepReport(new, correction, self._tangent_cg_iterations, rejected)
 
     def _unstable_start(self, state: EngineState, error: ControlDomainError | None) -> StepSizeError | None:
@@ -346,8 +406,11 @@ class QuasiStaticEngine:
                 fold = locate_fold(points, state.s)
                 if fold is not None:
                     fold = replace(fold, last_accepted_s=state.s, failed_s=state.s)
-                    return FoldError(f"{fold.describe()}: the point at s={state.s:.8g} is a saddle "
-                                     f"(lambda_min = {points[-1].lambda_min:.3e}): the path went past a fold", fold)
+                    return FoldError(
+                        f"{fold.describe()}: the point at s={state.s:.8g} is a saddle "
+                        f"(lambda_min = {points[-1].lambda_min:.3e}): the path went past a fold",
+                        fold,
+                    )
             elif error is not None:
                 fold = locate_fold(points, state.s + state.h)
                 if fold is not None:
@@ -357,22 +420,43 @@ class QuasiStaticEngine:
     def _continue(self, state: EngineState) -> StepReport:
         """One pseudo-arclength step (:mod:`quasistatic.continuation.arclength`)."""
         if self._arclength is None:
-            raise bad_value("engine at_fold", "'arclength' to continue a state on an arclength continuation",
-                            self.config.at_fold)
+            raise bad_value(
+                "engine at_fold", "'arclength' to continue a state on an arclength continuation", self.config.at_fold
+            )
         new, correction, tangent_iterations, rejected, fold = self._arclength.step(state)
         return StepReport(new, correction, tangent_iterations, rejected, fold=fold)
 
     def _jump(self, state: EngineState, fold: Fold, rejected: int = 0) -> StepReport:
         """The jump past ``fold`` from the last accepted ``state`` (:func:`~quasistatic.continuation.folds.jump_past`),
         as a step: the new branch starts with no previous point and a fresh stability history."""
-        landed, jump = jump_past(fold, state.stability, state.theta, self.linear_solve, self.corrector, self.process,
-                                 state.target, grad_tol=self.config.grad_tol, drift_tol=self.config.drift_tol,
-                                 eigen_iterations=self.config.eigen_iterations)
-        new = self._tracked(EngineState(landed.theta.detach(), landed.controls, s=jump.s, step=state.step + 1,
-                                        h=self.control.h_max, target=state.target))
+        landed, jump = jump_past(
+            fold,
+            state.stability,
+            state.theta,
+            self.linear_solve,
+            self.corrector,
+            self.process,
+            state.target,
+            grad_tol=self.config.grad_tol,
+            drift_tol=self.config.drift_tol,
+            eigen_iterations=self.config.eigen_iterations,
+        )
+        new = self._tracked(
+            EngineState(
+                landed.theta.detach(),
+                landed.controls,
+                s=jump.s,
+                step=state.step + 1,
+                h=self.control.h_max,
+                target=state.target,
+            )
+        )
         if new.stability and not new.stability[-1].lambda_min > 0:
-            raise FoldError(f"{fold.describe()}: the jump past it failed: re-imposing the constraint ended on a saddle "
-                            f"(lambda_min = {new.stability[-1].lambda_min:.3e})", fold)
+            raise FoldError(
+                f"{fold.describe()}: the jump past it failed: re-imposing the constraint ended on a saddle "
+                f"(lambda_min = {new.stability[-1].lambda_min:.3e})",
+                fold,
+            )
         return StepReport(new, landed, 0, rejected, jump)
 
 
@@ -383,7 +467,11 @@ def first_law_residual(rows: list[dict[str, float]], sigma: float = 0.0) -> tupl
     total, delta_r = 0.0, 0.0
     for a, b in zip(rows[:-1], rows[1:]):
         d_r = b["R"] - a["R"]
-        total += (d_r + 0.5 * (a["lam"] + b["lam"]) * (b["D"] - a["D"])
-                  + 0.5 * (a["gamma"] + b["gamma"]) * (b["C"] - a["C"]) + (sigma * (b["S"] - a["S"]) if sigma else 0.0))
+        total += (
+            d_r
+            + 0.5 * (a["lam"] + b["lam"]) * (b["D"] - a["D"])
+            + 0.5 * (a["gamma"] + b["gamma"]) * (b["C"] - a["C"])
+            + (sigma * (b["S"] - a["S"]) if sigma else 0.0)
+        )
         delta_r += d_r
     return abs(total), abs(delta_r)

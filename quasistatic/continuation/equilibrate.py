@@ -71,10 +71,18 @@ class EquilibrationConfig:
 EpochCallback = Callable[[int, dict[str, float], dict], None]
 
 
-def equilibrate(objective: Objective, controls: Controls, config: EquilibrationConfig, *,
-                val: Objective | None = None, seed: int = 0, start_epoch: int = 0,
-                optimizer_state: dict | None = None, on_epoch: EpochCallback | None = None,
-                progress: bool = True) -> Tensor:
+def equilibrate(
+    objective: Objective,
+    controls: Controls,
+    config: EquilibrationConfig,
+    *,
+    val: Objective | None = None,
+    seed: int = 0,
+    start_epoch: int = 0,
+    optimizer_state: dict | None = None,
+    on_epoch: EpochCallback | None = None,
+    progress: bool = True,
+) -> Tensor:
     """Train ``objective.model`` in place with Adam; returns the final θ.
 
     After each epoch, ``on_epoch(epoch, row, optimizer_state)`` receives the measurements of
@@ -89,8 +97,14 @@ def equilibrate(objective: Objective, controls: Controls, config: EquilibrationC
         optimizer.load_state_dict(optimizer_state)
     steps_per_epoch = math.ceil(max(len(part.data) for part in objective.parts) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
-    bar = tqdm(range(start_epoch, config.epochs), desc="equilibrate", unit="epoch", disable=not progress,
-               initial=start_epoch, total=config.epochs)
+    bar = tqdm(
+        range(start_epoch, config.epochs),
+        desc="equilibrate",
+        unit="epoch",
+        disable=not progress,
+        initial=start_epoch,
+        total=config.epochs,
+    )
     for epoch in bar:
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         for b, index in enumerate(objective.epoch_batches(config.batch_size, generator)):
@@ -99,15 +113,18 @@ def equilibrate(objective: Objective, controls: Controls, config: EquilibrationC
                 group["lr"] = config.learning_rate(epoch, step, total_steps)
             loss = objective.minibatch_value(index, controls)
             if not torch.isfinite(loss):
-                raise DivergenceError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step}; "
-                                      "try a smaller learning rate or batch of larger size")
+                raise DivergenceError(
+                    f"the loss became {loss.item()} at epoch {epoch + 1}, step {step}; "
+                    "try a smaller learning rate or batch of larger size"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         with objective.work.paused():  # the per-epoch measurement is bookkeeping, not the method's work
             row = measure(objective, objective.initial_theta(), controls, val)
-        bar.set_postfix(C=f"{row['C']:.3f}", val_acc=f"{row.get('val_acc', float('nan')):.3f}",
-                        grad=f"{row['grad_norm']:.2e}")
+        bar.set_postfix(
+            C=f"{row['C']:.3f}", val_acc=f"{row.get('val_acc', float('nan')):.3f}", grad=f"{row['grad_norm']:.2e}"
+        )
         if on_epoch is not None:
             on_epoch(epoch, row, optimizer.state_dict())
     return objective.initial_theta()

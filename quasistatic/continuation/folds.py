@@ -73,9 +73,11 @@ class Fold:
         return asdict(self)
 
     def describe(self) -> str:
-        return (f"fold of the equilibrium branch located at lambda={self.lam:.8g}, gamma={self.gamma:.8g}, "
-                f"t={self.t:.6g} (s={self.s:.8g} +- {self.uncertainty:.1e}; lambda_min of the Hessian "
-                f"{self.last_lambda_min:.3e} at the last accepted s={self.last_accepted_s:.8g}, extrapolated to 0)")
+        return (
+            f"fold of the equilibrium branch located at lambda={self.lam:.8g}, gamma={self.gamma:.8g}, "
+            f"t={self.t:.6g} (s={self.s:.8g} +- {self.uncertainty:.1e}; lambda_min of the Hessian "
+            f"{self.last_lambda_min:.3e} at the last accepted s={self.last_accepted_s:.8g}, extrapolated to 0)"
+        )
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,6 @@ class Jump:
     distance: float  # ‖θ_after − θ_before‖
     dissipation: float  # J(θ_before) − J(θ_relaxed) at the controls just past the fold (≥ 0)
     lambda_min: float  # smallest Hessian eigenvalue where the relaxation ended (> 0: a minimum)
-
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,8 +121,16 @@ def locate_fold(points: tuple[StabilityPoint, ...], failed_s: float) -> Fold | N
     if s_f - last.s > reach:
         return None
     controls = _controls_at(points, s_f)
-    return Fold(s=s_f, lam=controls.lam, gamma=controls.gamma, t=controls.t, last_accepted_s=last.s,
-                last_lambda_min=last.lambda_min, failed_s=failed_s, uncertainty=uncertainty)
+    return Fold(
+        s=s_f,
+        lam=controls.lam,
+        gamma=controls.gamma,
+        t=controls.t,
+        last_accepted_s=last.s,
+        last_lambda_min=last.lambda_min,
+        failed_s=failed_s,
+        uncertainty=uncertainty,
+    )
 
 
 def _extrapolated(older: StabilityPoint, last: StabilityPoint) -> float | None:
@@ -141,14 +150,25 @@ def _controls_at(points: tuple[StabilityPoint, ...], s: float) -> Controls:
     """The controls at s by linear extrapolation through the last two points (λ, γ ≥ 0, t in [0, 1])."""
     older, last = points[-2], points[-1]
     share = (s - last.s) / (last.s - older.s)
-    lam, gamma, t = (b + (b - a) * share for a, b in ((older.lam, last.lam), (older.gamma, last.gamma),
-                                                      (older.t, last.t)))
+    lam, gamma, t = (
+        b + (b - a) * share for a, b in ((older.lam, last.lam), (older.gamma, last.gamma), (older.t, last.t))
+    )
     return Controls(max(lam, 0.0), max(gamma, 0.0), min(max(t, 0.0), 1.0))
 
 
-def jump_past(fold: Fold, points: tuple[StabilityPoint, ...], theta: Tensor, linear_solve: LinearSolve,
-              corrector: Corrector, process: Process, target: float | None, *, grad_tol: float, drift_tol: float,
-              eigen_iterations: int) -> tuple[Correction, Jump]:
+def jump_past(
+    fold: Fold,
+    points: tuple[StabilityPoint, ...],
+    theta: Tensor,
+    linear_solve: LinearSolve,
+    corrector: Corrector,
+    process: Process,
+    target: float | None,
+    *,
+    grad_tol: float,
+    drift_tol: float,
+    eigen_iterations: int,
+) -> tuple[Correction, Jump]:
     """Jump from θ, the last accepted point before ``fold`` (``points``: its stability history),
     to a minimum on another branch just past the fold, with the process constraint re-imposed
     (see the module docstring); (where it landed, with the relaxation's and the corrector's
@@ -173,15 +193,22 @@ def jump_past(fold: Fold, points: tuple[StabilityPoint, ...], theta: Tensor, lin
     relaxed = polish(linear_solve, start, controls, grad_tol=grad_tol)
     if not relaxed.converged:
         raise refuse(f"the relaxation at fixed controls reached |grad J| = {relaxed.grad_norm:.3e} > {grad_tol:g}")
-    lambda_min = float(linear_solve.smallest_eigenpairs(
-        relaxed.theta, controls, count=min(REFINED_COUNT, relaxed.theta.numel()),
-        iterations=10 * max(eigen_iterations, 1)).values[0])
+    lambda_min = float(
+        linear_solve.smallest_eigenpairs(
+            relaxed.theta,
+            controls,
+            count=min(REFINED_COUNT, relaxed.theta.numel()),
+            iterations=10 * max(eigen_iterations, 1),
+        ).values[0]
+    )
     if not lambda_min > 0:
         raise refuse(f"the relaxation ended on a saddle (lambda_min = {lambda_min:.3e})")
     moved = float(torch.linalg.vector_norm(relaxed.theta - theta))
     if moved <= grad_tol / lambda_min:  # within what the tolerance alone lets θ move: the same minimum
-        raise refuse(f"the relaxation returned to the branch it left (|dtheta| = {moved:.3e} <= grad_tol / "
-                     f"lambda_min = {grad_tol / lambda_min:.3e}): the steps did not collapse at a fold")
+        raise refuse(
+            f"the relaxation returned to the branch it left (|dtheta| = {moved:.3e} <= grad_tol / "
+            f"lambda_min = {grad_tol / lambda_min:.3e}): the steps did not collapse at a fold"
+        )
     with torch.no_grad():
         before, after = float(objective.value(theta, controls)), float(objective.value(relaxed.theta, controls))
     dissipation = before - after
@@ -193,16 +220,29 @@ def jump_past(fold: Fold, points: tuple[StabilityPoint, ...], theta: Tensor, lin
         linear_solve.forget("tangent", "newton")
         if not equilibrium_tangents(objective, relaxed.theta, controls, linear_solve, tol=1e-2).solve.converged:
             raise refuse("the tangent solve on the new branch did not converge")
-        correction = corrector.correct(linear_solve, relaxed.theta, controls, process, target, grad_tol=grad_tol,
-                                       drift_tol=drift_tol)
+        correction = corrector.correct(
+            linear_solve, relaxed.theta, controls, process, target, grad_tol=grad_tol, drift_tol=drift_tol
+        )
         if not correction.converged:  # once more from where it stalled (fresh damping and stall count)
-            again = corrector.correct(linear_solve, correction.theta, correction.controls, process, target,
-                                      grad_tol=grad_tol, drift_tol=drift_tol)
-            correction = replace(again, iterations=correction.iterations + again.iterations,
-                                 cg_iterations=correction.cg_iterations + again.cg_iterations)
+            again = corrector.correct(
+                linear_solve,
+                correction.theta,
+                correction.controls,
+                process,
+                target,
+                grad_tol=grad_tol,
+                drift_tol=drift_tol,
+            )
+            correction = replace(
+                again,
+                iterations=correction.iterations + again.iterations,
+                cg_iterations=correction.cg_iterations + again.cg_iterations,
+            )
         if not correction.converged:
-            raise refuse(f"the constraint could not be re-imposed on the new branch (|grad J| = "
-                         f"{correction.grad_norm:.3e}, |g - g0| = {correction.constraint_error:.3e})")
+            raise refuse(
+                f"the constraint could not be re-imposed on the new branch (|grad J| = "
+                f"{correction.grad_norm:.3e}, |g - g0| = {correction.constraint_error:.3e})"
+            )
         landed = replace(correction, iterations=relaxed.iterations + correction.iterations)
     distance = float(torch.linalg.vector_norm(landed.theta - theta))
     return landed, Jump(fold, s_past, distance, dissipation, lambda_min)

@@ -59,9 +59,18 @@ class PolishResult:
     converged: bool
 
 
-def polish(linear_solve: LinearSolve, theta: Tensor, controls: Controls, *, grad_tol: float = 1e-6,
-           switch_tol: float = 1e-1, rounds: int = 6, max_iter: int = 20_000, newton_iterations: int = 30,
-           progress: bool = False) -> PolishResult:
+def polish(
+    linear_solve: LinearSolve,
+    theta: Tensor,
+    controls: Controls,
+    *,
+    grad_tol: float = 1e-6,
+    switch_tol: float = 1e-1,
+    rounds: int = 6,
+    max_iter: int = 20_000,
+    newton_iterations: int = 30,
+    progress: bool = False,
+) -> PolishResult:
     """Minimize J(·; λ, γ, t) of ``linear_solve.objective`` from θ until ‖∇θJ‖ ≤ grad_tol:
     L-BFGS down to ``switch_tol``, then at most ``rounds`` rounds of whitened L-BFGS, then Newton
     (at most ``newton_iterations``); ``max_iter`` bounds the L-BFGS iterations of all phases."""
@@ -81,8 +90,9 @@ def polish(linear_solve: LinearSolve, theta: Tensor, controls: Controls, *, grad
         if norm <= grad_tol or iterations >= max_iter:
             break
         whiten = linear_solve.whitening(like, controls).apply_inverse_sqrt
-        like, reached, used = _lbfgs(objective, controls, like, whiten, max(grad_tol, 1e-3 * norm),
-                                     max_iter - iterations, bar)
+        like, reached, used = _lbfgs(
+            objective, controls, like, whiten, max(grad_tol, 1e-3 * norm), max_iter - iterations, bar
+        )
         iterations += used
         stalled, norm = reached > 0.5 * norm, reached
         if stalled:
@@ -90,16 +100,25 @@ def polish(linear_solve: LinearSolve, theta: Tensor, controls: Controls, *, grad
     bar.close()
     if norm <= grad_tol:
         return PolishResult(like, before, norm, iterations, True)
-    finish = NewtonCorrector(grad_tol=grad_tol, max_iter=newton_iterations).correct(linear_solve, like, controls,
-                                                                                    None, None)
+    finish = NewtonCorrector(grad_tol=grad_tol, max_iter=newton_iterations).correct(
+        linear_solve, like, controls, None, None
+    )
     return PolishResult(finish.theta, before, finish.grad_norm, iterations + finish.iterations, finish.converged)
 
 
-def _lbfgs(objective, controls: Controls, theta: Tensor, whiten: Callable[[Tensor], Tensor] | None, goal: float,
-           max_iter: int, bar: tqdm) -> tuple[Tensor, float, int]:
+def _lbfgs(
+    objective,
+    controls: Controls,
+    theta: Tensor,
+    whiten: Callable[[Tensor], Tensor] | None,
+    goal: float,
+    max_iter: int,
+    bar: tqdm,
+) -> tuple[Tensor, float, int]:
     """L-BFGS-B on J(θ + S u) in u from u = 0, S = ``whiten`` (symmetric) or I, until ‖∇θJ‖ ≤ goal;
     (θ reached, its ‖∇θJ‖, iterations). Restarted with a fresh memory after an early line-search
     stop while restarts still reduce ‖∇θJ‖ by 10 %."""
+
     def to_theta(u: np.ndarray) -> Tensor:
         step = torch.as_tensor(np.asarray(u), dtype=theta.dtype).to(theta.device)
         return theta + (step if whiten is None else whiten(step[:, None])[:, 0])
@@ -121,8 +140,14 @@ def _lbfgs(objective, controls: Controls, theta: Tensor, whiten: Callable[[Tenso
 
     u, iterations, best = np.zeros(theta.numel()), 0, float("inf")
     while iterations < max_iter:
-        result = minimize(value_and_gradient, u, jac=True, method="L-BFGS-B", callback=stop_when_close,
-                          options={"maxiter": max_iter - iterations, "maxcor": 30, "gtol": 0.0, "ftol": 0.0})
+        result = minimize(
+            value_and_gradient,
+            u,
+            jac=True,
+            method="L-BFGS-B",
+            callback=stop_when_close,
+            options={"maxiter": max_iter - iterations, "maxcor": 30, "gtol": 0.0, "ftol": 0.0},
+        )
         iterations += max(int(result.nit), 1)
         u, reached = result.x, last[0]
         if reached <= goal or reached >= 0.9 * best:
@@ -138,4 +163,5 @@ def require_equilibrium(result: PolishResult, grad_tol: float) -> None:
         raise NotOnSurfaceError(
             f"the starting model must reach equilibrium |grad J| <= {grad_tol:g} before a process starts, got "
             f"{result.grad_norm:.3e} after {result.iterations} L-BFGS and Newton iterations (from "
-            f"{result.grad_norm_before:.3e}); equilibrate longer or raise --grad-tol")
+            f"{result.grad_norm_before:.3e}); equilibrate longer or raise --grad-tol"
+        )

@@ -51,7 +51,8 @@ class StepControl:
                 f"the step size fell below {self.min_step:g} at s={s:.6g} (lambda={controls.lam:.6g}, "
                 f"gamma={controls.gamma:.6g}, t={controls.t:.6g}): {failure}; a step that keeps shrinking usually "
                 "means the equilibrium branch ends or branches here (a fold or bifurcation of the surface, "
-                "where the Hessian of J becomes singular)")
+                "where the Hessian of J becomes singular)"
+            )
         return h
 
     def next(self, h: float, corrector_iterations: int, rejected: int, adapts: bool) -> float:

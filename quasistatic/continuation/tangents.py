@@ -71,14 +71,23 @@ class Tangents:
         # F = R + λD + γC + σS: dF/ds = ∂_sF + ∇θJ·θ_s, with ∂_λF = D, ∂_γF = C (the envelope
         # theorem at equilibrium gives D = ∂F/∂λ and C = ∂F/∂γ).
         weights = torch.tensor([1.0, c.lam, c.gamma], dtype=rdc.dtype, device=rdc.device)
-        f_row = (weights @ rdc + self.entropy_rates
-                 + torch.stack([self.values[1], self.values[2], torch.zeros_like(self.values[0])]))
+        f_row = (
+            weights @ rdc
+            + self.entropy_rates
+            + torch.stack([self.values[1], self.values[2], torch.zeros_like(self.values[0])])
+        )
         return Sensitivities(torch.cat([rdc, f_row.unsqueeze(0)]).detach(), self.values.detach())
 
 
-def equilibrium_tangents(objective: Objective, theta: Tensor, controls: Controls,
-                         linear_solve: LinearSolve | None = None, *, tol: float = 1e-8,
-                         damping: float = 0.0) -> Tangents:
+def equilibrium_tangents(
+    objective: Objective,
+    theta: Tensor,
+    controls: Controls,
+    linear_solve: LinearSolve | None = None,
+    *,
+    tol: float = 1e-8,
+    damping: float = 0.0,
+) -> Tangents:
     """θ_λ, θ_γ, θ_t at (θ, λ, γ, t) from one solve of (A + μI) X = −[∇D, ∇C, ∂_t∇J] (eqs. 18, 25)
     to relative residual ``tol``, through ``linear_solve`` (the run's: its preconditioner and its
     warm start of the last tangents; a fresh default one when None)."""

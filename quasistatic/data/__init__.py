@@ -7,5 +7,13 @@ from .registry import DATASETS, available_datasets, load_dataset, register_datas
 from .subsets import parse_classes
 from .mixture import DataMixture  # last: written separately, needs only .base
 
-__all__ = ["LabeledData", "DataSplit", "DATASETS", "load_dataset", "register_dataset", "available_datasets",
-           "parse_classes", "DataMixture"]
+__all__ = [
+    "LabeledData",
+    "DataSplit",
+    "DATASETS",
+    "load_dataset",
+    "register_dataset",
+    "available_datasets",
+    "parse_classes",
+    "DataMixture",
+]

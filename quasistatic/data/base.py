@@ -43,8 +43,9 @@ class LabeledData:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LabeledData":
         """A copy with x on ``device`` in ``dtype`` (labels stay int64)."""
-        return LabeledData(self.x.to(device=device, dtype=dtype), self.y.to(device=device),
-                           self.num_classes, self.class_names)
+        return LabeledData(
+            self.x.to(device=device, dtype=dtype), self.y.to(device=device), self.num_classes, self.class_names
+        )
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,15 @@ _BATCH_FORMAT = "a pickled dict with b'data' (N x 3072 uint8) and b'labels' (N l
 class _BatchUnpickler(pickle.Unpickler):
     """Unpickles dicts, lists and numpy arrays only, so a batch file cannot run code."""
 
-    _ALLOWED = {("_codecs", "encode"), ("numpy", "ndarray"), ("numpy", "dtype"),
-                ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+    _ALLOWED = {
+        ("_codecs", "encode"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+    }
 
     def find_class(self, module: str, name: str) -> object:
         if (module, name) not in self._ALLOWED:
@@ -61,8 +67,11 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise bad_value(f"CIFAR-10 batch {path}", _BATCH_FORMAT, f"data {data.dtype} of shape {data.shape}")
     if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
-        raise bad_value(f"CIFAR-10 batch {path}", _BATCH_FORMAT,
-                        f"{len(data)} images but labels {labels.dtype} of shape {labels.shape}")
+        raise bad_value(
+            f"CIFAR-10 batch {path}",
+            _BATCH_FORMAT,
+            f"{len(data)} images but labels {labels.dtype} of shape {labels.shape}",
+        )
     if labels.size and not 0 <= labels.min() <= labels.max() < 10:
         raise bad_value(f"CIFAR-10 batch {path}", _BATCH_FORMAT, f"labels in {labels.min()}..{labels.max()}")
     return data, labels.astype(np.int64)
@@ -85,14 +94,16 @@ def _extract(archive: Path, data_dir: Path) -> Path:
     batch directory appears in one rename, so an interrupted extraction leaves nothing behind.
     """
     try:
-        with tarfile.open(archive, "r:gz") as tar, \
-                tempfile.TemporaryDirectory(dir=data_dir, prefix=".cifar10-") as tmp:
+        with tarfile.open(archive, "r:gz") as tar, tempfile.TemporaryDirectory(dir=data_dir, prefix=".cifar10-") as tmp:
             members = tar.getmembers()
             for member in members:
                 path = PurePosixPath(member.name)
                 if path.is_absolute() or ".." in path.parts or not (member.isfile() or member.isdir()):
-                    raise bad_value(f"member of {archive}",
-                                    "a file or directory with a relative path inside the archive", member.name)
+                    raise bad_value(
+                        f"member of {archive}",
+                        "a file or directory with a relative path inside the archive",
+                        member.name,
+                    )
             for member in filter(tarfile.TarInfo.isfile, members):
                 target = Path(tmp, *PurePosixPath(member.name).parts)
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -101,8 +112,11 @@ def _extract(archive: Path, data_dir: Path) -> Path:
                 with src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst)
             if not (Path(tmp) / BATCH_DIR).is_dir():
-                raise bad_value(f"archive {archive}", f"a tar.gz holding {BATCH_DIR}/",
-                                sorted({PurePosixPath(m.name).parts[0] for m in members}))
+                raise bad_value(
+                    f"archive {archive}",
+                    f"a tar.gz holding {BATCH_DIR}/",
+                    sorted({PurePosixPath(m.name).parts[0] for m in members}),
+                )
             (Path(tmp) / BATCH_DIR).rename(data_dir / BATCH_DIR)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
         raise bad_value(f"archive {archive}", "a readable tar.gz", str(err)) from err
@@ -120,8 +134,12 @@ def _batch_dir(data_dir: Path, download: bool, mirrors: Sequence[str], timeout: 
     if archive.is_file():
         return _extract(archive, data_dir)
     state = "a directory without them" if data_dir.is_dir() else "no such directory"
-    raise bad_value(f"cifar10 data_dir {data_dir}", f"a directory with {', '.join(TRAIN_BATCHES)} (directly or "
-                    f"in {BATCH_DIR}/) or {ARCHIVE}, or download=True to fetch it", state)
+    raise bad_value(
+        f"cifar10 data_dir {data_dir}",
+        f"a directory with {', '.join(TRAIN_BATCHES)} (directly or "
+        f"in {BATCH_DIR}/) or {ARCHIVE}, or download=True to fetch it",
+        state,
+    )
 
 
 def _standardize(data: LabeledData, mean: torch.Tensor, std: torch.Tensor) -> LabeledData:
@@ -129,9 +147,15 @@ def _standardize(data: LabeledData, mean: torch.Tensor, std: torch.Tensor) -> La
     return LabeledData((data.x - mean) / std, data.y, data.num_classes, data.class_names)
 
 
-def load_cifar10(data_dir: Path | str | None, *, download: bool = False, seed: int = 0,
-                 val_fraction: float = 0.2, mirrors: Sequence[str] = MIRRORS,
-                 timeout: float = 60.0) -> DataSplit:
+def load_cifar10(
+    data_dir: Path | str | None,
+    *,
+    download: bool = False,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    mirrors: Sequence[str] = MIRRORS,
+    timeout: float = 60.0,
+) -> DataSplit:
     """CIFAR-10 as a seeded, stratified train/val split of the five training batches.
 
     x: (n, 3, 32, 32) float32, standardized per channel with the train split's mean and standard
@@ -141,8 +165,9 @@ def load_cifar10(data_dir: Path | str | None, *, download: bool = False, seed: i
     if data_dir is None:
         raise bad_value("cifar10 data_dir", "a directory for the batches (download=True fetches them)", None)
     pixels, labels = read_batches(_batch_dir(Path(data_dir), download, mirrors, timeout))
-    data = LabeledData(torch.from_numpy(pixels.astype(np.float32) / 255.0), torch.from_numpy(labels),
-                       10, CIFAR10_CLASSES)
+    data = LabeledData(
+        torch.from_numpy(pixels.astype(np.float32) / 255.0), torch.from_numpy(labels), 10, CIFAR10_CLASSES
+    )
     train, val = train_val_split(data, val_fraction, seed)
     mean = train.x.mean(dim=(0, 2, 3), keepdim=True)  # (1, 3, 1, 1)
     std = train.x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-8)

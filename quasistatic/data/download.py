@@ -42,8 +42,9 @@ def _fetch(url: str, target: Path, timeout: float) -> None:
     with urllib.request.urlopen(url, timeout=timeout) as response, open(target, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0) or None
         received = 0
-        with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1],
-                  leave=False, disable=None) as bar:  # disable=None: only on a terminal
+        with tqdm(
+            total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], leave=False, disable=None
+        ) as bar:  # disable=None: only on a terminal
             for chunk in iter(lambda: response.read(_CHUNK), b""):
                 out.write(chunk)
                 received += len(chunk)
@@ -52,8 +53,7 @@ def _fetch(url: str, target: Path, timeout: float) -> None:
             raise OSError(f"connection closed after {received} of {total} bytes")
 
 
-def download(filename: str, dest_dir: Path, *, mirrors: Sequence[str], sha256: str,
-             timeout: float = 60.0) -> Path:
+def download(filename: str, dest_dir: Path, *, mirrors: Sequence[str], sha256: str, timeout: float = 60.0) -> Path:
     """Download ``filename`` into ``dest_dir`` from the first mirror that serves it; its path.
 
     Each mirror is a base URL (``http://`` or ``https://``) to which ``filename`` is appended.

@@ -43,8 +43,7 @@ def read_idx(path: Path, magic: int, item_shape: tuple[int, ...] = ()) -> np.nda
     raw = _read_bytes(path)
     header_size = 4 * (2 + len(item_shape))
     if len(raw) < header_size:
-        raise bad_value(f"size of IDX file {path}", f"at least the {header_size}-byte header",
-                        f"{len(raw)} bytes")
+        raise bad_value(f"size of IDX file {path}", f"at least the {header_size}-byte header", f"{len(raw)} bytes")
     found_magic, count, *dims = np.frombuffer(raw, dtype=">i4", count=header_size // 4).tolist()
     if found_magic != magic:
         raise bad_value(f"magic number of {path}", str(magic), found_magic)
@@ -52,8 +51,9 @@ def read_idx(path: Path, magic: int, item_shape: tuple[int, ...] = ()) -> np.nda
         raise bad_value(f"item shape in the header of {path}", str(item_shape), tuple(dims))
     expected = header_size + count * int(np.prod(item_shape))
     if len(raw) != expected:
-        raise bad_value(f"size of IDX file {path}",
-                        f"{expected} bytes (header + {count} items of shape {item_shape})", len(raw))
+        raise bad_value(
+            f"size of IDX file {path}", f"{expected} bytes (header + {count} items of shape {item_shape})", len(raw)
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(count, *item_shape)
 
 
@@ -62,7 +62,8 @@ def read_idx_pair(images_path: Path, labels_path: Path, size: tuple[int, int] = 
     images = read_idx(images_path, IMAGES_MAGIC, size)
     labels = read_idx(labels_path, LABELS_MAGIC)
     if len(labels) != len(images):
-        raise bad_value(f"label count in {labels_path}", f"{len(images)}, the image count in {images_path}",
-                        len(labels))
+        raise bad_value(
+            f"label count in {labels_path}", f"{len(images)}, the image count in {images_path}", len(labels)
+        )
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)  # (n, 1, h, w)
     return x, torch.from_numpy(labels.astype(np.int64))

@@ -38,11 +38,13 @@ class DataMixture:
 
     def __post_init__(self) -> None:
         if self.source.num_classes != self.target.num_classes:
-            raise bad_value("target num_classes", f"equal to the source's ({self.source.num_classes})",
-                            self.target.num_classes)
+            raise bad_value(
+                "target num_classes", f"equal to the source's ({self.source.num_classes})", self.target.num_classes
+            )
         if self.source.input_shape != self.target.input_shape:
-            raise bad_value("target input shape", f"equal to the source's {self.source.input_shape}",
-                            self.target.input_shape)
+            raise bad_value(
+                "target input shape", f"equal to the source's {self.source.input_shape}", self.target.input_shape
+            )
 
     @overload
     def mix(self, source_value: Tensor, target_value: Tensor, t: float | Tensor) -> Tensor: ...

@@ -52,9 +52,15 @@ def _locate(data_dir: Path, split: str) -> list[Path | None]:
     return found
 
 
-def load_mnist(data_dir: Path | str | None, *, download: bool = False, seed: int = 0,
-               val_fraction: float = 0.2, mirrors: Sequence[str] = MIRRORS,
-               timeout: float = 60.0) -> DataSplit:
+def load_mnist(
+    data_dir: Path | str | None,
+    *,
+    download: bool = False,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    mirrors: Sequence[str] = MIRRORS,
+    timeout: float = 60.0,
+) -> DataSplit:
     """MNIST as a seeded, stratified train/val split of the training files in ``data_dir``.
 
     x: (n, 1, 28, 28) float32, pixels / 255 in [0, 1]; y: (n,) int64 in 0..9. With download=True,
@@ -66,23 +72,33 @@ def load_mnist(data_dir: Path | str | None, *, download: bool = False, seed: int
     data_dir = Path(data_dir)
     files = _locate(data_dir, "train")
     if download and None in files:
-        files = [path or download_file(stem + ".gz", data_dir, mirrors=mirrors, sha256=SHA256[stem + ".gz"],
-                                       timeout=timeout)
-                 for stem, path in zip(_stems("train"), files)]
+        files = [
+            path or download_file(stem + ".gz", data_dir, mirrors=mirrors, sha256=SHA256[stem + ".gz"], timeout=timeout)
+            for stem, path in zip(_stems("train"), files)
+        ]
     if any(files) and not all(files):
         present = next(path for path in files if path is not None)
-        raise bad_value(f"mnist data_dir {data_dir}", f"a directory with both {' and '.join(_stems('train'))}"
-                        " (.gz or raw), or download=True", f"only {present.name}")
+        raise bad_value(
+            f"mnist data_dir {data_dir}",
+            f"a directory with both {' and '.join(_stems('train'))} (.gz or raw), or download=True",
+            f"only {present.name}",
+        )
     if not all(files):
         files = _locate(data_dir, "t10k")
         if not all(files):
             state = "a directory without them" if data_dir.is_dir() else "no such directory"
-            raise bad_value(f"mnist data_dir {data_dir}",
-                            f"a directory with {' and '.join(_stems('train'))} (.gz or raw; or the "
-                            f"{' and '.join(_stems('t10k'))} test split only), or download=True to fetch them",
-                            state)
-        warnings.warn(f"only the MNIST test split (t10k) is in {data_dir}: train and val are both "
-                      "split from it, and no held-out test split remains", UserWarning, stacklevel=2)
+            raise bad_value(
+                f"mnist data_dir {data_dir}",
+                f"a directory with {' and '.join(_stems('train'))} (.gz or raw; or the "
+                f"{' and '.join(_stems('t10k'))} test split only), or download=True to fetch them",
+                state,
+            )
+        warnings.warn(
+            f"only the MNIST test split (t10k) is in {data_dir}: train and val are both "
+            "split from it, and no held-out test split remains",
+            UserWarning,
+            stacklevel=2,
+        )
     images, labels = files
     assert images is not None and labels is not None  # all(files) above
     x, y = read_idx_pair(images, labels)

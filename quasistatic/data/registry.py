@@ -20,8 +20,7 @@ __all__ = ["Loader", "DATASETS", "available_datasets", "load_dataset", "register
 class Loader(Protocol):
     """Loads one data set as a seeded train/val split of its training pool (all classes)."""
 
-    def __call__(self, data_dir: Path | None, *, download: bool, seed: int, val_fraction: float) -> DataSplit:
-        ...
+    def __call__(self, data_dir: Path | None, *, download: bool, seed: int, val_fraction: float) -> DataSplit: ...
 
 
 DATASETS: Registry[DataSplit] = Registry("dataset")  # name -> Loader
@@ -40,9 +39,16 @@ def available_datasets() -> list[str]:
     return DATASETS.available()
 
 
-def load_dataset(name: str, *, data_dir: Path | str | None = None, classes: str | Sequence[int] | None = None,
-                 relabel: bool = False, seed: int = 0, val_fraction: float = 0.2,
-                 download: bool = False) -> DataSplit:
+def load_dataset(
+    name: str,
+    *,
+    data_dir: Path | str | None = None,
+    classes: str | Sequence[int] | None = None,
+    relabel: bool = False,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    download: bool = False,
+) -> DataSplit:
     """The seeded, stratified train/val split of data set ``name``, restricted to ``classes``.
 
     The split is made over all classes first, so that class subsets of one data set (e.g. "0-4"
@@ -51,13 +57,19 @@ def load_dataset(name: str, *, data_dir: Path | str | None = None, classes: str 
     """
     loader = DATASETS.get(name)
     check_split_args(seed, val_fraction)  # before a possibly long load or download
-    split = loader(None if data_dir is None else Path(data_dir).expanduser(), download=download, seed=seed,
-                   val_fraction=val_fraction)
+    split = loader(
+        None if data_dir is None else Path(data_dir).expanduser(),
+        download=download,
+        seed=seed,
+        val_fraction=val_fraction,
+    )
     if classes is None:
         if relabel:
-            warnings.warn("relabel=True without classes changes nothing: all labels are kept",
-                          UserWarning, stacklevel=2)
+            warnings.warn(
+                "relabel=True without classes changes nothing: all labels are kept", UserWarning, stacklevel=2
+            )
         return split
     chosen = parse_classes(classes, name, split.train.num_classes)
-    return DataSplit(select_classes(split.train, chosen, relabel), select_classes(split.val, chosen, relabel),
-                     split.name)
+    return DataSplit(
+        select_classes(split.train, chosen, relabel), select_classes(split.val, chosen, relabel), split.name
+    )

@@ -17,11 +17,9 @@ from sklearn.model_selection import train_test_split
 from ..errors import bad_value
 from .base import LabeledData
 
-__all__ = ["CIFAR10_CLASSES", "NAMED_CLASSES", "check_split_args", "parse_classes", "select_classes",
-           "train_val_split"]
+__all__ = ["CIFAR10_CLASSES", "NAMED_CLASSES", "check_split_args", "parse_classes", "select_classes", "train_val_split"]
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 # Class names a spec may use, per data set: each name stands for a tuple of labels.
 NAMED_CLASSES: dict[str, dict[str, tuple[int, ...]]] = {
@@ -52,13 +50,16 @@ def train_val_split(data: LabeledData, val_fraction: float, seed: int) -> tuple[
     check_split_args(seed, val_fraction)
     labels = data.y.numpy()
     try:
-        train_idx, val_idx = train_test_split(np.arange(len(data)), test_size=val_fraction,
-                                              stratify=labels, random_state=seed)
+        train_idx, val_idx = train_test_split(
+            np.arange(len(data)), test_size=val_fraction, stratify=labels, random_state=seed
+        )
     except ValueError as err:  # a class too small to appear in both parts
-        raise bad_value("val_fraction", f"such that each class of the {len(data)} examples appears in "
-                        f"both train and val ({err})", val_fraction) from err
-    return (data.subset(torch.from_numpy(np.sort(train_idx))),
-            data.subset(torch.from_numpy(np.sort(val_idx))))
+        raise bad_value(
+            "val_fraction",
+            f"such that each class of the {len(data)} examples appears in both train and val ({err})",
+            val_fraction,
+        ) from err
+    return (data.subset(torch.from_numpy(np.sort(train_idx))), data.subset(torch.from_numpy(np.sort(val_idx))))
 
 
 def _accepted_forms(dataset: str, num_classes: int) -> str:
@@ -129,5 +130,4 @@ def select_classes(data: LabeledData, classes: Sequence[int], relabel: bool) -> 
         return kept
     new_label = torch.zeros(data.num_classes, dtype=torch.int64)
     new_label[wanted] = torch.arange(len(classes))
-    return LabeledData(kept.x, new_label[kept.y], len(classes),
-                       tuple(data.class_names[c] for c in classes))
+    return LabeledData(kept.x, new_label[kept.y], len(classes), tuple(data.class_names[c] for c in classes))

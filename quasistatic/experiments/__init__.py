@@ -8,10 +8,32 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .plots import plot_columns, plot_hysteresis
 from .rundir import CsvLog, RunDirectory
 from .trajectory import TrajectoryRecorder, plot_trajectory
-from .transfer import (TRANSFER_PROCESSES, TransferData, TransferObjectives, make_transfer_process, plot_transfer,
-                       train_baseline, transfer_data)
+from .transfer import (
+    TRANSFER_PROCESSES,
+    TransferData,
+    TransferObjectives,
+    make_transfer_process,
+    plot_transfer,
+    train_baseline,
+    transfer_data,
+)
 
-__all__ = ["RunDirectory", "CsvLog", "Checkpoint", "load_checkpoint", "save_checkpoint", "TrajectoryRecorder",
-           "plot_trajectory", "FiniteDifferenceEquilibration", "TransferData", "TransferObjectives",
-           "TRANSFER_PROCESSES", "make_transfer_process", "transfer_data", "train_baseline", "plot_transfer",
-           "plot_columns", "plot_hysteresis"]
+__all__ = [
+    "RunDirectory",
+    "CsvLog",
+    "Checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+    "TrajectoryRecorder",
+    "plot_trajectory",
+    "FiniteDifferenceEquilibration",
+    "TransferData",
+    "TransferObjectives",
+    "TRANSFER_PROCESSES",
+    "make_transfer_process",
+    "transfer_data",
+    "train_baseline",
+    "plot_transfer",
+    "plot_columns",
+    "plot_hysteresis",
+]

@@ -29,8 +29,16 @@ class FiniteDifferenceEquilibration:
     """``steps`` Euler steps over s ∈ [0, 1]; finite-difference step ``fd_step`` in each control;
     ``epochs`` of equilibration (η(s) schedule) after every change of the controls."""
 
-    def __init__(self, objective: Objective, process: Process, steps: int = 10, fd_step: float = 1e-2,
-                 epochs: int = 10, batch_size: int = 32, seed: int = 0) -> None:
+    def __init__(
+        self,
+        objective: Objective,
+        process: Process,
+        steps: int = 10,
+        fd_step: float = 1e-2,
+        epochs: int = 10,
+        batch_size: int = 32,
+        seed: int = 0,
+    ) -> None:
         if steps < 1:
             raise bad_value("steps", "an integer >= 1", steps)
         if not fd_step > 0:
@@ -67,8 +75,9 @@ class FiniteDifferenceEquilibration:
             lam_dot, gamma_dot, t_dot = self.process.control_velocity(state.s, c, sensitivities)
             controls = Controls(c.lam + h * lam_dot, c.gamma + h * gamma_dot, min(max(c.t + h * t_dot, 0.0), 1.0))
             correction = self.relax.correct(self.linear_solve, state.theta, controls, self.process, None)
-            state = EngineState(correction.theta, controls, s=state.s + h, step=state.step + 1, h=h,
-                                target=state.target)
+            state = EngineState(
+                correction.theta, controls, s=state.s + h, step=state.step + 1, h=h, target=state.target
+            )
             if on_step is not None:
                 on_step(StepReport(state, correction, 0, 0))
         return state

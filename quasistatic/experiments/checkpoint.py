@@ -30,12 +30,21 @@ class Checkpoint(dict):
         return Controls(**self["controls"])
 
 
-def save_checkpoint(path: Path, model: RepresentationModel, controls: Controls, data: dict[str, Any],
-                    **extra: Any) -> None:
+def save_checkpoint(
+    path: Path, model: RepresentationModel, controls: Controls, data: dict[str, Any], **extra: Any
+) -> None:
     """Write atomically: the model's config and parameters, the controls, the data description."""
-    atomic_save({"format": FORMAT, "model_config": model.config.to_dict(),
-                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                 "controls": controls.to_dict(), "data": data, **extra}, path)
+    atomic_save(
+        {
+            "format": FORMAT,
+            "model_config": model.config.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "controls": controls.to_dict(),
+            "data": data,
+            **extra,
+        },
+        path,
+    )
 
 
 def load_checkpoint(path: str | Path, expect: ModelConfig | None = None) -> Checkpoint:
@@ -46,11 +55,13 @@ def load_checkpoint(path: str | Path, expect: ModelConfig | None = None) -> Chec
     try:
         data = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises several unrelated types for a corrupt file
-        raise InputError(f"checkpoint must be a quasistatic checkpoint, got unreadable {str(path)!r} "
-                         f"({error})") from error
+        raise InputError(
+            f"checkpoint must be a quasistatic checkpoint, got unreadable {str(path)!r} ({error})"
+        ) from error
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise bad_value("checkpoint format", FORMAT,
-                        data.get("format") if isinstance(data, dict) else type(data).__name__)
+        raise bad_value(
+            "checkpoint format", FORMAT, data.get("format") if isinstance(data, dict) else type(data).__name__
+        )
     if expect is not None:
         saved = ModelConfig(**data["model_config"]).to_dict()
         for key, value in expect.to_dict().items():

@@ -23,8 +23,14 @@ def new_figure(figsize: tuple[float, float]) -> Figure:
     return fig
 
 
-def plot_columns(rows: Sequence[Mapping[str, str | float]], x: str, panels: Sequence[Sequence[str]],
-                 path: Path, title: str = "", log_scale: Sequence[str] = ("grad_norm",)) -> Path:
+def plot_columns(
+    rows: Sequence[Mapping[str, str | float]],
+    x: str,
+    panels: Sequence[Sequence[str]],
+    path: Path,
+    title: str = "",
+    log_scale: Sequence[str] = ("grad_norm",),
+) -> Path:
     """One panel per group of columns in ``panels``, each plotted against column ``x``; a panel
     holding a column of ``log_scale`` gets a logarithmic y axis."""
     fig = new_figure((4 * len(panels), 3.2))
@@ -41,8 +47,9 @@ def plot_columns(rows: Sequence[Mapping[str, str | float]], x: str, panels: Sequ
     return save_figure(fig, path, title)
 
 
-def plot_hysteresis(sweeps: Sequence[tuple[str, Sequence[Mapping[str, str | float]]]], path: Path,
-                    title: str = "") -> Path:
+def plot_hysteresis(
+    sweeps: Sequence[tuple[str, Sequence[Mapping[str, str | float]]]], path: Path, title: str = ""
+) -> Path:
     """The sweeps of a loop (label, rows) on one figure: the R–D plane, the (λ, γ) path and λ–λ_min,
     rows with event ``jump`` or ``fold`` marked with a cross."""
     panels = (("D", "R"), ("lam", "gamma"), ("lam", "lambda_min"))
@@ -54,10 +61,16 @@ def plot_hysteresis(sweeps: Sequence[tuple[str, Sequence[Mapping[str, str | floa
 
     for label, rows in sweeps:
         for ax, (x, y) in zip(axes[0], panels):
-            line, = ax.plot([value(r, x) for r in rows], [value(r, y) for r in rows], marker=".", label=label)
+            (line,) = ax.plot([value(r, x) for r in rows], [value(r, y) for r in rows], marker=".", label=label)
             marked = [r for r in rows if r.get("event") in ("jump", "fold")]
-            ax.plot([value(r, x) for r in marked], [value(r, y) for r in marked], "x", color=line.get_color(),
-                    markersize=10, label=f"{label}: jumps and folds" if marked else None)
+            ax.plot(
+                [value(r, x) for r in marked],
+                [value(r, y) for r in marked],
+                "x",
+                color=line.get_color(),
+                markersize=10,
+                label=f"{label}: jumps and folds" if marked else None,
+            )
             ax.set_xlabel(x)
             ax.set_ylabel(y)
     for ax in axes[0]:

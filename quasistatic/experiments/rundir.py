@@ -77,8 +77,10 @@ class RunDirectory:
         if resume and not (self.path / "config.json").exists():
             raise InputError(f"--resume needs an earlier run in --out, got {str(self.path)!r} without config.json")
         if exists and not (overwrite or resume):
-            raise InputError(f"--out must be a new or empty directory (or pass --overwrite or --resume), "
-                             f"got the existing {str(self.path)!r}")
+            raise InputError(
+                f"--out must be a new or empty directory (or pass --overwrite or --resume), "
+                f"got the existing {str(self.path)!r}"
+            )
 
     def prepare(self) -> None:
         """Create (or, with overwrite, empty) the directory."""

@@ -42,7 +42,14 @@ from .baselines import FiniteDifferenceEquilibration
 from .checkpoint import load_checkpoint, save_checkpoint
 from ..continuation.correctors import Corrector, make_corrector
 from ..data import DATASETS, DataSplit, LabeledData, load_dataset
-from ..continuation.engine import EngineConfig, EngineState, FoldError, QuasiStaticEngine, StepSizeError, first_law_residual
+from ..continuation.engine import (
+    EngineConfig,
+    EngineState,
+    FoldError,
+    QuasiStaticEngine,
+    StepSizeError,
+    first_law_residual,
+)
 from ..continuation.equilibrate import DivergenceError, EquilibrationConfig, equilibrate
 from ..errors import InputError, bad_value, choice_error
 from ..integrators import Integrator, make_integrator
@@ -56,10 +63,30 @@ from .rundir import RunDirectory
 from .trajectory import STATE_FILE, TrajectoryRecorder, numeric, plot_trajectory
 from ..work import WorkCounter
 
-__all__ = ["CONFIG_FILE", "DTYPES", "METHODS", "RESUME_IGNORES", "DataConfig", "FollowConfig", "ProcessConfig",
-           "Run", "RunConfig", "StartConfig", "follow", "import_modules", "model_for_data", "module_names",
-           "run_process", "split_objectives", "starting_model", "stop_message", "torch_device", "torch_dtype",
-           "trajectory_summary", "versions"]
+__all__ = [
+    "CONFIG_FILE",
+    "DTYPES",
+    "METHODS",
+    "RESUME_IGNORES",
+    "DataConfig",
+    "FollowConfig",
+    "ProcessConfig",
+    "Run",
+    "RunConfig",
+    "StartConfig",
+    "follow",
+    "import_modules",
+    "model_for_data",
+    "module_names",
+    "run_process",
+    "split_objectives",
+    "starting_model",
+    "stop_message",
+    "torch_device",
+    "torch_dtype",
+    "trajectory_summary",
+    "versions",
+]
 
 CONFIG_FILE = "config.json"
 RECORD = "record"  # config.json's key for what the run found, beside the RunConfig's keys
@@ -88,8 +115,15 @@ class DataConfig:
 
     def load(self, seed: int = 0) -> DataSplit:
         """The seeded, stratified train/val split (:func:`quasistatic.load_dataset`)."""
-        return load_dataset(self.dataset, data_dir=self.data_dir, classes=self.classes, relabel=self.relabel,
-                            seed=seed, val_fraction=self.val_fraction, download=self.download)
+        return load_dataset(
+            self.dataset,
+            data_dir=self.data_dir,
+            classes=self.classes,
+            relabel=self.relabel,
+            seed=seed,
+            val_fraction=self.val_fraction,
+            download=self.download,
+        )
 
 
 @dataclass(frozen=True)
@@ -125,8 +159,9 @@ class ProcessConfig:
         PROCESSES.get(self.name)  # an unknown name raises, listing the registered ones
         object.__setattr__(self, "params", dict(self.params))
         if self.return_sweep and self.params.get("lam_end") is None:
-            raise bad_value("--return", "given with --lam-end (the return sweep drives lambda back to --lam)",
-                            self.params)
+            raise bad_value(
+                "--return", "given with --lam-end (the return sweep drives lambda back to --lam)", self.params
+            )
 
     def make(self, start: Controls, **overrides: Any) -> Process:
         """The process started at ``start``; ``overrides`` replace parameters (the return sweep's lam_end)."""
@@ -156,8 +191,9 @@ class FollowConfig:
         self.make_integrator()  # an unknown name or option raises, naming the accepted ones
         self.make_corrector()
         for name in sorted({"grad_tol", "drift_tol"} & set(self.corrector_options)):  # the engine's replace them
-            warnings.warn(f"--corrector-option {name} is unused: --{name.replace('_', '-')} sets it", UserWarning,
-                          stacklevel=3)
+            warnings.warn(
+                f"--corrector-option {name} is unused: --{name.replace('_', '-')} sets it", UserWarning, stacklevel=3
+            )
         if self.method not in METHODS:
             raise choice_error("method", METHODS, self.method)
 
@@ -238,8 +274,12 @@ def _from_mapping(kind: type[_Config], data: Any, where: str) -> _Config:
     if not set(required) <= set(data):
         raise bad_value(where, f"a mapping with the keys {{{', '.join(required)}}}", sorted(data))
     hints = typing.get_type_hints(kind)
-    return kind(**{key: _from_mapping(hints[key], value, f"{where} {key}") if is_dataclass(hints[key]) else value
-                   for key, value in data.items()})
+    return kind(
+        **{
+            key: _from_mapping(hints[key], value, f"{where} {key}") if is_dataclass(hints[key]) else value
+            for key, value in data.items()
+        }
+    )
 
 
 def module_names(names: Iterable[str]) -> tuple[str, ...]:
@@ -264,8 +304,9 @@ def torch_device(name: str) -> torch.device:
     """The device named ``name``: "cpu", or "cuda" where CUDA is available."""
     accepted = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     if name not in accepted:
-        raise choice_error("device" + ("" if torch.cuda.is_available() else " (CUDA is not available here)"),
-                           accepted, name)
+        raise choice_error(
+            "device" + ("" if torch.cuda.is_available() else " (CUDA is not available here)"), accepted, name
+        )
     return torch.device(name)
 
 
@@ -281,8 +322,15 @@ def versions() -> dict[str, str]:
     import numpy
     import scipy
     import sklearn
-    return {"quasistatic": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": numpy.__version__, "scipy": scipy.__version__, "scikit-learn": sklearn.__version__}
+
+    return {
+        "quasistatic": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
 
 
 def model_for_data(model: ModelConfig, data: LabeledData) -> ModelConfig:
@@ -290,17 +338,28 @@ def model_for_data(model: ModelConfig, data: LabeledData) -> ModelConfig:
     return replace(model, input_shape=data.input_shape, num_classes=data.num_classes)
 
 
-def split_objectives(model: RepresentationModel, split: DataSplit, *, samples: int = 1, sigma: float = 0.0,
-                     seed: int = 0) -> tuple[Objective, Objective]:
+def split_objectives(
+    model: RepresentationModel, split: DataSplit, *, samples: int = 1, sigma: float = 0.0, seed: int = 0
+) -> tuple[Objective, Objective]:
     """J on the training split (noise seed ``seed``) and on the validation split (its own, seed + 1000)."""
-    return (Objective(model, split.train, samples=samples, noise_seed=seed, sigma=sigma),
-            Objective(model, split.val, samples=samples, noise_seed=seed + 1000, sigma=sigma))
+    return (
+        Objective(model, split.train, samples=samples, noise_seed=seed, sigma=sigma),
+        Objective(model, split.val, samples=samples, noise_seed=seed + 1000, sigma=sigma),
+    )
 
 
-def starting_model(start: StartConfig, model: ModelConfig, run: RunDirectory,
-                   objective_of: Callable[[RepresentationModel], Objective], *, linear_solve: LinearSolveConfig,
-                   seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64,
-                   progress: bool = True) -> RepresentationModel:
+def starting_model(
+    start: StartConfig,
+    model: ModelConfig,
+    run: RunDirectory,
+    objective_of: Callable[[RepresentationModel], Objective],
+    *,
+    linear_solve: LinearSolveConfig,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float64,
+    progress: bool = True,
+) -> RepresentationModel:
     """The model a process starts from, on ``device`` in ``dtype``: the run's own start.pt when it
     resumes, ``start.checkpoint`` (its controls must be the start's), or a fresh model of ``model``
     trained with ``start.equilibration`` on ``objective_of(model)`` at the start's controls (in
@@ -312,8 +371,10 @@ def starting_model(start: StartConfig, model: ModelConfig, run: RunDirectory,
         checkpoint = load_checkpoint(start.checkpoint, expect=model)
         saved = checkpoint.controls
         if (saved.lam, saved.gamma) != (controls.lam, controls.gamma):
-            raise InputError(f"--lam and --gamma must equal the checkpoint's controls "
-                             f"({saved.lam:g}, {saved.gamma:g}), got ({controls.lam:g}, {controls.gamma:g})")
+            raise InputError(
+                f"--lam and --gamma must equal the checkpoint's controls "
+                f"({saved.lam:g}, {saved.gamma:g}), got ({controls.lam:g}, {controls.gamma:g})"
+            )
         return checkpoint.model(device, dtype)
     fresh = build_model(model, seed=seed).to(device)  # Adam in float32, on the device
     linear_solve.resolved(sum(p.numel() for p in fresh.parameters()))  # refused before the training
@@ -321,9 +382,17 @@ def starting_model(start: StartConfig, model: ModelConfig, run: RunDirectory,
     return fresh.to(dtype=dtype)
 
 
-def follow(process: Process, objective: Objective, recorder: TrajectoryRecorder, config: FollowConfig, *,
-           seed: int = 0, batch_size: int = 32, start: Tensor | None = None,
-           progress: bool = True) -> StopError | None:
+def follow(
+    process: Process,
+    objective: Objective,
+    recorder: TrajectoryRecorder,
+    config: FollowConfig,
+    *,
+    seed: int = 0,
+    batch_size: int = 32,
+    start: Tensor | None = None,
+    progress: bool = True,
+) -> StopError | None:
     """Polish ``start`` (default: the model's parameters) onto the surface at ``process.start``
     (unless ``recorder``'s run directory resumes: then from its last state), then follow
     ``process`` to s = 1 by ``config.method``, recording every step. None when s = 1 was reached;
@@ -331,8 +400,9 @@ def follow(process: Process, objective: Objective, recorder: TrajectoryRecorder,
     ``seed`` and ``batch_size``: fd-equilibration's minibatches."""
     controls = process.start
     linear_solve = LinearSolve(objective, config.linear_solve)
-    engine = QuasiStaticEngine(objective, process, config.make_integrator(), config.make_corrector(), config.engine,
-                               linear_solve)
+    engine = QuasiStaticEngine(
+        objective, process, config.make_integrator(), config.make_corrector(), config.engine, linear_solve
+    )
     recorder.linear_solve = linear_solve
     state = recorder.restore() if recorder.run.resume else None
     if state is None:
@@ -341,9 +411,19 @@ def follow(process: Process, objective: Objective, recorder: TrajectoryRecorder,
         require_equilibrium(polished, config.engine.grad_tol)
         state = engine.start(polished.theta, controls)
         recorder.record(state)
-    stepper = engine if config.method == "engine" else FiniteDifferenceEquilibration(
-        objective, process, steps=config.engine.steps, fd_step=config.fd_step, epochs=config.fd_epochs,
-        batch_size=batch_size, seed=seed)
+    stepper = (
+        engine
+        if config.method == "engine"
+        else FiniteDifferenceEquilibration(
+            objective,
+            process,
+            steps=config.engine.steps,
+            fd_step=config.fd_step,
+            epochs=config.fd_epochs,
+            batch_size=batch_size,
+            seed=seed,
+        )
+    )
     try:
         stepper.run(state, recorder.on_step)
     except (StepSizeError, DivergenceError) as error:
@@ -375,15 +455,19 @@ def trajectory_summary(rows: list[dict[str, str]], sigma: float, process: Proces
         edges = [0, *jumps, len(values)]
         laws = [first_law_residual(values[a:b], sigma) for a, b in zip(edges[:-1], edges[1:]) if b - a > 1]
         worst = max((residual / delta_r for residual, delta_r in laws if delta_r > 0), default=0.0)
-        law = (f"first law on each of {len(laws)} continuous stretches <= {worst:.3e} of its |dR|, "
-               f"{len(jumps)} jump(s) past folds dissipating {sum(values[i]['dissipation'] for i in jumps):.6g} "
-               "(J before - J after)")
+        law = (
+            f"first law on each of {len(laws)} continuous stretches <= {worst:.3e} of its |dR|, "
+            f"{len(jumps)} jump(s) past folds dissipating {sum(values[i]['dissipation'] for i in jumps):.6g} "
+            "(J before - J after)"
+        )
     else:
         residual, delta_r = first_law_residual(values, sigma)
         law = f"first law |dR + lam dD + gamma dC + sigma dS| = {residual:.3e} of |dR| = {delta_r:.3e}"
-    return (f"{len(rows) - 1} steps, max |g - g0|/g0 = {drift:.3e} for g = {name}, {law}, "
-            f"grad_norm {values[0]['grad_norm']:.2e} -> {values[-1]['grad_norm']:.2e}, "
-            f"{values[-1]['grad_evals']:.0f} gradient-equivalents, {values[-1]['wall_s']:.0f} s")
+    return (
+        f"{len(rows) - 1} steps, max |g - g0|/g0 = {drift:.3e} for g = {name}, {law}, "
+        f"grad_norm {values[0]['grad_norm']:.2e} -> {values[-1]['grad_norm']:.2e}, "
+        f"{values[-1]['grad_evals']:.0f} gradient-equivalents, {values[-1]['wall_s']:.0f} s"
+    )
 
 
 @dataclass
@@ -443,8 +527,12 @@ def _check_resumable(run: RunDirectory, config: RunConfig) -> None:
     :data:`RESUME_IGNORES` (and its ``record``) must equal ``config``'s."""
     saved = run.read_json(CONFIG_FILE)
     if not {"data", "model", "start", "process", "follow"} <= set(saved):
-        raise bad_value(f"--resume's {run.file(CONFIG_FILE)}", "a RunConfig with the sections data, model, start, "
-                        "process, follow (a process run's, written by run_process)", sorted(saved))
+        raise bad_value(
+            f"--resume's {run.file(CONFIG_FILE)}",
+            "a RunConfig with the sections data, model, start, "
+            "process, follow (a process run's, written by run_process)",
+            sorted(saved),
+        )
     new = _flatten(json.loads(json.dumps(config.to_dict(), default=str)))
     old = _flatten({key: value for key, value in saved.items() if key != RECORD})
     for key in sorted(new.keys() | old.keys()):
@@ -478,8 +566,10 @@ def run_process(config: RunConfig, *, resume: bool | None = None, progress: bool
     controls = config.start.controls
     process = config.process.make(controls)
     if process.uses_mixture:
-        raise InputError(f"process {config.process.name!r} must run on a source/target mixture, got the single "
-                         f"data set {config.data.dataset!r} (use the transfer command)")
+        raise InputError(
+            f"process {config.process.name!r} must run on a source/target mixture, got the single "
+            f"data set {config.data.dataset!r} (use the transfer command)"
+        )
     config.follow.check(process)
     run = RunDirectory(config.out, overwrite=config.overwrite, resume=config.resume)
     split = config.data.load(config.seed)
@@ -490,16 +580,32 @@ def run_process(config: RunConfig, *, resume: bool | None = None, progress: bool
     def objectives(model: RepresentationModel) -> tuple[Objective, Objective]:
         return split_objectives(model, split, samples=config.samples, sigma=config.sigma, seed=config.seed)
 
-    model = starting_model(config.start, config.model, run, lambda m: objectives(m)[0],
-                           linear_solve=config.follow.linear_solve, seed=config.seed, device=device, dtype=dtype,
-                           progress=progress)
+    model = starting_model(
+        config.start,
+        config.model,
+        run,
+        lambda m: objectives(m)[0],
+        linear_solve=config.follow.linear_solve,
+        seed=config.seed,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+    )
     train, val = objectives(model)
     run.prepare()
     if not config.resume:
-        run.write_json(CONFIG_FILE, {**config.to_dict(), RECORD: {
-            "process": process.describe(), "data": {"name": split.name, "train": len(split.train),
-                                                    "val": len(split.val)},
-            "versions": versions(), "threads": torch.get_num_threads()}})
+        run.write_json(
+            CONFIG_FILE,
+            {
+                **config.to_dict(),
+                RECORD: {
+                    "process": process.describe(),
+                    "data": {"name": split.name, "train": len(split.train), "val": len(split.val)},
+                    "versions": versions(),
+                    "threads": torch.get_num_threads(),
+                },
+            },
+        )
         save_checkpoint(run.file("start.pt"), model, controls, {"dataset": split.name, "classes": config.data.classes})
     method = config.follow
     how = f"engine, {method.integrator}/{method.corrector}" if method.method == "engine" else method.method
@@ -512,11 +618,26 @@ def run_process(config: RunConfig, *, resume: bool | None = None, progress: bool
     return result
 
 
-def _follow_run(config: RunConfig, process: Process, train: Objective, recorder: TrajectoryRecorder, *,
-                start: Tensor | None = None, progress: bool) -> StopError | None:
+def _follow_run(
+    config: RunConfig,
+    process: Process,
+    train: Objective,
+    recorder: TrajectoryRecorder,
+    *,
+    start: Tensor | None = None,
+    progress: bool,
+) -> StopError | None:
     """:func:`follow` with the run's settings."""
-    return follow(process, train, recorder, config.follow, seed=config.seed,
-                  batch_size=config.start.equilibration.batch_size, start=start, progress=progress)
+    return follow(
+        process,
+        train,
+        recorder,
+        config.follow,
+        seed=config.seed,
+        batch_size=config.start.equilibration.batch_size,
+        start=start,
+        progress=progress,
+    )
 
 
 def _return_sweep(forward: Run, train: Objective, val: Objective, progress: bool) -> None:
@@ -533,10 +654,11 @@ def _return_sweep(forward: Run, train: Objective, val: Objective, progress: bool
     if not resume:
         sweep.write_json(CONFIG_FILE, {"return_of": str(forward.directory), "process": back.describe()})
         train.work = WorkCounter()  # the return sweep's rows count its own work (a resumed one restores it)
-    error = _follow_run(config, back, train, TrajectoryRecorder(sweep, train, val), start=end.theta,
-                        progress=progress)
+    error = _follow_run(config, back, train, TrajectoryRecorder(sweep, train, val), start=end.theta, progress=progress)
     forward.returned = Run(config, back, path, f"{config.process.name} return", error)
     if error is None:
         forward.hysteresis = plot_hysteresis(
             [("forward", forward.trajectory), ("return", forward.returned.trajectory)],
-            forward.directory / "hysteresis.png", f"{config.process.name}: {forward._loop_name()}")
+            forward.directory / "hysteresis.png",
+            f"{config.process.name}: {forward._loop_name()}",
+        )

@@ -22,10 +22,34 @@ from .rundir import CsvLog, RunDirectory, atomic_save
 
 __all__ = ["TRAJECTORY_COLUMNS", "TARGET_COLUMNS", "TrajectoryRecorder", "numeric", "plot_trajectory"]
 
-TRAJECTORY_COLUMNS = ("step", "s", "lam", "gamma", "t", "R", "D", "C", "F", "val_C", "val_acc", "grad_norm",
-                      "cg_iters", "grad_evals", "wall_s", "S", "corrector_iters", "rejected_steps", "h",
-                      "precond_builds", "unconverged_solves", "lambda_min", "negative_eigenvalues", "event",
-                      "jump_distance", "dissipation")
+TRAJECTORY_COLUMNS = (
+    "step",
+    "s",
+    "lam",
+    "gamma",
+    "t",
+    "R",
+    "D",
+    "C",
+    "F",
+    "val_C",
+    "val_acc",
+    "grad_norm",
+    "cg_iters",
+    "grad_evals",
+    "wall_s",
+    "S",
+    "corrector_iters",
+    "rejected_steps",
+    "h",
+    "precond_builds",
+    "unconverged_solves",
+    "lambda_min",
+    "negative_eigenvalues",
+    "event",
+    "jump_distance",
+    "dissipation",
+)
 TEXT_COLUMNS = ("event",)  # the columns that are not numbers
 TARGET_COLUMNS = ("target_val_C", "target_val_acc")  # with ``target_val``: C and accuracy on the target alone
 STATE_FILE = "state.pt"
@@ -40,8 +64,9 @@ class TrajectoryRecorder:
     recorded in the columns ``TARGET_COLUMNS`` whatever the mixture time t of the row.
     """
 
-    def __init__(self, run: RunDirectory, train: Objective, val: Objective | None,
-                 target_val: Objective | None = None) -> None:
+    def __init__(
+        self, run: RunDirectory, train: Objective, val: Objective | None, target_val: Objective | None = None
+    ) -> None:
         self.run, self.train, self.val, self.target_val = run, train, val, target_val
         columns = TRAJECTORY_COLUMNS + (TARGET_COLUMNS if target_val is not None else ())
         self.log = CsvLog(run.file("trajectory.csv"), columns)
@@ -50,8 +75,15 @@ class TrajectoryRecorder:
         self.extra: dict | None = None  # after ``restore``: what the last ``record`` saved with the state
         self.linear_solve: LinearSolve | None = None  # the run's: its statistics go into every row
 
-    def row(self, state: EngineState, cg_iters: int = 0, corrector_iters: int = 0, rejected: int = 0,
-            jump: Jump | None = None, fold: Fold | None = None) -> dict:
+    def row(
+        self,
+        state: EngineState,
+        cg_iters: int = 0,
+        corrector_iters: int = 0,
+        rejected: int = 0,
+        jump: Jump | None = None,
+        fold: Fold | None = None,
+    ) -> dict:
         """Measurements at ``state`` (bookkeeping: not counted as the method's work)."""
         with self.train.work.paused():
             measured = measure(self.train, state.theta, state.controls, self.val)
@@ -63,16 +95,27 @@ class TrajectoryRecorder:
         lambda_min = point.lambda_min if point is not None else math.nan
         negative = point.negative if point is not None and point.negative is not None else ""
         unstable = (point is not None and (point.negative or 0) > 0) or lambda_min < 0
-        return {"step": state.step, "s": state.s, "lam": c.lam, "gamma": c.gamma, "t": c.t, **measured,
-                "cg_iters": cg_iters, "corrector_iters": corrector_iters, "rejected_steps": rejected, "h": state.h,
-                "grad_evals": self.train.work.gradient_equivalents,
-                "precond_builds": self.linear_solve.stats.builds if self.linear_solve else 0,
-                "unconverged_solves": self.linear_solve.stats.unconverged if self.linear_solve else 0,
-                "lambda_min": lambda_min, "negative_eigenvalues": negative,
-                "event": "jump" if jump is not None else "fold" if fold is not None else "unstable" if unstable else "",
-                "jump_distance": jump.distance if jump is not None else "",
-                "dissipation": jump.dissipation if jump is not None else "",
-                "wall_s": self.wall_before + time.perf_counter() - self.started}
+        return {
+            "step": state.step,
+            "s": state.s,
+            "lam": c.lam,
+            "gamma": c.gamma,
+            "t": c.t,
+            **measured,
+            "cg_iters": cg_iters,
+            "corrector_iters": corrector_iters,
+            "rejected_steps": rejected,
+            "h": state.h,
+            "grad_evals": self.train.work.gradient_equivalents,
+            "precond_builds": self.linear_solve.stats.builds if self.linear_solve else 0,
+            "unconverged_solves": self.linear_solve.stats.unconverged if self.linear_solve else 0,
+            "lambda_min": lambda_min,
+            "negative_eigenvalues": negative,
+            "event": "jump" if jump is not None else "fold" if fold is not None else "unstable" if unstable else "",
+            "jump_distance": jump.distance if jump is not None else "",
+            "dissipation": jump.dissipation if jump is not None else "",
+            "wall_s": self.wall_before + time.perf_counter() - self.started,
+        }
 
     def record(self, state: EngineState, extra: dict | None = None, **counts: Any) -> dict:
         """Append the row of ``state`` and save the state (with ``extra``, e.g. an optimizer's state,
@@ -80,9 +123,16 @@ class TrajectoryRecorder:
         row = self.row(state, **counts)
         self.log.append(row)
         solves = self.linear_solve.checkpoint() if self.linear_solve else None
-        atomic_save({"state": state, "work": self.train.work.snapshot(), "wall_s": row["wall_s"], "extra": extra,
-                     "solves": solves},
-                    self.run.file(STATE_FILE))
+        atomic_save(
+            {
+                "state": state,
+                "work": self.train.work.snapshot(),
+                "wall_s": row["wall_s"],
+                "extra": extra,
+                "solves": solves,
+            },
+            self.run.file(STATE_FILE),
+        )
         return row
 
     def on_step(self, report: StepReport) -> None:
@@ -92,21 +142,43 @@ class TrajectoryRecorder:
         if report.jump is not None:
             path = self.run.file("jumps.json")
             jumps = json.loads(path.read_text()) if path.exists() else []
-            self.run.write_json("jumps.json", [*jumps[:sum(j["s"] < report.jump.s for j in jumps)],
-                                               report.jump.to_dict()])
-            logger.info("%s; jumped to s=%.6g: |dtheta| = %.3g, dissipated J %.6g", report.jump.fold.describe(),
-                        report.jump.s, report.jump.distance, report.jump.dissipation)
+            self.run.write_json(
+                "jumps.json", [*jumps[: sum(j["s"] < report.jump.s for j in jumps)], report.jump.to_dict()]
+            )
+            logger.info(
+                "%s; jumped to s=%.6g: |dtheta| = %.3g, dissipated J %.6g",
+                report.jump.fold.describe(),
+                report.jump.s,
+                report.jump.distance,
+                report.jump.dissipation,
+            )
         if report.fold is not None:
             path = self.run.file("folds.json")
             folds = json.loads(path.read_text()) if path.exists() else []
-            self.run.write_json("folds.json", [*(f for f in folds if f["step"] < report.state.step),
-                                               {"step": report.state.step, **report.fold.to_dict()}])
+            self.run.write_json(
+                "folds.json",
+                [
+                    *(f for f in folds if f["step"] < report.state.step),
+                    {"step": report.state.step, **report.fold.to_dict()},
+                ],
+            )
             fold = report.fold
-            logger.info("arclength continuation turned at a fold: lambda=%.8g, gamma=%.8g, t=%.6g, s=%.8g +- %.1e",
-                        fold.lam, fold.gamma, fold.t, fold.s, fold.uncertainty)
-        self.record(report.state, cg_iters=report.tangent_cg_iterations + report.correction.cg_iterations,
-                    corrector_iters=report.correction.iterations, rejected=report.rejected, jump=report.jump,
-                    fold=report.fold)
+            logger.info(
+                "arclength continuation turned at a fold: lambda=%.8g, gamma=%.8g, t=%.6g, s=%.8g +- %.1e",
+                fold.lam,
+                fold.gamma,
+                fold.t,
+                fold.s,
+                fold.uncertainty,
+            )
+        self.record(
+            report.state,
+            cg_iters=report.tangent_cg_iterations + report.correction.cg_iterations,
+            corrector_iters=report.correction.iterations,
+            rejected=report.rejected,
+            jump=report.jump,
+            fold=report.fold,
+        )
 
     def restore(self) -> EngineState | None:
         """The state after the last recorded step (rows after it dropped), or None."""
@@ -134,9 +206,13 @@ def plot_trajectory(rows: list[dict[str, str]], directory: Path, title: str) -> 
     paths = [
         plot_columns(rows, "D", [("R",)], directory / "rate_distortion.png", title=f"{title}: R–D curve"),
         plot_columns(rows, "lam", [("gamma",)], directory / "controls.png", title=f"{title}: (λ, γ) path"),
-        plot_columns(rows, "step", [("C", "val_C"), ("val_acc",), ("grad_norm",)], directory / "classification.png",
-                     title=f"{title}: classification loss and accuracy"),
+        plot_columns(
+            rows,
+            "step",
+            [("C", "val_C"), ("val_acc",), ("grad_norm",)],
+            directory / "classification.png",
+            title=f"{title}: classification loss and accuracy",
+        ),
         plot_columns(rows, "step", [("F",)], directory / "free_energy.png", title=f"{title}: free energy"),
     ]
     return paths
-

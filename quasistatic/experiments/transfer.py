@@ -36,9 +36,20 @@ from ..processes import ConstantLambdaRate, GeodesicTransfer, IsoClassificationT
 from ..registry import Registry
 from .trajectory import TrajectoryRecorder, numeric
 
-__all__ = ["BASELINES", "LABEL_MODES", "TRANSFER_PROCESSES", "TransferData", "TransferObjectives",
-           "first_per_class", "make_transfer_process", "plot_baseline", "plot_transfer", "train_baseline",
-           "transfer_data", "transfer_parameter"]
+__all__ = [
+    "BASELINES",
+    "LABEL_MODES",
+    "TRANSFER_PROCESSES",
+    "TransferData",
+    "TransferObjectives",
+    "first_per_class",
+    "make_transfer_process",
+    "plot_baseline",
+    "plot_transfer",
+    "train_baseline",
+    "transfer_data",
+    "transfer_parameter",
+]
 
 LABEL_MODES = ("shared", "separate")
 BASELINES = ("finetune", "scratch")
@@ -82,14 +93,25 @@ class TransferData:
 
     def describe(self) -> dict:
         """What config.json records of the tasks."""
-        return {"source_classes": list(self.source_classes), "target_classes": list(self.target_classes),
-                "labels": self.labels, "num_classes": self.num_classes,
-                "sizes": {role: {"train": len(split.train), "val": len(split.val)}
-                          for role, split in (("source", self.source), ("target", self.target))}}
+        return {
+            "source_classes": list(self.source_classes),
+            "target_classes": list(self.target_classes),
+            "labels": self.labels,
+            "num_classes": self.num_classes,
+            "sizes": {
+                role: {"train": len(split.train), "val": len(split.val)}
+                for role, split in (("source", self.source), ("target", self.target))
+            },
+        }
 
 
-def transfer_data(split: DataSplit, source: str | Sequence[int], target: str | Sequence[int],
-                  labels: str = "shared", max_per_class: int | None = None) -> TransferData:
+def transfer_data(
+    split: DataSplit,
+    source: str | Sequence[int],
+    target: str | Sequence[int],
+    labels: str = "shared",
+    max_per_class: int | None = None,
+) -> TransferData:
     """The source and target tasks of ``split`` (one seeded partition of one data set).
 
     ``source`` and ``target`` are class specs (see :func:`quasistatic.data.parse_classes`, e.g.
@@ -107,11 +129,16 @@ def transfer_data(split: DataSplit, source: str | Sequence[int], target: str | S
     target_classes = _classes("target", target, split.name, n)
     shared = sorted(set(source_classes) & set(target_classes))
     if shared:
-        raise bad_value("target classes", f"disjoint from the source classes {list(source_classes)} "
-                        f"(both hold {shared})", target)
+        raise bad_value(
+            "target classes", f"disjoint from the source classes {list(source_classes)} (both hold {shared})", target
+        )
     if labels == "separate" and len(target_classes) != len(source_classes):
-        raise bad_value("target classes", f"as many as the source's {len(source_classes)} with labels 'separate' "
-                        f"(one {len(source_classes)}-way head for both)", target)
+        raise bad_value(
+            "target classes",
+            f"as many as the source's {len(source_classes)} with labels 'separate' "
+            f"(one {len(source_classes)}-way head for both)",
+            target,
+        )
     tasks = []
     for role, classes, spec in (("source", source_classes, source), ("target", target_classes, target)):
         parts = []
@@ -122,8 +149,9 @@ def transfer_data(split: DataSplit, source: str | Sequence[int], target: str | S
             present = set(select_classes(data, classes, relabel=False).y.tolist())
             missing = [c for c in classes if c not in present]
             if missing:
-                raise bad_value(f"{role} classes", f"classes with {part} examples in {split.name} "
-                                f"(none for {missing})", spec)
+                raise bad_value(
+                    f"{role} classes", f"classes with {part} examples in {split.name} (none for {missing})", spec
+                )
             parts.append(subset)
         tasks.append(DataSplit(parts[0], parts[1], split.name))
     return TransferData(tasks[0], tasks[1], source_classes, target_classes, labels)
@@ -138,8 +166,9 @@ class TransferObjectives:
     source and J under p(x, 1) is J on the target, to the last bit.
     """
 
-    def __init__(self, model: RepresentationModel, data: TransferData, samples: int = 1, seed: int = 0,
-                 sigma: float = 0.0) -> None:
+    def __init__(
+        self, model: RepresentationModel, data: TransferData, samples: int = 1, seed: int = 0, sigma: float = 0.0
+    ) -> None:
         self.model, self.data, self.samples, self.seed, self.sigma = model, data, samples, seed, sigma
 
     def _objective(self, data: LabeledData | DataMixture, noise_seed: int) -> Objective:
@@ -207,9 +236,16 @@ def make_transfer_process(method: str, start: Controls, value: float | None = No
     return TRANSFER_PROCESSES.make(method, start, **({} if value is None or own is None else {own: value}), **params)
 
 
-def train_baseline(objective: Objective, controls: Controls, config: EquilibrationConfig,
-                   recorder: TrajectoryRecorder, *, seed: int = 0, resume: bool = False,
-                   progress: bool = True) -> EngineState:
+def train_baseline(
+    objective: Objective,
+    controls: Controls,
+    config: EquilibrationConfig,
+    recorder: TrajectoryRecorder,
+    *,
+    seed: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+) -> EngineState:
     """A transfer baseline: Adam on J(θ; λ, γ) on the target data (``objective``) from
     ``objective.model`` as it is — the source model (finetune) or a fresh one (scratch).
 
@@ -226,13 +262,22 @@ def train_baseline(objective: Objective, controls: Controls, config: Equilibrati
     last = [state]
 
     def on_epoch(epoch: int, row: dict[str, float], optimizer: dict) -> None:
-        new = EngineState(objective.initial_theta(), controls, s=(epoch + 1) / config.epochs, step=epoch + 1,
-                          h=1 / config.epochs)
+        new = EngineState(
+            objective.initial_theta(), controls, s=(epoch + 1) / config.epochs, step=epoch + 1, h=1 / config.epochs
+        )
         last[0] = new
         recorder.record(new, extra={"optimizer": optimizer})
 
-    equilibrate(objective, controls, config, seed=seed, start_epoch=start_epoch, optimizer_state=optimizer_state,
-                on_epoch=on_epoch, progress=progress)
+    equilibrate(
+        objective,
+        controls,
+        config,
+        seed=seed,
+        start_epoch=start_epoch,
+        optimizer_state=optimizer_state,
+        on_epoch=on_epoch,
+        progress=progress,
+    )
     final = last[0]
     assert final is not None  # an epoch ran, or the resumed state is the last one's
     return final
@@ -249,8 +294,11 @@ def plot_transfer(directory: Path, title: str = "") -> Path | None:
     (c) validation accuracy on the target over the transfer, with finetune's curve and scratch's
     final accuracy as a point. The x axis is the progress s ∈ [0, 1]: s = t for a transfer,
     epoch / epochs for a baseline. Returns the PNG's path, or None when no run has rows yet."""
-    runs = {method: _read_rows(directory / method / "trajectory.csv")
-            for method in (*TRANSFER_PROCESSES, *BASELINES) if (directory / method / "trajectory.csv").exists()}
+    runs = {
+        method: _read_rows(directory / method / "trajectory.csv")
+        for method in (*TRANSFER_PROCESSES, *BASELINES)
+        if (directory / method / "trajectory.csv").exists()
+    }
     runs = {method: rows for method, rows in runs.items() if rows}
     if not runs:
         return None
@@ -266,9 +314,11 @@ def plot_transfer(directory: Path, title: str = "") -> Path | None:
             rd.plot([row["D"] for row in rows], [row["R"] for row in rows], marker=".", label=method)
         loss.plot(s, [row["target_val_C"] for row in rows], marker=".", label=method)
         acc.plot(s, [row["target_val_acc"] for row in rows], marker=".", label=method)
-    labels = (("D", "R", "(a) rate–distortion during the transfer"),
-              ("progress s", "target val C", "(b) validation loss (target)"),
-              ("progress s", "target val accuracy", "(c) validation accuracy (target)"))
+    labels = (
+        ("D", "R", "(a) rate–distortion during the transfer"),
+        ("progress s", "target val C", "(b) validation loss (target)"),
+        ("progress s", "target val accuracy", "(c) validation accuracy (target)"),
+    )
     for ax, (x, y, name) in zip((rd, loss, acc), labels):
         ax.set(xlabel=x, ylabel=y, title=name)
         ax.grid(alpha=0.3)
@@ -279,5 +329,10 @@ def plot_transfer(directory: Path, title: str = "") -> Path | None:
 
 def plot_baseline(rows: list[dict[str, str]], directory: Path, title: str) -> Path:
     """One baseline run per epoch: R and D, C on the training and validation sets, accuracies."""
-    return plot_columns(rows, "step", [("R", "D"), ("C", "val_C", "target_val_C"), ("val_acc", "target_val_acc")],
-                        directory / "curves.png", title=title)
+    return plot_columns(
+        rows,
+        "step",
+        [("R", "D"), ("C", "val_C", "target_val_C"), ("val_acc", "target_val_acc")],
+        directory / "curves.png",
+        title=title,
+    )

@@ -5,5 +5,17 @@ from . import adaptive, runge_kutta  # noqa: F401  (register the built-in integr
 from .base import INTEGRATORS, Integrator, VectorField, available_integrators, make_integrator, register_integrator
 from .runge_kutta import RK4, Euler, ExplicitRungeKutta, Hermite, Heun, Secant
 
-__all__ = ["Integrator", "VectorField", "ExplicitRungeKutta", "Euler", "Heun", "RK4", "Secant", "Hermite",
-           "INTEGRATORS", "available_integrators", "make_integrator", "register_integrator"]
+__all__ = [
+    "Integrator",
+    "VectorField",
+    "ExplicitRungeKutta",
+    "Euler",
+    "Heun",
+    "RK4",
+    "Secant",
+    "Hermite",
+    "INTEGRATORS",
+    "available_integrators",
+    "make_integrator",
+    "register_integrator",
+]

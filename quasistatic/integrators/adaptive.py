@@ -31,8 +31,15 @@ class TorchdiffeqIntegrator(Integrator):
         span = torch.tensor([s, s + h], dtype=y.dtype, device=y.device)
         # first_step=h: without it torchdiffeq guesses a first step from scratch at every call,
         # which on the short spans the engine asks for costs accuracy (dopri5: 1e-6 -> 1e-9 error).
-        return odeint(lambda s_, y_: field(float(s_), y_), y, span, method=self.method,
-                      rtol=self.rtol, atol=self.atol, options={"first_step": h})[-1]
+        return odeint(
+            lambda s_, y_: field(float(s_), y_),
+            y,
+            span,
+            method=self.method,
+            rtol=self.rtol,
+            atol=self.atol,
+            options={"first_step": h},
+        )[-1]
 
 
 def _torchdiffeq_method(method: str, order: int) -> type[TorchdiffeqIntegrator]:

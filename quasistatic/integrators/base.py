@@ -16,8 +16,14 @@ from torch import Tensor
 
 from ..registry import Registry
 
-__all__ = ["VectorField", "Integrator", "INTEGRATORS", "register_integrator", "available_integrators",
-           "make_integrator"]
+__all__ = [
+    "VectorField",
+    "Integrator",
+    "INTEGRATORS",
+    "register_integrator",
+    "available_integrators",
+    "make_integrator",
+]
 
 VectorField = Callable[[float, Tensor], Tensor]
 
@@ -37,8 +43,9 @@ class Integrator(ABC):
         it): the field, by default. ``previous`` is the last accepted (s, y), or None."""
         return field(s, y)
 
-    def predict(self, field: VectorField, s: float, y: Tensor, h: float,
-                previous: tuple[float, Tensor] | None) -> Tensor:
+    def predict(
+        self, field: VectorField, s: float, y: Tensor, h: float, previous: tuple[float, Tensor] | None
+    ) -> Tensor:
         """The engine's predictor step: :meth:`step`, by default; a method that extrapolates from
         the last accepted point (``previous``) overrides it."""
         return self.step(field, s, y, h)

@@ -78,8 +78,9 @@ class Secant(Euler):
         s_previous, y_previous = previous
         return (y - y_previous) / (s - s_previous)
 
-    def predict(self, field: VectorField, s: float, y: Tensor, h: float,
-                previous: tuple[float, Tensor] | None) -> Tensor:
+    def predict(
+        self, field: VectorField, s: float, y: Tensor, h: float, previous: tuple[float, Tensor] | None
+    ) -> Tensor:
         return y + h * self.slope(field, s, y, previous)
 
 
@@ -93,8 +94,9 @@ class Hermite(Euler):
     corrector starts O(h³) from the surface instead of O(h²). Without a previous point, an Euler
     step."""
 
-    def predict(self, field: VectorField, s: float, y: Tensor, h: float,
-                previous: tuple[float, Tensor] | None) -> Tensor:
+    def predict(
+        self, field: VectorField, s: float, y: Tensor, h: float, previous: tuple[float, Tensor] | None
+    ) -> Tensor:
         slope = field(s, y)
         if previous is None:
             return y + h * slope

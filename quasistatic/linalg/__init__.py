@@ -6,9 +6,29 @@ from . import deflation, kfac  # noqa: F401  (register the "deflation" and "kfac
 from .krylov import SOLVERS, SolveResult, available_solvers, register_solver, solve
 from .linear_solve import LinearSolve, LinearSolveConfig, SolveStats
 from .operators import OPERATORS, CurvatureOperator, dense_hessian
-from .preconditioners import (PRECONDITIONERS, Preconditioner, available_preconditioners, make_preconditioner,
-                              register_preconditioner)
+from .preconditioners import (
+    PRECONDITIONERS,
+    Preconditioner,
+    available_preconditioners,
+    make_preconditioner,
+    register_preconditioner,
+)
 
-__all__ = ["CurvatureOperator", "LinearSolve", "LinearSolveConfig", "Preconditioner", "SolveResult", "SolveStats",
-           "OPERATORS", "PRECONDITIONERS", "SOLVERS", "available_preconditioners", "available_solvers",
-           "dense_hessian", "make_preconditioner", "register_preconditioner", "register_solver", "solve"]
+__all__ = [
+    "CurvatureOperator",
+    "LinearSolve",
+    "LinearSolveConfig",
+    "Preconditioner",
+    "SolveResult",
+    "SolveStats",
+    "OPERATORS",
+    "PRECONDITIONERS",
+    "SOLVERS",
+    "available_preconditioners",
+    "available_solvers",
+    "dense_hessian",
+    "make_preconditioner",
+    "register_preconditioner",
+    "register_solver",
+    "solve",
+]

@@ -31,9 +31,19 @@ from .krylov import Matvec, SolveResult
 __all__ = ["solve_bordered"]
 
 
-def solve_bordered(matvec: Matvec, columns: Tensor, rows: Tensor, corner: Tensor, rhs: Tensor, *, tol: float,
-                   max_iter: int | None = None, x0: Tensor | None = None, preconditioner: Matvec | None = None,
-                   restart: int = 60) -> SolveResult:
+def solve_bordered(
+    matvec: Matvec,
+    columns: Tensor,
+    rows: Tensor,
+    corner: Tensor,
+    rhs: Tensor,
+    *,
+    tol: float,
+    max_iter: int | None = None,
+    x0: Tensor | None = None,
+    preconditioner: Matvec | None = None,
+    restart: int = 60,
+) -> SolveResult:
     """x (n + m,) with ‖r − M x‖ ≤ tol ‖r‖ for M = [[A, U], [Vᵀ, W]]: ``matvec`` V ↦ A V on
     (n, k) blocks, ``columns`` U (n, m), ``rows`` V (n, m), ``corner`` W (m, m), ``rhs`` r (n + m,);
     ``preconditioner`` V ↦ P⁻¹V (SPD, ≈ A⁻¹) or None for P = I; ``max_iter`` bounds the GMRES
@@ -41,8 +51,11 @@ def solve_bordered(matvec: Matvec, columns: Tensor, rows: Tensor, corner: Tensor
     ``negative_curvature`` is not judged here (False)."""
     n, m = columns.shape
     if rows.shape != (n, m) or corner.shape != (m, m) or rhs.shape != (n + m,):
-        raise bad_value("bordered system shapes", f"U, V (n, m), W (m, m), r (n + m,) with n = {n}, m = {m}",
-                        (tuple(rows.shape), tuple(corner.shape), tuple(rhs.shape)))
+        raise bad_value(
+            "bordered system shapes",
+            f"U, V (n, m), W (m, m), r (n + m,) with n = {n}, m = {m}",
+            (tuple(rows.shape), tuple(corner.shape), tuple(rhs.shape)),
+        )
     if not tol > 0:
         raise bad_value("tol", "a number > 0", tol)
     like = rhs
@@ -58,8 +71,8 @@ def solve_bordered(matvec: Matvec, columns: Tensor, rows: Tensor, corner: Tensor
         top = matvec(x[:n, None])[:, 0] + columns @ x[n:]
         return torch.cat([top, rows.mT @ x[:n] + corner @ x[n:]])
 
-    p_columns = apply_p(columns)                                      # P⁻¹U (n, m)
-    schur = corner - rows.mT @ p_columns                              # S = W − VᵀP⁻¹U
+    p_columns = apply_p(columns)  # P⁻¹U (n, m)
+    schur = corner - rows.mT @ p_columns  # S = W − VᵀP⁻¹U
     magnitudes = torch.linalg.svdvals(schur)
     singular = bool(magnitudes[-1] <= m * torch.finfo(schur.dtype).eps * magnitudes[0]) or not bool(magnitudes[0] > 0)
 
@@ -85,8 +98,9 @@ def solve_bordered(matvec: Matvec, columns: Tensor, rows: Tensor, corner: Tensor
 
     size = n + m
     operator = scipy.sparse.linalg.LinearOperator((size, size), matvec=m_vector, dtype=np.float64)
-    inverse = scipy.sparse.linalg.LinearOperator((size, size), dtype=np.float64,
-                                                 matvec=lambda x: as_numpy(precondition(as_torch(x.reshape(-1)))))
+    inverse = scipy.sparse.linalg.LinearOperator(
+        (size, size), dtype=np.float64, matvec=lambda x: as_numpy(precondition(as_torch(x.reshape(-1))))
+    )
     restart = min(restart, size)
     cap = max_iter if max_iter is not None else 10 * size
     # scipy's own BLAS work is small; keep its threads from fighting torch's (see deflation.ritz_pairs)
@@ -95,9 +109,18 @@ def solve_bordered(matvec: Matvec, columns: Tensor, rows: Tensor, corner: Tensor
     goal = tol
     for _ in range(3):  # GMRES stops on its preconditioned residual: tighten it while the true one is above tol
         with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
-            x, _ = scipy.sparse.linalg.gmres(operator, as_numpy(rhs), x0=x, rtol=goal, atol=0.0, restart=restart,
-                                             maxiter=max(1, -(-(cap - iterations) // restart)), M=inverse,
-                                             callback=count, callback_type="pr_norm")
+            x, _ = scipy.sparse.linalg.gmres(
+                operator,
+                as_numpy(rhs),
+                x0=x,
+                rtol=goal,
+                atol=0.0,
+                restart=restart,
+                maxiter=max(1, -(-(cap - iterations) // restart)),
+                M=inverse,
+                callback=count,
+                callback_type="pr_norm",
+            )
         solution = as_torch(x)
         products += 1
         residual = torch.linalg.vector_norm(rhs - product(solution))
@@ -105,5 +128,6 @@ def solve_bordered(matvec: Matvec, columns: Tensor, rows: Tensor, corner: Tensor
         if relative <= tol or iterations >= cap:
             break
         goal = goal * float(tol / relative)
-    return SolveResult(solution, iterations, products, relative.reshape(1), torch.zeros(1, dtype=torch.bool),
-                       bool(relative <= tol))
+    return SolveResult(
+        solution, iterations, products, relative.reshape(1), torch.zeros(1, dtype=torch.bool), bool(relative <= tol)
+    )

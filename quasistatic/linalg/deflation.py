@@ -107,8 +107,15 @@ class DeflationPreconditioner(Preconditioner):
 
     name = "deflation"
 
-    def __init__(self, vectors: Tensor, values: Tensor, base: Preconditioner | None = None, *,
-                 scale: float | None = None, floor: float = 1e-3) -> None:
+    def __init__(
+        self,
+        vectors: Tensor,
+        values: Tensor,
+        base: Preconditioner | None = None,
+        *,
+        scale: float | None = None,
+        floor: float = 1e-3,
+    ) -> None:
         if not isinstance(vectors, Tensor) or vectors.ndim != 2 or not vectors.is_floating_point():
             raise bad_value("deflation vectors", "a floating-point (n, k) tensor", getattr(vectors, "shape", vectors))
         n, k = vectors.shape
@@ -120,8 +127,11 @@ class DeflationPreconditioner(Preconditioner):
         gram = vectors.mT @ vectors
         tol = max(1e-6, 10 * math.sqrt(torch.finfo(vectors.dtype).eps))
         if float((gram - torch.eye(k, dtype=gram.dtype, device=gram.device)).abs().max()) > tol:
-            raise bad_value("deflation vectors", f"orthonormal columns (|WᵀW − I| <= {tol:.0e})",
-                            f"|WᵀW − I| = {float((gram - torch.eye(k, dtype=gram.dtype)).abs().max()):.2e}")
+            raise bad_value(
+                "deflation vectors",
+                f"orthonormal columns (|WᵀW − I| <= {tol:.0e})",
+                f"|WᵀW − I| = {float((gram - torch.eye(k, dtype=gram.dtype)).abs().max()):.2e}",
+            )
         if isinstance(floor, bool) or not isinstance(floor, numbers.Real) or not 0 < floor <= 1:
             raise bad_value("deflation floor", "a number in (0, 1]", floor)
         largest = float(values.abs().max())
@@ -191,9 +201,20 @@ class RitzPairs:
     converged: bool
 
 
-def ritz_pairs(matvec: Matvec, size: int, rank: int, *, start: Tensor | None = None, iterations: int = 20,
-               tol: float = 1e-4, preconditioner: Matvec | None = None, dtype: torch.dtype = torch.float64,
-               device: torch.device | str = "cpu", seed: int = 0, block: int = 32) -> RitzPairs:
+def ritz_pairs(
+    matvec: Matvec,
+    size: int,
+    rank: int,
+    *,
+    start: Tensor | None = None,
+    iterations: int = 20,
+    tol: float = 1e-4,
+    preconditioner: Matvec | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    block: int = 32,
+) -> RitzPairs:
     """The ``rank`` algebraically smallest eigenpairs of the symmetric A = ``matvec`` (n = ``size``)
     by ``scipy.sparse.linalg.lobpcg`` (largest=False), started from ``start`` (n, ≤ rank) when given
     (the recycled subspace; missing columns are drawn at random with ``seed``), at most
@@ -226,16 +247,17 @@ def ritz_pairs(matvec: Matvec, size: int, rank: int, *, start: Tensor | None = N
         nonlocal products
         x2 = as_torch(x.reshape(size, -1))
         products += x2.shape[1]
-        out = torch.cat([matvec(x2[:, start:start + block]) for start in range(0, x2.shape[1], block)], 1)
+        out = torch.cat([matvec(x2[:, start : start + block]) for start in range(0, x2.shape[1], block)], 1)
         return as_numpy(out).reshape(x.shape)
 
     operator = scipy.sparse.linalg.LinearOperator((size, size), matvec=a_block, matmat=a_block, dtype=np.float64)
     m_operator = None
     if preconditioner is not None:
+
         def m_block(x: np.ndarray) -> np.ndarray:
             return as_numpy(preconditioner(as_torch(x.reshape(size, -1)))).reshape(x.shape)
-        m_operator = scipy.sparse.linalg.LinearOperator((size, size), matvec=m_block, matmat=m_block,
-                                                        dtype=np.float64)
+
+        m_operator = scipy.sparse.linalg.LinearOperator((size, size), matvec=m_block, matmat=m_block, dtype=np.float64)
 
     rng = np.random.default_rng(seed)
     x0 = rng.standard_normal((size, rank))
@@ -249,11 +271,18 @@ def ritz_pairs(matvec: Matvec, size: int, rank: int, *, start: Tensor | None = N
     # HVPs' torch threads for the cores: 49 against 6 ms per HVP on the 2-core machine under load
     # (benchmarks/README.md, "Threads"). Its BLAS gets torch's thread count for the call.
     with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"(?s).*(not reaching the requested tolerance|too small relative)",
-                                category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message=r"(?s).*(not reaching the requested tolerance|too small relative)", category=UserWarning
+        )
         values, vectors, *rest = scipy.sparse.linalg.lobpcg(
-            operator, x0, M=m_operator, tol=float(tol), maxiter=int(iterations), largest=False,
-            retResidualNormsHistory=True)
+            operator,
+            x0,
+            M=m_operator,
+            tol=float(tol),
+            maxiter=int(iterations),
+            largest=False,
+            retResidualNormsHistory=True,
+        )
     history = rest[0] if rest else []  # scipy's dense fallback (n < 5 rank) returns no history
     order = np.argsort(values)
     values, vectors = values[order], vectors[:, order]
@@ -262,9 +291,14 @@ def ritz_pairs(matvec: Matvec, size: int, rank: int, *, start: Tensor | None = N
     else:  # scipy's dense fallback: exact eigenpairs
         residuals = np.zeros(rank)
     vectors, _ = _orthonormal(vectors)
-    return RitzPairs(values=as_torch(values), vectors=as_torch(vectors), residual_norms=as_torch(residuals),
-                     products=products, iterations=max(len(history) - 2, 0) if history else 0,
-                     converged=bool((residuals <= tol).all()))
+    return RitzPairs(
+        values=as_torch(values),
+        vectors=as_torch(vectors),
+        residual_norms=as_torch(residuals),
+        products=products,
+        iterations=max(len(history) - 2, 0) if history else 0,
+        converged=bool((residuals <= tol).all()),
+    )
 
 
 def _orthonormal(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -275,11 +309,22 @@ def _orthonormal(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q * signs, r
 
 
-def build_deflation(objective: Objective, theta: Tensor, controls: Controls, *, rank: int = 32,
-                    iterations: int = 20, tol: float = 1e-4, base: str | Preconditioner = "none",
-                    base_options: dict[str, Any] | None = None, previous: DeflationPreconditioner | None = None,
-                    scale: float | None = None, floor: float = 1e-3, operator: str = "hessian",
-                    seed: int = 0) -> DeflationPreconditioner:
+def build_deflation(
+    objective: Objective,
+    theta: Tensor,
+    controls: Controls,
+    *,
+    rank: int = 32,
+    iterations: int = 20,
+    tol: float = 1e-4,
+    base: str | Preconditioner = "none",
+    base_options: dict[str, Any] | None = None,
+    previous: DeflationPreconditioner | None = None,
+    scale: float | None = None,
+    floor: float = 1e-3,
+    operator: str = "hessian",
+    seed: int = 0,
+) -> DeflationPreconditioner:
     """Build ``deflation`` at (θ, controls) on ``objective`` (the LinearSolve passes its subsample).
 
     rank: k, the number of Ritz pairs (the smallest algebraic eigenvalues of A).
@@ -298,8 +343,9 @@ def build_deflation(objective: Objective, theta: Tensor, controls: Controls, *, 
     if previous is not None and not isinstance(previous, DeflationPreconditioner):
         raise bad_value("deflation previous", "a DeflationPreconditioner or None", type(previous).__name__)
     if previous is not None and previous.vectors.shape[0] != theta.numel():
-        raise bad_value("deflation previous vectors", f"{theta.numel()} rows (the parameter count)",
-                        previous.vectors.shape[0])
+        raise bad_value(
+            "deflation previous vectors", f"{theta.numel()} rows (the parameter count)", previous.vectors.shape[0]
+        )
     if isinstance(base, Preconditioner):
         if base_options:
             raise bad_value("deflation base_options", "empty when base is a built preconditioner", base_options)
@@ -311,12 +357,26 @@ def build_deflation(objective: Objective, theta: Tensor, controls: Controls, *, 
     else:
         base_pre = make_preconditioner(base, objective, theta, controls, **(base_options or {}))
     op = CurvatureOperator(objective, theta, controls, kind=operator)
-    pairs = ritz_pairs(op, theta.numel(), rank, start=None if previous is None else previous.vectors,
-                       iterations=iterations, tol=tol, preconditioner=None if base_pre is None else base_pre.apply,
-                       dtype=theta.dtype, device=theta.device, seed=seed)
+    pairs = ritz_pairs(
+        op,
+        theta.numel(),
+        rank,
+        start=None if previous is None else previous.vectors,
+        iterations=iterations,
+        tol=tol,
+        preconditioner=None if base_pre is None else base_pre.apply,
+        dtype=theta.dtype,
+        device=theta.device,
+        seed=seed,
+    )
     pre = DeflationPreconditioner(pairs.vectors, pairs.values, base_pre, scale=scale, floor=floor)
-    pre.info = {"products": pairs.products, "iterations": pairs.iterations, "converged": pairs.converged,
-                "residual_norms": pairs.residual_norms, "warm": previous is not None}
+    pre.info = {
+        "products": pairs.products,
+        "iterations": pairs.iterations,
+        "converged": pairs.converged,
+        "residual_norms": pairs.residual_norms,
+        "warm": previous is not None,
+    }
     return pre
 
 

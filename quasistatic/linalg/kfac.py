@@ -96,8 +96,10 @@ class KroneckerBlock:
     def matrix(self) -> Tensor:
         """P_l = (G + g_shift I) ⊗ (Ā + a_shift I) + shift I in the W̄ = [W | b] row-major order."""
         like: dict[str, Any] = {"dtype": self.A.dtype, "device": self.A.device}
-        product = torch.kron(self.G + self.g_shift * torch.eye(self.G.shape[0], **like),
-                             self.A + self.a_shift * torch.eye(self.A.shape[0], **like))
+        product = torch.kron(
+            self.G + self.g_shift * torch.eye(self.G.shape[0], **like),
+            self.A + self.a_shift * torch.eye(self.A.shape[0], **like),
+        )
         return product + self.shift * torch.eye(product.shape[0], **like)
 
     def order(self) -> Tensor:
@@ -128,8 +130,11 @@ class KFACPreconditioner(Preconditioner):
             lam_a, lam_g = lam_a.clamp_min(0) + block.a_shift, lam_g.clamp_min(0) + block.g_shift
             eigenvalues = lam_g[:, None] * lam_a[None, :] + block.shift
             if not bool((eigenvalues > 0).all()):
-                raise bad_value("kfac damping (sigma + damping)", "large enough for a positive definite "
-                                f"block (layer {block.name})", float(eigenvalues.min()))
+                raise bad_value(
+                    "kfac damping (sigma + damping)",
+                    f"large enough for a positive definite block (layer {block.name})",
+                    float(eigenvalues.min()),
+                )
             self._bases.append((q_g, q_a, 1.0 / eigenvalues))
 
     def _map(self, block: Tensor, power: float) -> Tensor:
@@ -146,7 +151,7 @@ class KFACPreconditioner(Preconditioner):
             out[layer.weight] = back[:, :n_in].reshape(-1, k)
             if layer.bias is not None:
                 out[layer.bias] = back[:, n_in]
-        out[self.rest] = block[self.rest] * self.rest_value ** power
+        out[self.rest] = block[self.rest] * self.rest_value**power
         return out
 
     def apply(self, block: Tensor) -> Tensor:
@@ -183,11 +188,13 @@ class _Recorder:
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
             if name in self.eps:
-                raise bad_value(f"applications of nn.Linear {name!r} per forward pass for preconditioner "
-                                "'kfac'", "1", "2 or more")
+                raise bad_value(
+                    f"applications of nn.Linear {name!r} per forward pass for preconditioner 'kfac'", "1", "2 or more"
+                )
             self.inputs[name] = args[0].detach().reshape(-1, args[0].shape[-1])
             self.eps[name] = torch.zeros_like(output, requires_grad=True)
             return output + self.eps[name]
+
         return hook
 
     def close(self) -> None:
@@ -214,8 +221,12 @@ def _loss_root(model: RepresentationModel, outs: tuple[Tensor, ...], weights: Te
     def apply(u: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         u_mu, u_lv, u_dec, u_log = u
         su = root_p * u_log
-        return (root_mu * u_mu, root_logvar * u_lv, root_decoded * u_dec,
-                c_logits * (su - p * su.sum(-1, keepdim=True)))
+        return (
+            root_mu * u_mu,
+            root_logvar * u_lv,
+            root_decoded * u_dec,
+            c_logits * (su - p * su.sum(-1, keepdim=True)),
+        )
 
     return apply
 
@@ -232,8 +243,15 @@ def _split_features(u: Tensor, outs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return u_mu, u_lv, u_dec, u_log
 
 
-def kronecker_blocks(objective: Objective, theta: Tensor, controls: Controls, *, samples: int | None = 1,
-                     column_block: int = 32, seed: int = 0) -> list[KroneckerBlock]:
+def kronecker_blocks(
+    objective: Objective,
+    theta: Tensor,
+    controls: Controls,
+    *,
+    samples: int | None = 1,
+    column_block: int = 32,
+    seed: int = 0,
+) -> list[KroneckerBlock]:
     """The undamped blocks G ⊗ Ā of every ``nn.Linear`` layer of the model at (θ, λ, γ, t).
 
     samples: None for the exact G (all columns of the loss Hessian's root), or m Monte-Carlo
@@ -246,8 +264,10 @@ def kronecker_blocks(objective: Objective, theta: Tensor, controls: Controls, *,
         raise bad_value("kfac column_block", "an integer >= 1", column_block)
     model = objective.model
     if not isinstance(model.prior, StandardNormalPrior):
-        raise InputError("preconditioner 'kfac' must be used with the normal prior (a closed-form KL, convex "
-                         f"in the encoder's outputs), got prior {model.config.prior!r}")
+        raise InputError(
+            "preconditioner 'kfac' must be used with the normal prior (a closed-form KL, convex "
+            f"in the encoder's outputs), got prior {model.config.prior!r}"
+        )
     if model.config.likelihood not in LIKELIHOOD_CURVATURES:
         raise choice_error("likelihood for preconditioner 'kfac'", LIKELIHOOD_CURVATURES, model.config.likelihood)
     theta = theta.detach()
@@ -255,11 +275,16 @@ def kronecker_blocks(objective: Objective, theta: Tensor, controls: Controls, *,
     for name, size in zip(objective.layout.names, objective.layout.sizes):
         offsets[name] = slice(start, start + size)
         start += size
-    layers = {name: module for name, module in model.named_modules()
-              if isinstance(module, nn.Linear) and f"{name}.weight" in offsets}
+    layers = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and f"{name}.weight" in offsets
+    }
     if not layers:
-        raise InputError(f"preconditioner 'kfac' needs a model with nn.Linear layers, got architecture "
-                         f"{model.config.architecture!r} with none")
+        raise InputError(
+            f"preconditioner 'kfac' needs a model with nn.Linear layers, got architecture "
+            f"{model.config.architecture!r} with none"
+        )
 
     weights = controls.weights(theta)
     part_weights = [1.0] if not objective.is_mixture else [float(w) for w in mixture_weights(controls.t)]
@@ -299,9 +324,15 @@ def kronecker_blocks(objective: Objective, theta: Tensor, controls: Controls, *,
                 else:  # Rademacher u, independent per row and feature
                     u = torch.randint(0, 2, (b, n, features), generator=generator, device=device).to(dtype) * 2 - 1
                 cotangents = root(_split_features(u, outs))
-                grads = torch.autograd.grad(outs, [recorder.eps[name] for name in names], cotangents,
-                                            retain_graph=True, is_grads_batched=True, allow_unused=True,
-                                            materialize_grads=True)
+                grads = torch.autograd.grad(
+                    outs,
+                    [recorder.eps[name] for name in names],
+                    cotangents,
+                    retain_graph=True,
+                    is_grads_batched=True,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
                 for name, g in zip(names, grads):
                     g = g.reshape(b, -1, g.shape[-1])  # (columns, rows, out)
                     g_sum[name] = g_sum[name] + torch.einsum("bro,brp->op", g, g) / (1 if samples is None else samples)
@@ -318,15 +349,29 @@ def kronecker_blocks(objective: Objective, theta: Tensor, controls: Controls, *,
         if not isinstance(a_total, Tensor) or not isinstance(g_total, Tensor):  # the layer was not used on the data
             continue
         a = a_total / weight_total
-        blocks.append(KroneckerBlock(name, offsets[f"{name}.weight"],
-                                     offsets[f"{name}.bias"] if module.bias is not None else None,
-                                     (a + a.mT) / 2, (g_total + g_total.mT) / 2))
+        blocks.append(
+            KroneckerBlock(
+                name,
+                offsets[f"{name}.weight"],
+                offsets[f"{name}.bias"] if module.bias is not None else None,
+                (a + a.mT) / 2,
+                (g_total + g_total.mT) / 2,
+            )
+        )
     return blocks
 
 
-def build_kfac(objective: Objective, theta: Tensor, controls: Controls, *, damping: float = 1e-3,
-               form: str = "pi", samples: int | None = 1, column_block: int = 32,
-               seed: int = 0) -> KFACPreconditioner:
+def build_kfac(
+    objective: Objective,
+    theta: Tensor,
+    controls: Controls,
+    *,
+    damping: float = 1e-3,
+    form: str = "pi",
+    samples: int | None = 1,
+    column_block: int = 32,
+    seed: int = 0,
+) -> KFACPreconditioner:
     """K-FAC of the Gauss–Newton matrix of J at (θ, λ, γ, t) on ``objective`` (module docstring).
 
     damping: relative Tikhonov damping (× each layer's mean diagonal), added to σ.

@@ -88,10 +88,12 @@ class SolveResult:
     def summary(self) -> str:
         """One line for logs, e.g. ``converged: 37 iterations, 41 matvecs, max relative residual 4.1e-09, ...``."""
         status = "converged" if self.converged else "NOT converged"
-        return (f"{status}: {self.iterations} iterations, {self.matvecs} matvecs, "
-                f"max relative residual {self.relative_residual.max().item():.2e}, "
-                f"negative curvature in {int(self.negative_curvature.sum())}/"
-                f"{self.negative_curvature.numel()} columns")
+        return (
+            f"{status}: {self.iterations} iterations, {self.matvecs} matvecs, "
+            f"max relative residual {self.relative_residual.max().item():.2e}, "
+            f"negative curvature in {int(self.negative_curvature.sum())}/"
+            f"{self.negative_curvature.numel()} columns"
+        )
 
 
 class Solver(Protocol):
@@ -104,8 +106,16 @@ class Solver(Protocol):
     solution is (n, k).
     """
 
-    def __call__(self, matvec: Matvec, rhs: Tensor, *, tol: float, max_iter: int | None,
-                 x0: Tensor | None, preconditioner: Matvec | None = None) -> SolveResult: ...
+    def __call__(
+        self,
+        matvec: Matvec,
+        rhs: Tensor,
+        *,
+        tol: float,
+        max_iter: int | None,
+        x0: Tensor | None,
+        preconditioner: Matvec | None = None,
+    ) -> SolveResult: ...
 
 
 SOLVERS: Registry[SolveResult] = Registry("linear solver")  # name -> Solver
@@ -130,9 +140,16 @@ def get_solver(name: str) -> Solver:
     return SOLVERS.get(name)
 
 
-def solve(matvec: Matvec, rhs: Tensor, *, method: str = "cg", tol: float = 1e-6,
-          max_iter: int | None = None, x0: Tensor | None = None,
-          preconditioner: Matvec | None = None) -> SolveResult:
+def solve(
+    matvec: Matvec,
+    rhs: Tensor,
+    *,
+    method: str = "cg",
+    tol: float = 1e-6,
+    max_iter: int | None = None,
+    x0: Tensor | None = None,
+    preconditioner: Matvec | None = None,
+) -> SolveResult:
     """Solve A X = B for X with the solver registered as ``method``.
 
     matvec: V (n, k) -> A @ V (n, k), A symmetric, n × n.
@@ -168,13 +185,27 @@ def solve(matvec: Matvec, rhs: Tensor, *, method: str = "cg", tol: float = 1e-6,
     if vector:
         rhs = rhs[:, None]
         x0 = None if x0 is None else x0[:, None]
-    result = solver(matvec, rhs, tol=float(tol), max_iter=max_iter, x0=x0,
-                    **({} if preconditioner is None else {"preconditioner": preconditioner}))
+    result = solver(
+        matvec,
+        rhs,
+        tol=float(tol),
+        max_iter=max_iter,
+        x0=x0,
+        **({} if preconditioner is None else {"preconditioner": preconditioner}),
+    )
     return replace(result, solution=result.solution[:, 0]) if vector else result
 
 
-def cg(matvec: Matvec, rhs: Tensor, *, tol: float, max_iter: int | None, x0: Tensor | None,
-       preconditioner: Matvec | None = None, check_every: int = 10) -> SolveResult:
+def cg(
+    matvec: Matvec,
+    rhs: Tensor,
+    *,
+    tol: float,
+    max_iter: int | None,
+    x0: Tensor | None,
+    preconditioner: Matvec | None = None,
+    check_every: int = 10,
+) -> SolveResult:
     """Conjugate gradients (Hestenes & Stiefel 1952) on the k columns of rhs (n, k) in lockstep,
     preconditioned by M⁻¹ = ``preconditioner`` when given (z = M⁻¹r, β = rᵀz / r_oldᵀz_old).
 
@@ -188,8 +219,16 @@ def cg(matvec: Matvec, rhs: Tensor, *, tol: float, max_iter: int | None, x0: Ten
     return _restarted(_cg_steps, matvec, preconditioner, rhs, tol, max_iter, x0, check_every, stop_on_negative=True)
 
 
-def minres(matvec: Matvec, rhs: Tensor, *, tol: float, max_iter: int | None, x0: Tensor | None,
-           preconditioner: Matvec | None = None, check_every: int = 10) -> SolveResult:
+def minres(
+    matvec: Matvec,
+    rhs: Tensor,
+    *,
+    tol: float,
+    max_iter: int | None,
+    x0: Tensor | None,
+    preconditioner: Matvec | None = None,
+    check_every: int = 10,
+) -> SolveResult:
     """MINRES (Paige & Saunders 1975) on the k columns of rhs (n, k) in lockstep, preconditioned by
     M⁻¹ = ``preconditioner`` (symmetric positive definite) when given, as scipy's ``psolve``.
 
@@ -204,8 +243,9 @@ def minres(matvec: Matvec, rhs: Tensor, *, tol: float, max_iter: int | None, x0:
     and is exactly when CG on the same column would meet pᵀAp ≤ 0. MINRES keeps stepping through it.
     Restarts and sync discipline: see :func:`_restarted`.
     """
-    return _restarted(_minres_steps, matvec, preconditioner, rhs, tol, max_iter, x0, check_every,
-                      stop_on_negative=False)
+    return _restarted(
+        _minres_steps, matvec, preconditioner, rhs, tol, max_iter, x0, check_every, stop_on_negative=False
+    )
 
 
 class _RunningColumns:
@@ -219,7 +259,7 @@ class _RunningColumns:
         self.update(active)
 
     def update(self, active: Tensor) -> None:
-        self.columns = active.nonzero().squeeze(1)                    # host synchronization
+        self.columns = active.nonzero().squeeze(1)  # host synchronization
         self.all = len(self.columns) == len(active)
 
     def __call__(self, block: Tensor) -> Tensor:
@@ -232,16 +272,27 @@ class _RunningColumns:
 
 # (running-column matvec, M⁻¹, x, r = b − A x, active (k,), target = tol ‖b‖ (k,), budget, check_every)
 #   -> (x, negative (k,), steps taken per column (k,), lockstep iterations run = matvecs used)
-_Steps = Callable[[_RunningColumns, Matvec, Tensor, Tensor, Tensor, Tensor, int, int],
-                  tuple[Tensor, Tensor, Tensor, int]]
+_Steps = Callable[
+    [_RunningColumns, Matvec, Tensor, Tensor, Tensor, Tensor, int, int], tuple[Tensor, Tensor, Tensor, int]
+]
 
 
 def _identity(block: Tensor) -> Tensor:
     return block
 
 
-def _restarted(steps_fn: _Steps, matvec: Matvec, preconditioner: Matvec | None, rhs: Tensor, tol: float,
-               max_iter: int | None, x0: Tensor | None, check_every: int, *, stop_on_negative: bool) -> SolveResult:
+def _restarted(
+    steps_fn: _Steps,
+    matvec: Matvec,
+    preconditioner: Matvec | None,
+    rhs: Tensor,
+    tol: float,
+    max_iter: int | None,
+    x0: Tensor | None,
+    check_every: int,
+    *,
+    stop_on_negative: bool,
+) -> SolveResult:
     """Run a Krylov recurrence from the exact residual, and again from the new exact one while it helps.
 
     After a run, r = b − A x is recomputed exactly (one matvec; it gives relative_residual). In finite
@@ -256,21 +307,29 @@ def _restarted(steps_fn: _Steps, matvec: Matvec, preconditioner: Matvec | None, 
     _check_positive_int("check_every", check_every)
     n, k = rhs.shape
     budget = 10 * n if max_iter is None else max_iter
-    bnorm = torch.linalg.vector_norm(rhs, dim=0)                      # (k,)
+    bnorm = torch.linalg.vector_norm(rhs, dim=0)  # (k,)
     if x0 is None:
         x, r, matvecs = torch.zeros_like(rhs), rhs, 0
     else:
-        x = torch.where(bnorm > 0, x0, 0)                             # a zero rhs column gets x = 0
+        x = torch.where(bnorm > 0, x0, 0)  # a zero rhs column gets x = 0
         r, matvecs = rhs - matvec(x), 1
-        worse = torch.linalg.vector_norm(r, dim=0) > bnorm            # a guess worse than 0 is dropped
+        worse = torch.linalg.vector_norm(r, dim=0) > bnorm  # a guess worse than 0 is dropped
         x, r = torch.where(worse, 0, x), torch.where(worse, rhs, r)
-    relative = _relative(r, bnorm)                                    # (k,) exact
+    relative = _relative(r, bnorm)  # (k,) exact
     negative = torch.zeros(k, dtype=torch.bool, device=rhs.device)
     steps = torch.zeros(k, dtype=torch.long, device=rhs.device)
     active, done = relative > tol, 0
-    while done < budget and bool(active.any()):                       # synchronization per run
-        x, run_negative, run_steps, ran = steps_fn(_RunningColumns(matvec, active), preconditioner or _identity,
-                                                   x, r, active, tol * bnorm, budget - done, check_every)
+    while done < budget and bool(active.any()):  # synchronization per run
+        x, run_negative, run_steps, ran = steps_fn(
+            _RunningColumns(matvec, active),
+            preconditioner or _identity,
+            x,
+            r,
+            active,
+            tol * bnorm,
+            budget - done,
+            check_every,
+        )
         negative, steps, done = negative | run_negative, steps + run_steps, done + ran
         r, matvecs = rhs - matvec(x), matvecs + ran + 1
         previous, relative = relative, _relative(r, bnorm)
@@ -280,21 +339,29 @@ def _restarted(steps_fn: _Steps, matvec: Matvec, preconditioner: Matvec | None, 
     return SolveResult(x, int(steps.max()), matvecs, relative, negative, bool((relative <= tol).all()))
 
 
-def _cg_steps(matvec: _RunningColumns, psolve: Matvec, x: Tensor, r: Tensor, active: Tensor, target: Tensor,
-              budget: int, check_every: int) -> tuple[Tensor, Tensor, Tensor, int]:
+def _cg_steps(
+    matvec: _RunningColumns,
+    psolve: Matvec,
+    x: Tensor,
+    r: Tensor,
+    active: Tensor,
+    target: Tensor,
+    budget: int,
+    check_every: int,
+) -> tuple[Tensor, Tensor, Tensor, int]:
     """Preconditioned CG iterations from x with residual r, in lockstep over the columns (see :func:`cg`)."""
-    z = psolve(r)                                                     # (n, k) M⁻¹ r
-    rz = _dot(r, z)                                                   # (k,) rᵀ M⁻¹ r
-    p = z                                                             # (n, k) search directions
+    z = psolve(r)  # (n, k) M⁻¹ r
+    rz = _dot(r, z)  # (k,) rᵀ M⁻¹ r
+    p = z  # (n, k) search directions
     negative = torch.zeros_like(active)
     steps = torch.zeros_like(active, dtype=torch.long)
     done = 0
-    while True:                                                       # active.any() holds on entry
+    while True:  # active.any() holds on entry
         for _ in range(min(check_every, budget - done)):
-            ap = matvec(p)                                            # (n, k)
-            pap = _dot(p, ap)                                         # (k,) pᵀAp
+            ap = matvec(p)  # (n, k)
+            pap = _dot(p, ap)  # (k,) pᵀAp
             negative = negative | (active & (pap <= 0))
-            active = active & (pap > 0)                               # also freezes a column on NaN
+            active = active & (pap > 0)  # also freezes a column on NaN
             alpha = rz / torch.where(active, pap, 1)
             r_new = r - alpha * ap
             z_new = psolve(r_new)
@@ -304,18 +371,26 @@ def _cg_steps(matvec: _RunningColumns, psolve: Matvec, x: Tensor, r: Tensor, act
             steps += active
             active = active & (torch.linalg.vector_norm(r, dim=0) > target)
             done += 1
-        if done >= budget or not bool(active.any()):                  # synchronization per check
+        if done >= budget or not bool(active.any()):  # synchronization per check
             return x, negative, steps, done
         matvec.update(active)
 
 
-def _minres_steps(matvec: _RunningColumns, psolve: Matvec, x: Tensor, r: Tensor, active: Tensor, target: Tensor,
-                  budget: int, check_every: int) -> tuple[Tensor, Tensor, Tensor, int]:
+def _minres_steps(
+    matvec: _RunningColumns,
+    psolve: Matvec,
+    x: Tensor,
+    r: Tensor,
+    active: Tensor,
+    target: Tensor,
+    budget: int,
+    check_every: int,
+) -> tuple[Tensor, Tensor, Tensor, int]:
     """Preconditioned MINRES iterations from x with residual r, in lockstep over the columns (see
     :func:`minres`)."""
     eps = torch.finfo(r.dtype).eps
-    z = psolve(r)                                                     # (n, k) M⁻¹ r0
-    beta = _dot(r, z).clamp_min(0).sqrt()                             # (k,) β_1 = ‖r0‖_{M⁻¹}
+    z = psolve(r)  # (n, k) M⁻¹ r0
+    beta = _dot(r, z).clamp_min(0).sqrt()  # (k,) β_1 = ‖r0‖_{M⁻¹}
     target = target * beta / torch.linalg.vector_norm(r, dim=0).clamp_min(torch.finfo(r.dtype).tiny)
     zero = torch.zeros_like(beta)
     # Lanczos: r1, r2 are the last two unnormalized Lanczos vectors (n, k), z = M⁻¹ r2.
@@ -326,19 +401,19 @@ def _minres_steps(matvec: _RunningColumns, psolve: Matvec, x: Tensor, r: Tensor,
     negative = torch.zeros_like(active)
     steps = torch.zeros_like(active, dtype=torch.long)
     done = 0
-    while True:                                                       # active.any() holds on entry
+    while True:  # active.any() holds on entry
         for _ in range(min(check_every, budget - done)):
             first = done == 0
-            v = z / torch.where(active, beta, 1)                      # (n, k) Lanczos vector v_j
-            y = matvec(v)                                             # (n, k)
+            v = z / torch.where(active, beta, 1)  # (n, k) Lanczos vector v_j
+            y = matvec(v)  # (n, k)
             if not first:
                 y = y - (beta / torch.where(active, oldb, 1)) * r1
-            alfa = _dot(v, y)                                         # α_j = v_jᵀ A v_j
+            alfa = _dot(v, y)  # α_j = v_jᵀ A v_j
             y = y - (alfa / torch.where(active, beta, 1)) * r2
-            d = alfa if first else alfa - beta ** 2 / pivot           # LDLᵀ pivot of T_j
+            d = alfa if first else alfa - beta**2 / pivot  # LDLᵀ pivot of T_j
             negative = negative | (active & (d <= 0))
             z_new = psolve(y)
-            beta_new = _dot(y, z_new).clamp_min(0).sqrt()             # β_{j+1}
+            beta_new = _dot(y, z_new).clamp_min(0).sqrt()  # β_{j+1}
             delta = cs * dbar + sn * alfa
             gbar = sn * dbar - cs * alfa
             gamma = torch.hypot(gbar, beta_new).clamp_min(eps)
@@ -346,19 +421,42 @@ def _minres_steps(matvec: _RunningColumns, psolve: Matvec, x: Tensor, r: Tensor,
             w_new = (v - epsln * w2 - delta * w) / gamma
             x, r1, r2, z, w, w2, oldb, beta, dbar, epsln, phibar, cs, sn, pivot = _keep(
                 active,
-                (x + cs_new * phibar * w_new, r2, y, z_new, w_new, w, beta, beta_new, -cs * beta_new,
-                 sn * beta_new, sn_new * phibar, cs_new, sn_new, d),
-                (x, r1, r2, z, w, w2, oldb, beta, dbar, epsln, phibar, cs, sn, pivot))
+                (
+                    x + cs_new * phibar * w_new,
+                    r2,
+                    y,
+                    z_new,
+                    w_new,
+                    w,
+                    beta,
+                    beta_new,
+                    -cs * beta_new,
+                    sn * beta_new,
+                    sn_new * phibar,
+                    cs_new,
+                    sn_new,
+                    d,
+                ),
+                (x, r1, r2, z, w, w2, oldb, beta, dbar, epsln, phibar, cs, sn, pivot),
+            )
             steps += active
             active = active & (phibar > target)
             done += 1
-        if done >= budget or not bool(active.any()):                  # synchronization per check
+        if done >= budget or not bool(active.any()):  # synchronization per check
             return x, negative, steps, done
         matvec.update(active)
 
 
-def direct(matvec: Matvec, rhs: Tensor, *, tol: float, max_iter: int | None, x0: Tensor | None,
-           preconditioner: Matvec | None = None, block_size: int = 256) -> SolveResult:
+def direct(
+    matvec: Matvec,
+    rhs: Tensor,
+    *,
+    tol: float,
+    max_iter: int | None,
+    x0: Tensor | None,
+    preconditioner: Matvec | None = None,
+    block_size: int = 256,
+) -> SolveResult:
     """Dense solve: assemble A column block by column block, then LU-solve (``torch.linalg.solve``).
 
     A = [matvec(E_1), matvec(E_2), ...] for identity blocks E_i of ``block_size`` columns; this needs
@@ -373,21 +471,26 @@ def direct(matvec: Matvec, rhs: Tensor, *, tol: float, max_iter: int | None, x0:
     if x0 is not None or max_iter is not None or preconditioner is not None:
         warnings.warn("the direct solver ignores x0, max_iter and the preconditioner", UserWarning, stacklevel=3)
     n, k = rhs.shape
-    a = assemble(matvec, n, rhs, block_size)                          # (n, n)
+    a = assemble(matvec, n, rhs, block_size)  # (n, n)
     sym = (a + a.mT) / 2
-    eigenvalues = torch.linalg.eigvalsh(sym)                          # (n,) ascending
+    eigenvalues = torch.linalg.eigvalsh(sym)  # (n,) ascending
     cutoff = n * torch.finfo(rhs.dtype).eps
     magnitude = eigenvalues.abs()
     if bool(magnitude.min() <= cutoff * magnitude.max()):
-        warnings.warn("A is singular to working precision; the direct solver returns the minimum-norm "
-                      "least-squares solution pinv(A) B", UserWarning, stacklevel=3)
+        warnings.warn(
+            "A is singular to working precision; the direct solver returns the minimum-norm "
+            "least-squares solution pinv(A) B",
+            UserWarning,
+            stacklevel=3,
+        )
         x = torch.linalg.pinv(sym, rtol=cutoff, hermitian=True) @ rhs
     else:
         x = torch.linalg.solve(a, rhs)
     bnorm = torch.linalg.vector_norm(rhs, dim=0)
     relative = _relative(rhs - a @ x, bnorm)
-    return SolveResult(x, 0, -(-n // block_size), relative, (eigenvalues[0] <= 0).repeat(k),
-                       bool((relative <= tol).all()))
+    return SolveResult(
+        x, 0, -(-n // block_size), relative, (eigenvalues[0] <= 0).repeat(k), bool((relative <= tol).all())
+    )
 
 
 def assemble(matvec: Matvec, n: int, like: Tensor, block_size: int = 256) -> Tensor:
@@ -396,8 +499,8 @@ def assemble(matvec: Matvec, n: int, like: Tensor, block_size: int = 256) -> Ten
     columns = []
     for start in range(0, n, block_size):
         identity = torch.zeros(n, min(block_size, n - start), dtype=like.dtype, device=like.device)
-        identity[start:start + identity.shape[1]].fill_diagonal_(1)
-        columns.append(matvec(identity))                              # (n, block) columns
+        identity[start : start + identity.shape[1]].fill_diagonal_(1)
+        columns.append(matvec(identity))  # (n, block) columns
     return torch.cat(columns, dim=1)
 
 

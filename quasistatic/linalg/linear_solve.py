@@ -45,8 +45,15 @@ from .bordered import solve_bordered
 from .deflation import RitzPairs, ritz_pairs
 from .krylov import SOLVERS, SolveResult, solve
 from .operators import MODES, OPERATORS, CurvatureOperator
-from .preconditioners import (DENSE_MAX_SIZE, PRECONDITIONERS, IdentityPreconditioner, Preconditioner,
-                              available_preconditioners, check_dense_size, make_preconditioner)
+from .preconditioners import (
+    DENSE_MAX_SIZE,
+    PRECONDITIONERS,
+    IdentityPreconditioner,
+    Preconditioner,
+    available_preconditioners,
+    check_dense_size,
+    make_preconditioner,
+)
 
 __all__ = ["LinearSolveConfig", "LinearSolve", "SolveStats"]
 
@@ -99,8 +106,9 @@ class LinearSolveConfig:
         if config.preconditioner == "dense":
             check_dense_size(n, limit)
         if config.whitening == "auto":
-            config = replace(config, whitening="kfac" if config.preconditioner in ("dense", "kfac")
-                             else config.preconditioner)
+            config = replace(
+                config, whitening="kfac" if config.preconditioner in ("dense", "kfac") else config.preconditioner
+            )
         elif config.whitening == "dense":
             check_dense_size(n, limit)
         return config
@@ -142,13 +150,15 @@ class LinearSolve:
 
     def operator(self, theta: Tensor, controls: Controls, damping: float = 0.0) -> CurvatureOperator:
         """A + μI at (θ, controls), on the HVP subsample when one is configured."""
-        return CurvatureOperator(self._products_on, theta, controls, kind=self.config.operator, damping=damping,
-                                 mode=self.config.mode)
+        return CurvatureOperator(
+            self._products_on, theta, controls, kind=self.config.operator, damping=damping, mode=self.config.mode
+        )
 
     def rebuild(self, theta: Tensor, controls: Controls) -> Preconditioner:
         """Build the preconditioner at (θ, controls) and count its work."""
-        self.preconditioner = make_preconditioner(self.config.preconditioner, self._build_on, theta, controls,
-                                                  **self.config.preconditioner_options)
+        self.preconditioner = make_preconditioner(
+            self.config.preconditioner, self._build_on, theta, controls, **self.config.preconditioner_options
+        )
         self._charge(self._build_on)
         self.stats.builds += 1
         self._effort, self._stale, self._built_at = None, False, (theta.detach(), controls)
@@ -171,8 +181,9 @@ class LinearSolve:
             return self.rebuild(theta, controls)
         return self.preconditioner
 
-    def smallest_eigenpairs(self, theta: Tensor, controls: Controls, *, count: int = 1, iterations: int = 8,
-                            tol: float = 1e-6) -> RitzPairs:
+    def smallest_eigenpairs(
+        self, theta: Tensor, controls: Controls, *, count: int = 1, iterations: int = 8, tol: float = 1e-6
+    ) -> RitzPairs:
         """The ``count`` algebraically smallest eigenpairs of the exact A = ∇²θJ at (θ, controls)
         (full data, Hessian whatever the solves' ``operator``): at most ``iterations`` of LOBPCG,
         preconditioned by the kept P and started from the last call's eigenvectors (its ``count``
@@ -185,11 +196,18 @@ class LinearSolve:
         preconditioner = self.current(theta, controls)
         start = self._warm.get("eigenvector")
         start = None if start is None else start[:, :count]
-        pairs = ritz_pairs(operator, theta.numel(), count, start=start, tol=tol,
-                           iterations=iterations if start is not None else 10 * iterations, seed=self.config.seed,
-                           dtype=theta.dtype, device=theta.device,
-                           preconditioner=None if isinstance(preconditioner, IdentityPreconditioner)
-                           else preconditioner.apply)
+        pairs = ritz_pairs(
+            operator,
+            theta.numel(),
+            count,
+            start=start,
+            tol=tol,
+            iterations=iterations if start is not None else 10 * iterations,
+            seed=self.config.seed,
+            dtype=theta.dtype,
+            device=theta.device,
+            preconditioner=None if isinstance(preconditioner, IdentityPreconditioner) else preconditioner.apply,
+        )
         self._warm["eigenvector"] = pairs.vectors
         return pairs
 
@@ -218,8 +236,13 @@ class LinearSolve:
         """What a resumed run needs to continue with the same solves: the point the preconditioner
         was built at (it is rebuilt there, not saved: 2n² floats for ``dense``), its reference
         effort, the warm starts and the statistics."""
-        return {"built_at": self._built_at, "effort": self._effort, "stale": self._stale, "warm": dict(self._warm),
-                "stats": self.stats.snapshot()}
+        return {
+            "built_at": self._built_at,
+            "effort": self._effort,
+            "stale": self._stale,
+            "warm": dict(self._warm),
+            "stats": self.stats.snapshot(),
+        }
 
     def restore(self, saved: dict[str, Any]) -> None:
         """Continue from :meth:`checkpoint`; the rebuild of the preconditioner is counted as work."""
@@ -228,8 +251,18 @@ class LinearSolve:
         self._effort, self._stale, self._warm = saved["effort"], saved["stale"], dict(saved["warm"])
         self.stats = SolveStats(**{**saved["stats"], "builds": saved["stats"]["builds"] + self.stats.builds})
 
-    def solve_bordered(self, theta: Tensor, controls: Controls, columns: Tensor, rows: Tensor, corner: Tensor,
-                       rhs: Tensor, *, tol: float, kind: str) -> SolveResult:
+    def solve_bordered(
+        self,
+        theta: Tensor,
+        controls: Controls,
+        columns: Tensor,
+        rows: Tensor,
+        corner: Tensor,
+        rhs: Tensor,
+        *,
+        tol: float,
+        kind: str,
+    ) -> SolveResult:
         """x with ‖r − M x‖ ≤ tol ‖r‖ for the bordered M = [[A, U], [Vᵀ, W]] at (θ, controls)
         (:func:`~quasistatic.linalg.bordered.solve_bordered`: GMRES on M whole, preconditioned
         through the kept P), warm-started from the last solve of ``kind``; retried once with a
@@ -238,8 +271,17 @@ class LinearSolve:
         fresh = self.preconditioner is None or self._stale
         for attempt in range(2):
             preconditioner, x0 = self._inputs(theta, controls, rhs, kind, warm=True)
-            result = solve_bordered(self.operator(theta, controls), columns, rows, corner, rhs, tol=tol,
-                                    max_iter=self.config.max_iter, x0=x0, preconditioner=preconditioner)
+            result = solve_bordered(
+                self.operator(theta, controls),
+                columns,
+                rows,
+                corner,
+                rhs,
+                tol=tol,
+                max_iter=self.config.max_iter,
+                x0=x0,
+                preconditioner=preconditioner,
+            )
             self._account(result, kind)
             if result.converged or fresh or attempt or self.config.preconditioner == "none":
                 break
@@ -248,8 +290,17 @@ class LinearSolve:
         self.stats.unconverged += not result.converged
         return result
 
-    def solve(self, theta: Tensor, controls: Controls, rhs: Tensor, *, tol: float, kind: str,
-              damping: float = 0.0, warm: bool = True) -> SolveResult:
+    def solve(
+        self,
+        theta: Tensor,
+        controls: Controls,
+        rhs: Tensor,
+        *,
+        tol: float,
+        kind: str,
+        damping: float = 0.0,
+        warm: bool = True,
+    ) -> SolveResult:
         """X with ‖B − (A + μI)X‖ ≤ tol ‖B‖ per column, warm-started from the last solve of this
         ``kind`` (when ``warm``). Retried once with a fresh preconditioner when it does not
         converge with a kept one, and once from 0 when it was warm-started; an unconverged result
@@ -273,24 +324,43 @@ class LinearSolve:
         self.stats.unconverged += not result.converged
         return result
 
-    def _run(self, theta: Tensor, controls: Controls, rhs: Tensor, tol: float, kind: str, damping: float,
-             warm: bool, method: str) -> SolveResult:
+    def _run(
+        self,
+        theta: Tensor,
+        controls: Controls,
+        rhs: Tensor,
+        tol: float,
+        kind: str,
+        damping: float,
+        warm: bool,
+        method: str,
+    ) -> SolveResult:
         preconditioner, x0 = self._inputs(theta, controls, rhs, kind, warm)
-        result = solve(self.operator(theta, controls, damping), rhs, method=method, tol=tol,
-                       max_iter=self.config.max_iter, x0=x0, preconditioner=preconditioner)
+        result = solve(
+            self.operator(theta, controls, damping),
+            rhs,
+            method=method,
+            tol=tol,
+            max_iter=self.config.max_iter,
+            x0=x0,
+            preconditioner=preconditioner,
+        )
         self._account(result, kind)
         if result.converged:
             self._judge(result)
         return result
 
-    def _inputs(self, theta: Tensor, controls: Controls, rhs: Tensor, kind: str,
-                warm: bool) -> tuple[Callable[[Tensor], Tensor] | None, Tensor | None]:
+    def _inputs(
+        self, theta: Tensor, controls: Controls, rhs: Tensor, kind: str, warm: bool
+    ) -> tuple[Callable[[Tensor], Tensor] | None, Tensor | None]:
         """The kept P's application (None for the identity) and the warm start of ``kind`` (None
         when not ``warm`` or of another shape) for a solve with ``rhs``."""
         preconditioner = self.current(theta, controls)
         x0 = self._warm.get(kind) if warm else None
-        return (None if isinstance(preconditioner, IdentityPreconditioner) else preconditioner.apply,
-                x0 if x0 is not None and x0.shape == rhs.shape else None)
+        return (
+            None if isinstance(preconditioner, IdentityPreconditioner) else preconditioner.apply,
+            x0 if x0 is not None and x0.shape == rhs.shape else None,
+        )
 
     def _account(self, result: SolveResult, kind: str) -> None:
         """Count a solve's work and statistics; keep a converged solution as the next warm start."""

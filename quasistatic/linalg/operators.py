@@ -53,8 +53,15 @@ class CurvatureOperator:
     backward passes count one gradient per call.
     """
 
-    def __init__(self, objective: Objective, theta: Tensor, controls: Controls, kind: str = "hessian",
-                 damping: float = 0.0, mode: str = "reverse") -> None:
+    def __init__(
+        self,
+        objective: Objective,
+        theta: Tensor,
+        controls: Controls,
+        kind: str = "hessian",
+        damping: float = 0.0,
+        mode: str = "reverse",
+    ) -> None:
         OPERATORS.get(kind)  # an unknown name raises, listing the registered ones
         if mode not in MODES:
             raise choice_error("Hessian-vector product mode", MODES, mode)
@@ -91,6 +98,7 @@ def hessian_products(objective: Objective, theta: Tensor, controls: Controls, mo
     columns."""
     gradient = grad(lambda th: objective.value(th, controls))
     if mode == "forward":
+
         def forward_products(block: Tensor) -> Tensor:
             objective.work.gradients += 1
             return vmap(lambda v: jvp(gradient, (theta,), (v,))[1], in_dims=1, out_dims=1)(block)
@@ -113,8 +121,10 @@ def ggn_products(objective: Objective, theta: Tensor, controls: Controls, mode: 
     outputs, then the vjp of the outputs (whose forward pass is shared by the columns). The same
     whatever ``mode``; the prior must have a closed-form KL (the loss is then convex in the outputs)."""
     if not objective.model.prior.has_closed_form_kl:
-        raise InputError("curvature operator 'ggn' must be used with a prior with a closed-form KL "
-                         f"(normal), got prior {objective.model.config.prior!r}")
+        raise InputError(
+            "curvature operator 'ggn' must be used with a prior with a closed-form KL "
+            f"(normal), got prior {objective.model.config.prior!r}"
+        )
 
     def products(block: Tensor) -> Tensor:
         objective.work.gradients += 1  # the outputs' forward pass and pullback, shared by the columns

@@ -36,9 +36,17 @@ from ..registry import Registry
 from .krylov import assemble
 from .operators import CurvatureOperator
 
-__all__ = ["Preconditioner", "IdentityPreconditioner", "DensePreconditioner", "PRECONDITIONERS",
-           "register_preconditioner", "available_preconditioners", "make_preconditioner", "DENSE_MAX_SIZE",
-           "check_dense_size"]
+__all__ = [
+    "Preconditioner",
+    "IdentityPreconditioner",
+    "DensePreconditioner",
+    "PRECONDITIONERS",
+    "register_preconditioner",
+    "available_preconditioners",
+    "make_preconditioner",
+    "DENSE_MAX_SIZE",
+    "check_dense_size",
+]
 
 DENSE_MAX_SIZE = 6000  # parameters: the dense preconditioner keeps 2n² floats (0.6 GB in float64 here)
 
@@ -88,10 +96,10 @@ class DensePreconditioner(Preconditioner):
     def __init__(self, matrix: Tensor, floor: float) -> None:
         if not 0 < floor < 1:
             raise bad_value("dense preconditioner floor", "a number in (0, 1)", floor)
-        eigenvalues, self.vectors = torch.linalg.eigh((matrix + matrix.mT) / 2)      # ascending, (n,), (n, n)
+        eigenvalues, self.vectors = torch.linalg.eigh((matrix + matrix.mT) / 2)  # ascending, (n,), (n, n)
         self.eigenvalues = eigenvalues
         magnitude = eigenvalues.abs()
-        self.inverse = 1.0 / magnitude.clamp_min(floor * float(magnitude.max()))      # (n,)
+        self.inverse = 1.0 / magnitude.clamp_min(floor * float(magnitude.max()))  # (n,)
 
     def apply(self, block: Tensor) -> Tensor:
         return self.vectors @ (self.inverse[:, None] * (self.vectors.mT @ block))
@@ -101,8 +109,9 @@ class DensePreconditioner(Preconditioner):
 
     @property
     def memory_bytes(self) -> int:
-        return (self.vectors.numel() * self.vectors.element_size()
-                + 2 * self.inverse.numel() * self.inverse.element_size())
+        return (
+            self.vectors.numel() * self.vectors.element_size() + 2 * self.inverse.numel() * self.inverse.element_size()
+        )
 
     @property
     def smallest_eigenvalue(self) -> float:
@@ -112,13 +121,23 @@ class DensePreconditioner(Preconditioner):
 def check_dense_size(n: int, max_size: int = DENSE_MAX_SIZE) -> None:
     """Refuse ``dense`` for a model of n parameters above ``max_size`` (the error names the others)."""
     if n > max_size:
-        raise bad_value("the model's parameter count for preconditioner 'dense'",
-                        f"at most max_size = {max_size} (use preconditioner 'kfac' or 'deflation' for larger "
-                        "models, or raise max_size)", n)
+        raise bad_value(
+            "the model's parameter count for preconditioner 'dense'",
+            f"at most max_size = {max_size} (use preconditioner 'kfac' or 'deflation' for larger "
+            "models, or raise max_size)",
+            n,
+        )
 
 
-def _dense(objective: Objective, theta: Tensor, controls: Controls, *, floor: float = 1e-3,
-           max_size: int = DENSE_MAX_SIZE, operator: str = "hessian") -> DensePreconditioner:
+def _dense(
+    objective: Objective,
+    theta: Tensor,
+    controls: Controls,
+    *,
+    floor: float = 1e-3,
+    max_size: int = DENSE_MAX_SIZE,
+    operator: str = "hessian",
+) -> DensePreconditioner:
     """Build ``dense`` on ``objective`` (the LinearSolve passes its subsample): n HVPs, one
     eigendecomposition."""
     n = theta.numel()
@@ -148,6 +167,7 @@ def available_preconditioners() -> list[str]:
     return PRECONDITIONERS.available()
 
 
-def make_preconditioner(name: str, objective: Objective, theta: Tensor, controls: Controls,
-                        **options: Any) -> Preconditioner:
+def make_preconditioner(
+    name: str, objective: Objective, theta: Tensor, controls: Controls, **options: Any
+) -> Preconditioner:
     return PRECONDITIONERS.make(name, objective, theta.detach(), controls, **options)

@@ -107,11 +107,16 @@ class RepresentationModel(nn.Module):
         nets = ARCHITECTURES.make(config.architecture, config)
         self.encoder = nets.encoder
         self.decoder = nets.decoder
-        self.classifier = nets.classifier or (ReferenceClassLinear(config.latent_dim, config.num_classes)
-                                              if config.reference_class
-                                              else nn.Linear(config.latent_dim, config.num_classes))
-        self.prior: Prior = (MixtureOfGaussiansPrior(config.latent_dim, config.prior_components)
-                             if config.prior == "mog" else StandardNormalPrior())
+        self.classifier = nets.classifier or (
+            ReferenceClassLinear(config.latent_dim, config.num_classes)
+            if config.reference_class
+            else nn.Linear(config.latent_dim, config.num_classes)
+        )
+        self.prior: Prior = (
+            MixtureOfGaussiansPrior(config.latent_dim, config.prior_components)
+            if config.prior == "mog"
+            else StandardNormalPrior()
+        )
         self._log_likelihood = LIKELIHOODS[config.likelihood]
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -129,8 +134,7 @@ class RepresentationModel(nn.Module):
         decoded = self.decoder(z.reshape(k * n, d)).reshape(k, n, *x.shape[1:])
         return mu, logvar, decoded, self.classifier(z)
 
-    def losses(self, outputs: tuple[Tensor, ...], x: Tensor, y: Tensor,
-               noise: Tensor) -> Tensor:
+    def losses(self, outputs: tuple[Tensor, ...], x: Tensor, y: Tensor, noise: Tensor) -> Tensor:
         """Per-example (R, D, C) in nats, shape (3, n), from :meth:`outputs` (eqs. 1 and 4).
 
         The expectations over e(z|x) are averages over the K noise samples. R is the closed-form

@@ -24,5 +24,3 @@ def gaussian_log_likelihood(x: Tensor, mean: Tensor) -> Tensor:
 
 
 LIKELIHOODS = {"bernoulli": bernoulli_log_likelihood, "gaussian": gaussian_log_likelihood}
-
-

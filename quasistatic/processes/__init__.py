@@ -22,6 +22,21 @@ from .builtin import (
     IsoClassificationTransfer,
 )
 
-__all__ = ["Process", "ConstraintProcess", "Parameter", "ResidualForm", "Sensitivities", "SingularConstraintError",
-           "PROCESSES", "available_processes", "make_process", "register_process", "Free", "IsoClassification",
-           "IsoClassificationRate", "IsoClassificationTransfer", "ConstantLambdaRate", "GeodesicTransfer"]
+__all__ = [
+    "Process",
+    "ConstraintProcess",
+    "Parameter",
+    "ResidualForm",
+    "Sensitivities",
+    "SingularConstraintError",
+    "PROCESSES",
+    "available_processes",
+    "make_process",
+    "register_process",
+    "Free",
+    "IsoClassification",
+    "IsoClassificationRate",
+    "IsoClassificationTransfer",
+    "ConstantLambdaRate",
+    "GeodesicTransfer",
+]

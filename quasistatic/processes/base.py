@@ -31,8 +31,16 @@ from ..thermo.objective import Controls
 from ..registry import Parameter, Registry
 from ..thermo.sensitivities import Sensitivities
 
-__all__ = ["Process", "ConstraintProcess", "ResidualForm", "SingularConstraintError", "PROCESSES", "register_process",
-           "available_processes", "make_process"]
+__all__ = [
+    "Process",
+    "ConstraintProcess",
+    "ResidualForm",
+    "SingularConstraintError",
+    "PROCESSES",
+    "register_process",
+    "available_processes",
+    "make_process",
+]
 
 Rates = tuple[float, float, float]  # (λ̇, γ̇, ṫ)
 
@@ -127,7 +135,8 @@ class ConstraintProcess(Process):
             raise SingularConstraintError(
                 f"the constraint derivative along gamma must be non-zero to solve for gamma's rate, got "
                 f"{g_gamma:.3e} (against {scale:.3e} along lambda and t) at lambda={controls.lam:.6g}, "
-                f"gamma={controls.gamma:.6g}, t={controls.t:.6g}")
+                f"gamma={controls.gamma:.6g}, t={controls.t:.6g}"
+            )
         return lam_dot, -(g_lam * lam_dot + g_t * t_dot) / g_gamma, t_dot
 
 

@@ -16,8 +16,14 @@ from ..registry import Parameter
 from ..thermo.sensitivities import Sensitivities
 from .base import ConstraintProcess, Process, Rates, ResidualForm, SingularConstraintError, register_process
 
-__all__ = ["Free", "IsoClassification", "IsoClassificationRate", "IsoClassificationTransfer",
-           "ConstantLambdaRate", "GeodesicTransfer"]
+__all__ = [
+    "Free",
+    "IsoClassification",
+    "IsoClassificationRate",
+    "IsoClassificationTransfer",
+    "ConstantLambdaRate",
+    "GeodesicTransfer",
+]
 
 
 _LAM_END = Parameter("lam_end", float, None, "final λ: λ̇ = λ_end − λ₀ over s ∈ [0, 1]")
@@ -34,8 +40,10 @@ def _lam_rate(start: Controls, lam_end: float | None) -> float:
 class Free(Process):
     """Lemma 5: (λ̇, γ̇) given, θ̇ = θ_λλ̇ + θ_γγ̇ (eq. 17)."""
 
-    parameters = (Parameter("lam_rate", float, 0.0, "λ̇, the change of λ over s ∈ [0, 1]"),
-                  Parameter("gamma_rate", float, 0.0, "γ̇, the change of γ over s ∈ [0, 1]"))
+    parameters = (
+        Parameter("lam_rate", float, 0.0, "λ̇, the change of λ over s ∈ [0, 1]"),
+        Parameter("gamma_rate", float, 0.0, "γ̇, the change of γ over s ∈ [0, 1]"),
+    )
 
     def __init__(self, start: Controls, lam_rate: float = 0.0, gamma_rate: float = 0.0) -> None:
         super().__init__(start)
@@ -57,14 +65,17 @@ class IsoClassification(ConstraintProcess):
     """dC = 0 with θ on the surface (eqs. 19–20): λ̇ = λ_end − λ₀ and γ̇ = −C_λλ̇ / C_γ, or, with
     ``alpha``, Remark 7's form λ̇ = −α C_γ, γ̇ = α C_λ (eqs. 22, 31)."""
 
-    parameters = (_LAM_END, Parameter("alpha", float, None, "Remark 7's time scale: λ̇ = −αC_γ, γ̇ = αC_λ "
-                                                             "instead of a lam_end"))
+    parameters = (
+        _LAM_END,
+        Parameter("alpha", float, None, "Remark 7's time scale: λ̇ = −αC_γ, γ̇ = αC_λ instead of a lam_end"),
+    )
 
     def __init__(self, start: Controls, lam_end: float | None = None, alpha: float | None = None) -> None:
         super().__init__(start)
         if (lam_end is None) == (alpha is None):
-            raise bad_value("iso-classification parameters", "exactly one of lam_end or alpha",
-                            {"lam_end": lam_end, "alpha": alpha})
+            raise bad_value(
+                "iso-classification parameters", "exactly one of lam_end or alpha", {"lam_end": lam_end, "alpha": alpha}
+            )
         self.alpha = alpha
         self.lam_rate = None if alpha is not None else _lam_rate(start, lam_end)
         if self.lam_rate == 0:
@@ -83,8 +94,9 @@ class IsoClassification(ConstraintProcess):
             return super().control_velocity(s, controls, sensitivities)
         c_lam, c_gamma = sensitivities("C", "lam"), sensitivities("C", "gamma")
         if c_gamma == 0 and c_lam == 0:
-            raise SingularConstraintError("C_lambda and C_gamma must not both vanish for Remark 7's "
-                                          f"alpha form, got 0 and 0 at {controls}")
+            raise SingularConstraintError(
+                f"C_lambda and C_gamma must not both vanish for Remark 7's alpha form, got 0 and 0 at {controls}"
+            )
         return -self.alpha * c_gamma, self.alpha * c_lam, 0.0
 
     def describe(self) -> dict[str, Any]:
@@ -174,8 +186,10 @@ class GeodesicTransfer(Process):
         system = torch.stack([m[1, :2] - k * m[0, :2], m[2, :2]])  # rows: D − kR and C; columns λ, γ
         rhs = -torch.stack([m[1, 2] - k * m[0, 2], m[2, 2]])
         if torch.linalg.matrix_rank(system) < 2:
-            raise SingularConstraintError(f"the system of eq. 30 must be non-singular, got {system.tolist()} at "
-                                          f"lambda={controls.lam:.6g}, gamma={controls.gamma:.6g}, t={controls.t:.6g}")
+            raise SingularConstraintError(
+                f"the system of eq. 30 must be non-singular, got {system.tolist()} at "
+                f"lambda={controls.lam:.6g}, gamma={controls.gamma:.6g}, t={controls.t:.6g}"
+            )
         lam_dot, gamma_dot = torch.linalg.solve(system, rhs).tolist()
         return lam_dot, gamma_dot, 1.0
 

@@ -11,5 +11,14 @@ from .objective import Controls, Objective
 from .parameters import ParameterLayout
 from .sensitivities import CONTROLS, FUNCTIONALS, Sensitivities
 
-__all__ = ["Controls", "Objective", "Functionals", "FixedNoiseFunctionals", "ParameterLayout", "Sensitivities",
-           "CONTROLS", "FUNCTIONALS", "measure"]
+__all__ = [
+    "Controls",
+    "Objective",
+    "Functionals",
+    "FixedNoiseFunctionals",
+    "ParameterLayout",
+    "Sensitivities",
+    "CONTROLS",
+    "FUNCTIONALS",
+    "measure",
+]

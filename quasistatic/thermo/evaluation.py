@@ -16,9 +16,14 @@ def measure(train: Objective, theta: Tensor, controls: Controls, val: Objective 
     accuracy of the classifier at the encoder mean."""
     theta = theta.detach()
     values = train.report(theta, controls.t)
-    row = {"R": values.R, "D": values.D, "C": values.C, "S": values.S,
-           "F": values.free_energy(controls.lam, controls.gamma),
-           "grad_norm": float(torch.linalg.vector_norm(train.gradient(theta, controls)))}
+    row = {
+        "R": values.R,
+        "D": values.D,
+        "C": values.C,
+        "S": values.S,
+        "F": values.free_energy(controls.lam, controls.gamma),
+        "grad_norm": float(torch.linalg.vector_norm(train.gradient(theta, controls))),
+    }
     if val is not None:
         row["val_C"] = val.report(theta, controls.t).C
         row["val_acc"] = val.accuracy(theta, controls.t)

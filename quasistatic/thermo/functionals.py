@@ -36,8 +36,9 @@ class Functionals(NamedTuple):
         return self.R + lam * self.D + gamma * self.C + self.sigma * self.S
 
 
-def fixed_noise(samples: int, n: int, latent_dim: int, seed: int, dtype: torch.dtype,
-                device: torch.device | str | None = None) -> Tensor:
+def fixed_noise(
+    samples: int, n: int, latent_dim: int, seed: int, dtype: torch.dtype, device: torch.device | str | None = None
+) -> Tensor:
     """The fixed standard-normal draws (K, n, latent_dim) of the reparameterized encoder."""
     if samples < 1:
         raise bad_value("number of samples K", "an integer >= 1", samples)
@@ -65,14 +66,19 @@ class FixedNoiseFunctionals:
     ``chunk_size`` bounds the examples evaluated at once (memory); the result does not depend on it.
     """
 
-    def __init__(self, model: RepresentationModel, data: LabeledData, samples: int = 1,
-                 noise_seed: int = 0, chunk_size: int | None = None) -> None:
+    def __init__(
+        self,
+        model: RepresentationModel,
+        data: LabeledData,
+        samples: int = 1,
+        noise_seed: int = 0,
+        chunk_size: int | None = None,
+    ) -> None:
         param = next(model.parameters())
         self.model = model
         self.layout = ParameterLayout(model)
         self.data = data.to(device=param.device, dtype=param.dtype)
-        self.noise = fixed_noise(samples, len(data), model.config.latent_dim, noise_seed,
-                                 param.dtype, param.device)
+        self.noise = fixed_noise(samples, len(data), model.config.latent_dim, noise_seed, param.dtype, param.device)
         self.chunk_size = chunk_size or len(data)
         self._mean_logits = _Method(model, "mean_logits")
         self._outputs = _Method(model, "outputs")
@@ -119,14 +125,18 @@ class FixedNoiseFunctionals:
         params = self._routed(theta)
         with torch.no_grad():
             correct = sum(
-                (functional_call(self._mean_logits, params, (self.data.x[i:i + self.chunk_size],))
-                 .argmax(-1) == self.data.y[i:i + self.chunk_size]).sum().item()
-                for i in range(0, len(self.data), self.chunk_size))
+                (
+                    functional_call(self._mean_logits, params, (self.data.x[i : i + self.chunk_size],)).argmax(-1)
+                    == self.data.y[i : i + self.chunk_size]
+                )
+                .sum()
+                .item()
+                for i in range(0, len(self.data), self.chunk_size)
+            )
         return correct / len(self.data)
 
     def __call__(self, theta: Tensor) -> Tensor:
         """(3,) tensor [R, D, C], each averaged over the data set."""
         n = len(self.data)
-        total = sum(self.per_example(theta, i, i + self.chunk_size).sum(-1)
-                    for i in range(0, n, self.chunk_size))
+        total = sum(self.per_example(theta, i, i + self.chunk_size).sum(-1) for i in range(0, n, self.chunk_size))
         return cast(Tensor, total) / n  # a sum of tensors (the data set is not empty)

@@ -60,8 +60,15 @@ class Objective:
     reads dR = −λdD − γdC − σdS, eq. 7).
     """
 
-    def __init__(self, model: RepresentationModel, data: LabeledData | DataMixture, samples: int = 1,
-                 noise_seed: int = 0, chunk_size: int | None = None, sigma: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: RepresentationModel,
+        data: LabeledData | DataMixture,
+        samples: int = 1,
+        noise_seed: int = 0,
+        chunk_size: int | None = None,
+        sigma: float = 0.0,
+    ) -> None:
         if not sigma >= 0:
             raise bad_value("sigma", "a number >= 0", sigma)
         self.sigma = sigma
@@ -69,8 +76,9 @@ class Objective:
         self.layout = ParameterLayout(model)
         self.mixture = data if isinstance(data, DataMixture) else None
         sets = [data.source, data.target] if isinstance(data, DataMixture) else [data]
-        self.parts = [FixedNoiseFunctionals(model, part, samples, noise_seed + i, chunk_size)
-                      for i, part in enumerate(sets)]
+        self.parts = [
+            FixedNoiseFunctionals(model, part, samples, noise_seed + i, chunk_size) for i, part in enumerate(sets)
+        ]
         self.work = WorkCounter()
 
     def subsample(self, fraction: float, seed: int = 0) -> "Objective":
@@ -84,9 +92,10 @@ class Objective:
         generator = torch.Generator().manual_seed(seed)
         sub = object.__new__(Objective)
         sub.sigma, sub.model, sub.layout, sub.mixture = self.sigma, self.model, self.layout, self.mixture
-        sub.parts = [part.subset(torch.randperm(len(part.data), generator=generator)
-                                 [:max(1, round(fraction * len(part.data)))])
-                     for part in self.parts]
+        sub.parts = [
+            part.subset(torch.randperm(len(part.data), generator=generator)[: max(1, round(fraction * len(part.data)))])
+            for part in self.parts
+        ]
         sub.work = WorkCounter()
         return sub
 
@@ -143,10 +152,13 @@ class Objective:
         shuffled by ``generator``; a mixture's smaller part is cycled to match the larger one."""
         sizes = [len(part.data) for part in self.parts]
         n_max = max(sizes)
-        orders = [torch.randperm(n, generator=generator).repeat(-(-n_max // n)).to(part.data.y.device)
-                  for n, part in zip(sizes, self.parts)]
-        return [[order[start:min(start + batch_size, n_max)] for order in orders]
-                for start in range(0, n_max, batch_size)]
+        orders = [
+            torch.randperm(n, generator=generator).repeat(-(-n_max // n)).to(part.data.y.device)
+            for n, part in zip(sizes, self.parts)
+        ]
+        return [
+            [order[start : min(start + batch_size, n_max)] for order in orders] for start in range(0, n_max, batch_size)
+        ]
 
     def minibatch_value(self, index: list[Tensor], controls: Controls) -> Tensor:
         """J on one minibatch (one index tensor per part) with the model's own parameters.
@@ -162,8 +174,9 @@ class Objective:
         accuracies = [part.accuracy(theta) for part in self.parts]
         return accuracies[0] if self.mixture is None else float(self.mixture.mix(accuracies[0], accuracies[1], t))
 
-    def combination_gradients(self, theta: Tensor, weights: Tensor, t: float = 0.0,
-                              with_entropy: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def combination_gradients(
+        self, theta: Tensor, weights: Tensor, t: float = 0.0, with_entropy: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Values (m,) and gradients (m, N) of the m linear combinations weights (m, 3) of
         (R, D, C) under p(x, t), plus σS in the rows where ``with_entropy`` (m,) is true, in one
         reverse pass per row (shared forward). Counts m gradients."""
