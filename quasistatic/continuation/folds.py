@@ -223,10 +223,15 @@ def jump_past(
         correction = corrector.correct(
             linear_solve, relaxed.theta, controls, process, target, grad_tol=grad_tol, drift_tol=drift_tol
         )
-        if not correction.converged:  # once more from where it stalled (fresh damping and stall count)
+        for _ in range(2):  # where Newton stalls (near the new branch's own fold: on digits at lambda
+            # 1.60312, |grad J| 1.5e-5 and |g - g0| 1.3e-5 after two tries), relax at the controls it
+            # reached and correct again from that minimum (fresh damping and stall count)
+            if correction.converged:
+                break
+            settled = polish(linear_solve, correction.theta, correction.controls, grad_tol=grad_tol)
             again = corrector.correct(
                 linear_solve,
-                correction.theta,
+                settled.theta,
                 correction.controls,
                 process,
                 target,
@@ -235,7 +240,7 @@ def jump_past(
             )
             correction = replace(
                 again,
-                iterations=correction.iterations + again.iterations,
+                iterations=correction.iterations + settled.iterations + again.iterations,
                 cg_iterations=correction.cg_iterations + again.cg_iterations,
             )
         if not correction.converged:
