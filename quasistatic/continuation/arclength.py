@@ -212,9 +212,8 @@ class PseudoArclength:
         )
 
     def _stability(self, point: _Point, s: float) -> StabilityPoint:
-        count = min(self.eigen_count, point.theta.numel())
         pairs = self.linear_solve.smallest_eigenpairs(
-            point.theta, point.controls, count=count, iterations=self.eigen_iterations
+            point.theta, point.controls, count=self.eigen_count, iterations=self.eigen_iterations
         )
         c = point.controls
         return StabilityPoint(s, c.lam, c.gamma, c.t, float(pairs.values[0]), int((pairs.values < 0).sum()))

@@ -257,9 +257,7 @@ class QuasiStaticEngine:
         return self.config.grad_tol / last if last > 0 else math.inf
 
     def _lambda_min(self, state: EngineState, iterations: int, count: int = 1) -> float:
-        pairs = self.linear_solve.smallest_eigenpairs(
-            state.theta, state.controls, iterations=iterations, count=min(count, state.theta.numel())
-        )
+        pairs = self.linear_solve.smallest_eigenpairs(state.theta, state.controls, iterations=iterations, count=count)
         return float(pairs.values[0])
 
     def run(self, state: EngineState, on_step: Callable[[StepReport], None] | None = None) -> EngineState:
@@ -404,8 +402,7 @@ class QuasiStaticEngine:
         if points and points[-1].s == state.s:
             if points[-1].lambda_min <= 0:
                 fold = locate_fold(points, state.s)
-                if fold is not None:
-                    fold = replace(fold, last_accepted_s=state.s, failed_s=state.s)
+                if fold is not None:  # last_accepted_s = failed_s = s: jumped from this saddle, at its controls
                     return FoldError(
                         f"{fold.describe()}: the point at s={state.s:.8g} is a saddle "
                         f"(lambda_min = {points[-1].lambda_min:.3e}): the path went past a fold",

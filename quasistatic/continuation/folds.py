@@ -197,7 +197,7 @@ def jump_past(
         linear_solve.smallest_eigenpairs(
             relaxed.theta,
             controls,
-            count=min(REFINED_COUNT, relaxed.theta.numel()),
+            count=REFINED_COUNT,
             iterations=10 * max(eigen_iterations, 1),
         ).values[0]
     )

@@ -184,7 +184,7 @@ class LinearSolve:
     def smallest_eigenpairs(
         self, theta: Tensor, controls: Controls, *, count: int = 1, iterations: int = 8, tol: float = 1e-6
     ) -> RitzPairs:
-        """The ``count`` algebraically smallest eigenpairs of the exact A = ∇²θJ at (θ, controls)
+        """The ``count`` (at most n) algebraically smallest eigenpairs of the exact A = ∇²θJ at (θ, controls)
         (full data, Hessian whatever the solves' ``operator``): at most ``iterations`` of LOBPCG,
         preconditioned by the kept P and started from the last call's eigenvectors (its ``count``
         smallest; missing ones drawn at random), to residual
@@ -194,6 +194,7 @@ class LinearSolve:
         products are counted on the objective."""
         operator = CurvatureOperator(self.objective, theta, controls, mode=self.config.mode)
         preconditioner = self.current(theta, controls)
+        count = min(count, theta.numel())
         start = self._warm.get("eigenvector")
         start = None if start is None else start[:, :count]
         pairs = ritz_pairs(
