@@ -17,7 +17,14 @@ import torch
 
 from quasistatic import Controls, ModelConfig, Objective, build_model
 from quasistatic.continuation.correctors import Correction, make_corrector
-from quasistatic.continuation.engine import EngineConfig, EngineState, FoldError, QuasiStaticEngine, StepReport
+from quasistatic.continuation.engine import (
+    REJECTION_REASONS,
+    EngineConfig,
+    EngineState,
+    FoldError,
+    QuasiStaticEngine,
+    StepReport,
+)
 from quasistatic.continuation.folds import Fold, Jump, StabilityPoint, jump_past, locate_fold
 from quasistatic.experiments.rundir import RunDirectory
 from quasistatic.experiments.trajectory import TrajectoryRecorder
@@ -82,7 +89,8 @@ def test_jump_lands_on_the_other_branch_and_books_the_analytic_dissipation():
     assert sum(r.jump is not None for r in reports) == 1
     index = next(i for i, r in enumerate(reports) if r.jump is not None)
     jump, before, after = reports[index].jump, states[index], reports[index].state  # before: the right branch's last
-    assert reports[index].rejected >= 1  # the collapsed tries before the jump are in its row
+    assert reports[index].rejected >= 1  # the collapsed tries before the jump are in its row, with why
+    assert set(reports[index].rejections) <= set(REJECTION_REASONS)
     assert jump.fold.lam == pytest.approx(LAMBDA_FOLD, rel=1e-6)
     lam_past = after.controls.lam
     assert LAMBDA_FOLD < lam_past < LAMBDA_FOLD + 1e-3
@@ -145,12 +153,15 @@ def test_a_jump_and_an_unstable_point_are_recorded(tmp_path, caplog):
                 uncertainty=1e-6)
     jump = Jump(fold, s=0.5, distance=1.5, dissipation=0.25, lambda_min=0.01)
     state = EngineState(theta, controls, s=0.5, step=3)
-    recorder.on_step(StepReport(state, Correction(theta, controls, 0, 0, 0.0, 0.0, True), 0, 0, jump))
+    tries = ("corrector", "branch-hop", "corrector")
+    recorder.on_step(StepReport(state, Correction(theta, controls, 0, 0, 0.0, 0.0, True), 0, tries, jump))
     saddle = EngineState(theta, controls, s=0.6, step=4, stability=(StabilityPoint(0.6, 1.2, 4.0, 0.0, -1e-3),))
-    recorder.on_step(StepReport(saddle, Correction(theta, controls, 0, 0, 0.0, 0.0, True), 0, 0))
+    recorder.on_step(StepReport(saddle, Correction(theta, controls, 0, 0, 0.0, 0.0, True), 0))
     with run.file("trajectory.csv").open() as f:
         row, unstable = list(csv.DictReader(f))
     assert row["event"] == "jump" and float(row["jump_distance"]) == 1.5 and float(row["dissipation"]) == 0.25
+    assert row["rejected_steps"] == "3" and row["rejected_because"] == "corrector:2;branch-hop:1"
+    assert unstable["rejected_steps"] == "0" and unstable["rejected_because"] == ""
     assert unstable["event"] == "unstable" and float(unstable["lambda_min"]) == -1e-3 and unstable["dissipation"] == ""
     (saved,) = json.loads(run.file("jumps.json").read_text())
     assert saved["dissipation"] == 0.25 and saved["fold"]["lam"] == 1.19 and saved["s"] == 0.5
@@ -201,24 +212,24 @@ def test_a_step_accepted_on_a_saddle_is_a_fold_from_the_last_minimum(monkeypatch
     saddle = EngineState(start.theta, Controls(0.1, 1.0), s=0.2, step=1,
                          stability=(*start.stability, StabilityPoint(0.2, 0.1, 1.0, 0.0, -0.1)))
     accepted = Correction(saddle.theta, saddle.controls, 1, 0, 0.0, 0.0, True)
-    monkeypatch.setattr(engine, "_step", lambda state: StepReport(saddle, accepted, 0, 2))
+    monkeypatch.setattr(engine, "_step", lambda state: StepReport(saddle, accepted, 0, ("corrector", "tangent")))
     jumps = []
 
-    def fake_jump(state, fold, rejected):
-        jumps.append((state, fold, rejected))
-        return StepReport(EngineState(state.theta, Controls(0.5, 1.0), s=1.0, step=2), accepted, 0, rejected)
+    def fake_jump(state, fold, rejections):
+        jumps.append((state, fold, rejections))
+        return StepReport(EngineState(state.theta, Controls(0.5, 1.0), s=1.0, step=2), accepted, 0, rejections)
 
     monkeypatch.setattr(engine, "_jump", fake_jump)
     if at_fold == "stop":
         with pytest.raises(FoldError, match="ended on a saddle") as caught:
             engine.run(start)
-        fold, rejected = caught.value.fold, caught.value.rejected
+        fold, rejected = caught.value.fold, caught.value.rejections
     else:
         engine.run(start)
         (state, fold, rejected), = jumps
         assert state is start
     assert fold.s == pytest.approx(0.2 / 1.1) and fold.last_accepted_s == 0.0 and fold.failed_s == 0.2
-    assert rejected == 2
+    assert rejected == ("corrector", "tangent")
 
 
 @pytest.mark.parametrize("at_fold", ["stop", "jump"])
@@ -255,7 +266,7 @@ def test_a_saddle_missed_by_the_tracking_is_found_by_the_next_tangent_solve(at_f
 def test_the_refined_lambda_min_is_not_fooled_by_a_tracked_vector_of_another_eigenvalue():
     """One tracked vector can sit on another eigenvector than the smallest (on digits at λ 1.91675 it
     read 1.9e-3 where the smallest eigenvalue was −7.1e-6). The refinement runs a block of
-    REFINED_COUNT vectors and finds the smallest; the tracking then follows it."""
+    EIGEN_BLOCK vectors and finds the smallest; the tracking then follows it."""
     scales = torch.tensor([-0.5, 2.0, 3.0, 5.0, 7.0, 11.0], dtype=torch.float64)
     objective = functional_objective(lambda th: torch.stack([0.5 * (scales * th**2).sum(), th[0] * 0, th[0] * 0]), 6)
     engine = QuasiStaticEngine(objective, make_process("free", START, lam_rate=0.5), make_integrator("hermite"),

@@ -241,21 +241,23 @@ class PseudoArclength:
         memory: ArclengthState = state.arclength
         tau, ds = memory.tangent, memory.step
         u0 = self.unknowns(state.theta, state.s, state.controls)
-        rejected = 0
+        rejections: list[str] = []
         while True:
             if ds < self.min_step * memory.max_step:
                 raise StepSizeError(
                     f"the arclength step fell below {self.min_step:g} of its largest at s={state.s:.6g}"
                 )
+            reason = "corrector"
             try:
                 point, correction = self._correct(u0 + ds * tau, tau, float(tau @ u0) + ds, state.target)
                 if correction.converged:
                     new_tau, tangent_iterations = self._unit_tangent(point, tau)
                     if float(new_tau @ tau) >= math.cos(MAX_ANGLE):
                         break
-            except StepSizeError:
-                pass
-            rejected += 1
+                    reason = "angle"
+            except StepSizeError as error:  # from an InputError: the controls' domain; else a tangent solve
+                reason = "domain" if isinstance(error.__cause__, InputError) else "tangent"
+            rejections.append(reason)
             ds /= 2
         turning = None
         s0, s1 = float(u0[n]), float(point.u[n])
@@ -295,7 +297,7 @@ class PseudoArclength:
                 new_tau, min(ds * grow, memory.max_step), memory.max_step, at_turn=turning is not None
             ),
         )
-        return new, correction, tangent_iterations, rejected, turning
+        return new, correction, tangent_iterations, tuple(rejections), turning
 
     def _turning_point(
         self, state, u0: Tensor, tau: Tensor, ds: float, point: _Point, correction: Correction, new_tau: Tensor

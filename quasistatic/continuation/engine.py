@@ -19,14 +19,18 @@ leaves the control domain, or whose tangent solve does not converge is not accep
 retried at h/2 (:mod:`quasistatic.continuation.step_control`).
 
 At every accepted point the smallest eigenvalue λ_min of A is tracked (a few warm-started LOBPCG
-iterations, ``eigen_iterations``); when the steps collapse where λ_min was falling towards 0, the
-fold ahead is located (:mod:`quasistatic.continuation.folds`) and a :class:`~quasistatic.continuation.folds.FoldError`
-names it.
+iterations, ``eigen_iterations``, on a block of :data:`~quasistatic.continuation.folds.EIGEN_BLOCK`
+vectors: one vector followed an eigenvalue 8× the smallest on digits); when the steps collapse
+where λ_min was falling towards 0, the fold ahead is located
+(:mod:`quasistatic.continuation.folds`) and a :class:`~quasistatic.continuation.folds.FoldError`
+names it. Why each tried step was not accepted is logged (DEBUG) and counted in its row.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -36,7 +40,7 @@ from torch import Tensor
 from .arclength import ArclengthState, PseudoArclength
 from .correctors import Correction, Corrector
 from ..errors import InputError, bad_value, choice_error
-from .folds import AT_FOLD, REFINED_COUNT, Fold, FoldError, Jump, StabilityPoint, jump_past, locate_fold
+from .folds import AT_FOLD, EIGEN_BLOCK, Fold, FoldError, Jump, StabilityPoint, jump_past, locate_fold
 from ..integrators import Integrator
 from ..linalg.linear_solve import LinearSolve
 from ..thermo.objective import Controls, Objective
@@ -45,6 +49,7 @@ from .step_control import StepControl, StepSizeError
 from .tangents import equilibrium_tangents
 
 __all__ = [
+    "REJECTION_REASONS",
     "ControlDomainError",
     "EngineConfig",
     "EngineState",
@@ -54,7 +59,22 @@ __all__ = [
     "StepReport",
     "StepSizeError",
     "first_law_residual",
+    "rejection_summary",
 ]
+
+logger = logging.getLogger(__name__)
+
+# why a tried step was not accepted (StepReport.rejections, the trajectory's rejected_because):
+# "domain" (λ or γ < 0), "tangent" (a tangent solve did not converge or was not finite), "corrector"
+# (the corrector missed the tolerances within its budget), "branch-hop" (it converged farther from the
+# prediction than max_correction allows), "angle" (arclength: the tangent turned too far)
+REJECTION_REASONS = ("domain", "tangent", "corrector", "branch-hop", "angle")
+
+
+def rejection_summary(rejections: tuple[str, ...]) -> str:
+    """``rejections`` counted, in the order of :data:`REJECTION_REASONS`: "corrector:3;branch-hop:1"."""
+    counts = Counter(rejections)
+    return ";".join(f"{reason}:{counts[reason]}" for reason in REJECTION_REASONS if counts[reason])
 
 
 class ControlDomainError(StepSizeError):
@@ -136,9 +156,14 @@ class StepReport:
     state: EngineState
     correction: Correction
     tangent_cg_iterations: int
-    rejected: int  # steps retried at a smaller h before this one was accepted
+    rejections: tuple[str, ...] = ()  # why each try before this one was not accepted (REJECTION_REASONS)
     jump: Jump | None = None  # set when this "step" is a jump past a fold
     fold: Fold | None = None  # set when this step ends on a fold located by arclength continuation
+
+    @property
+    def rejected(self) -> int:
+        """Tries retried at a smaller step before this one was accepted."""
+        return len(self.rejections)
 
 
 class QuasiStaticEngine:
@@ -233,19 +258,20 @@ class QuasiStaticEngine:
         if not self.config.eigen_iterations:
             return state
         c = state.controls
-        point = StabilityPoint(state.s, c.lam, c.gamma, c.t, self._lambda_min(state, self.config.eigen_iterations))
+        value = self._lambda_min(state, self.config.eigen_iterations, EIGEN_BLOCK)
+        point = StabilityPoint(state.s, c.lam, c.gamma, c.t, value)
         return replace(state, stability=(*state.stability, point)[-3:])
 
     def _refined(self, state: EngineState) -> EngineState:
-        """``state`` with λ_min at its point recomputed with 10 × ``eigen_iterations`` on a block of
-        :data:`REFINED_COUNT` vectors (the kept one and random ones): where the steps collapse, λ_min
-        changes faster than the per-step iterations follow (on digits, 8 per step tracked 1.4e-5
-        where the converged value was 3.7e-6), and the one tracked vector can follow another
-        eigenvector than the smallest (on digits at λ 1.91675: tracked 1.9e-3, one vector with 80
+        """``state`` with λ_min at its point recomputed with 10 × ``eigen_iterations`` on the kept
+        block of :data:`EIGEN_BLOCK` vectors: where the steps collapse, λ_min changes faster than
+        the per-step iterations follow (on digits, 8 per step tracked 1.4e-5 where the converged
+        value was 3.7e-6), and a tracked vector can follow another eigenvector than the smallest
+        (on digits at λ 1.91675, with one tracked vector: tracked 1.9e-3, one vector with 80
         iterations 1.9e-4, a block of 3 −7.1e-6: the point was a saddle)."""
         if not self.config.eigen_iterations or not state.stability or state.stability[-1].s != state.s:
             return state
-        value = self._lambda_min(state, 10 * self.config.eigen_iterations, REFINED_COUNT)
+        value = self._lambda_min(state, 10 * self.config.eigen_iterations, EIGEN_BLOCK)
         return replace(state, stability=(*state.stability[:-1], replace(state.stability[-1], lambda_min=value)))
 
     def _resolution(self, state: EngineState) -> float:
@@ -280,7 +306,7 @@ class QuasiStaticEngine:
                     if self._arclength is not None and not isinstance(error, NegativeControlsError):
                         report = self._continue(self._arclength.begin(state, self.control.h_max))
                     elif self.config.at_fold == "jump" and isinstance(error, FoldError):
-                        report = self._jump(state, error.fold, error.rejected)
+                        report = self._jump(state, error.fold, error.rejections)
                     else:
                         raise
                 else:
@@ -290,10 +316,10 @@ class QuasiStaticEngine:
                             f"{fold.describe()}: the step to s={report.state.s:.8g} ended on a saddle "
                             f"(lambda_min changed sign)",
                             fold,
-                            report.rejected,
+                            report.rejections,
                         )
                     if fold is not None and self.config.at_fold == "jump":
-                        report = self._jump(state, fold, report.rejected)
+                        report = self._jump(state, fold, report.rejections)
             state = report.state
             if on_step is not None:
                 on_step(report)
@@ -333,7 +359,8 @@ class QuasiStaticEngine:
                 raise unstable
         self._start_field = (state.s, y0, slope)
         h = self.control.first(state.h, state.s, state.controls, slope, adapts)
-        rejected = 0
+        rejections: list[str] = []
+        refined = False  # whether λ_min at ``state`` was refined in this step (by the branch-hop check)
         while True:
             outside = False  # the step left λ, γ ≥ 0: a boundary of the controls, not a fold
             try:
@@ -343,7 +370,7 @@ class QuasiStaticEngine:
                 if not adapts:
                     raise
                 outside = isinstance(error, NegativeControlsError)
-                failure = str(error)
+                reason, failure = "domain" if outside else "tangent", str(error)
             else:
                 correction = self.corrector.correct(
                     self.linear_solve,
@@ -355,10 +382,18 @@ class QuasiStaticEngine:
                     drift_tol=self.config.drift_tol,
                     max_iter=self.config.max_corrector_iterations,
                 )
-                stride = max(float(torch.linalg.vector_norm(theta - state.theta)), self._resolution(state))
+                step_length = float(torch.linalg.vector_norm(theta - state.theta))
                 moved = float(torch.linalg.vector_norm(correction.theta - theta))
+                stride = max(step_length, self._resolution(state))
+                if correction.converged and moved > self.config.max_correction * stride and not refined:
+                    # before calling it a branch hop, make sure of λ_min: the tracked value can be an
+                    # eigenvalue above the smallest (on digits at λ 1.91334: tracked 1.6e-3, a block
+                    # of 3 9.2e-4, converged 2.1e-4), which makes grad_tol/λ_min too small
+                    state, refined = self._refined(state), True
+                    stride = max(step_length, self._resolution(state))
                 if not adapts or (correction.converged and moved <= self.config.max_correction * stride):
                     break
+                reason = "corrector" if not correction.converged else "branch-hop"
                 failure = (
                     f"the corrector did not reach the tolerances (|grad J| = {correction.grad_norm:.3e}, "
                     f"|g - g0| = {correction.constraint_error:.3e})"
@@ -367,28 +402,31 @@ class QuasiStaticEngine:
                     f"{self.config.max_correction:g} x max(the step's |dtheta|, grad_tol / lambda_min) = "
                     f"{stride:.3e} (onto another branch?)"
                 )
-            rejected += 1
+            rejections.append(reason)
+            logger.debug("the step from s=%.8g at h=%.3e was rejected (%s): %s", state.s, h, reason, failure)
             self._tangent_cg_iterations = 0
             try:
                 h = self.control.retry(h, state.s, state.controls, failure)
             except StepSizeError as error:
-                fold = None if outside else locate_fold(self._refined(state).stability, state.s + h)
+                tried = f"{error} (tries rejected: {rejection_summary(tuple(rejections))})"
+                points = state.stability if refined else self._refined(state).stability
+                fold = None if outside else locate_fold(points, state.s + h)
                 if fold is None:
-                    raise
-                raise FoldError(f"{fold.describe()}: {error}", fold, rejected) from error
+                    raise StepSizeError(tried) from error
+                raise FoldError(f"{fold.describe()}: {tried}", fold, tuple(rejections)) from error
         new = self._tracked(
             EngineState(
                 correction.theta.detach(),
                 correction.controls,
                 s=state.s + h,
                 step=state.step + 1,
-                h=self.control.next(h, correction.iterations, rejected, adapts),
+                h=self.control.next(h, correction.iterations, len(rejections), adapts),
                 target=state.target,
                 previous=(state.s, y0),
                 stability=state.stability,
             )
         )
-        return StepReport(new, correction, self._tangent_cg_iterations, rejected)
+        return StepReport(new, correction, self._tangent_cg_iterations, tuple(rejections))
 
     def _unstable_start(self, state: EngineState, error: ControlDomainError | None) -> StepSizeError | None:
         """The step from ``state`` cannot start: its tangent solve failed (``error``) or met negative
@@ -420,10 +458,10 @@ class QuasiStaticEngine:
             raise bad_value(
                 "engine at_fold", "'arclength' to continue a state on an arclength continuation", self.config.at_fold
             )
-        new, correction, tangent_iterations, rejected, fold = self._arclength.step(state)
-        return StepReport(new, correction, tangent_iterations, rejected, fold=fold)
+        new, correction, tangent_iterations, rejections, fold = self._arclength.step(state)
+        return StepReport(new, correction, tangent_iterations, rejections, fold=fold)
 
-    def _jump(self, state: EngineState, fold: Fold, rejected: int = 0) -> StepReport:
+    def _jump(self, state: EngineState, fold: Fold, rejections: tuple[str, ...] = ()) -> StepReport:
         """The jump past ``fold`` from the last accepted ``state`` (:func:`~quasistatic.continuation.folds.jump_past`),
         as a step: the new branch starts with no previous point and a fresh stability history."""
         landed, jump = jump_past(
@@ -454,7 +492,7 @@ class QuasiStaticEngine:
                 f"(lambda_min = {new.stability[-1].lambda_min:.3e})",
                 fold,
             )
-        return StepReport(new, landed, 0, rejected, jump)
+        return StepReport(new, landed, 0, rejections, jump)
 
 
 def first_law_residual(rows: list[dict[str, float]], sigma: float = 0.0) -> tuple[float, float]:

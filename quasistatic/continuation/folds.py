@@ -38,10 +38,11 @@ from ..processes import Process
 from .step_control import StepSizeError
 from .tangents import equilibrium_tangents
 
-__all__ = ["AT_FOLD", "REFINED_COUNT", "Fold", "FoldError", "Jump", "StabilityPoint", "jump_past", "locate_fold"]
+__all__ = ["AT_FOLD", "EIGEN_BLOCK", "Fold", "FoldError", "Jump", "StabilityPoint", "jump_past", "locate_fold"]
 
 AT_FOLD = ("jump", "stop", "arclength")  # what the engine does at a located fold
-REFINED_COUNT = 3  # eigenvectors in the LOBPCG block where λ_min decides (a collapse, a relaxation's end)
+EIGEN_BLOCK = 3  # eigenvectors in the LOBPCG block that tracks λ_min and decides with it (a collapse, a
+# relaxation's end): one vector can follow another eigenvector than the smallest
 
 
 @dataclass(frozen=True)
@@ -95,11 +96,16 @@ class Jump:
 
 
 class FoldError(StepSizeError):
-    """The steps collapsed at a located fold (``fold``) after ``rejected`` tries."""
+    """The steps collapsed at a located fold (``fold``) after the tries ``rejections`` (why each
+    was not accepted)."""
 
-    def __init__(self, message: str, fold: Fold, rejected: int = 0) -> None:
+    def __init__(self, message: str, fold: Fold, rejections: tuple[str, ...] = ()) -> None:
         super().__init__(message)
-        self.fold, self.rejected = fold, rejected
+        self.fold, self.rejections = fold, rejections
+
+    @property
+    def rejected(self) -> int:
+        return len(self.rejections)
 
 
 def locate_fold(points: tuple[StabilityPoint, ...], failed_s: float) -> Fold | None:
@@ -197,7 +203,7 @@ def jump_past(
         linear_solve.smallest_eigenpairs(
             relaxed.theta,
             controls,
-            count=REFINED_COUNT,
+            count=EIGEN_BLOCK,
             iterations=10 * max(eigen_iterations, 1),
         ).values[0]
     )

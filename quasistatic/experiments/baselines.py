@@ -79,5 +79,5 @@ class FiniteDifferenceEquilibration:
                 correction.theta, controls, s=state.s + h, step=state.step + 1, h=h, target=state.target
             )
             if on_step is not None:
-                on_step(StepReport(state, correction, 0, 0))
+                on_step(StepReport(state, correction, 0))
         return state

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..continuation.engine import EngineState, StepReport
+from ..continuation.engine import EngineState, StepReport, rejection_summary
 from ..continuation.folds import Fold, Jump
 from ..thermo.evaluation import measure
 from ..linalg import LinearSolve
@@ -41,6 +41,7 @@ TRAJECTORY_COLUMNS = (
     "S",
     "corrector_iters",
     "rejected_steps",
+    "rejected_because",
     "h",
     "precond_builds",
     "unconverged_solves",
@@ -50,7 +51,7 @@ TRAJECTORY_COLUMNS = (
     "jump_distance",
     "dissipation",
 )
-TEXT_COLUMNS = ("event",)  # the columns that are not numbers
+TEXT_COLUMNS = ("event", "rejected_because")  # the columns that are not numbers
 TARGET_COLUMNS = ("target_val_C", "target_val_acc")  # with ``target_val``: C and accuracy on the target alone
 STATE_FILE = "state.pt"
 
@@ -80,7 +81,7 @@ class TrajectoryRecorder:
         state: EngineState,
         cg_iters: int = 0,
         corrector_iters: int = 0,
-        rejected: int = 0,
+        rejections: tuple[str, ...] = (),
         jump: Jump | None = None,
         fold: Fold | None = None,
     ) -> dict:
@@ -104,7 +105,8 @@ class TrajectoryRecorder:
             **measured,
             "cg_iters": cg_iters,
             "corrector_iters": corrector_iters,
-            "rejected_steps": rejected,
+            "rejected_steps": len(rejections),
+            "rejected_because": rejection_summary(rejections),
             "h": state.h,
             "grad_evals": self.train.work.gradient_equivalents,
             "precond_builds": self.linear_solve.stats.builds if self.linear_solve else 0,
@@ -175,7 +177,7 @@ class TrajectoryRecorder:
             report.state,
             cg_iters=report.tangent_cg_iterations + report.correction.cg_iterations,
             corrector_iters=report.correction.iterations,
-            rejected=report.rejected,
+            rejections=report.rejections,
             jump=report.jump,
             fold=report.fold,
         )
