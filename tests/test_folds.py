@@ -7,6 +7,7 @@ branch of minima, from (x, λ) = (1, 0), ends in a fold at x = 1/√3, λ_f = 2/
 """
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from quasistatic.continuation.engine import (
     FoldError,
     QuasiStaticEngine,
     StepReport,
+    StepSizeError,
 )
 from quasistatic.continuation.folds import Fold, Jump, StabilityPoint, jump_past, locate_fold
 from quasistatic.experiments.rundir import RunDirectory
@@ -281,3 +283,43 @@ def test_the_refined_lambda_min_is_not_fooled_by_a_tracked_vector_of_another_eig
     refined = engine._refined(state).stability[-1].lambda_min
     assert refined == pytest.approx(-0.5, abs=1e-8)
     assert engine._lambda_min(state, 8) == pytest.approx(-0.5, abs=1e-8)  # tracked from the refined block
+
+
+class _ShiftedCorrector:
+    """The newton corrector, with its result moved by ``shift`` (as Newton converging farther away)."""
+
+    adapts_step = True
+
+    def __init__(self, shift: float) -> None:
+        self.inner, self.shift = make_corrector("newton"), shift
+
+    def correct(self, *args, **kwargs) -> Correction:
+        correction = self.inner.correct(*args, **kwargs)
+        moved = correction.theta + torch.tensor([self.shift, 0.0], dtype=correction.theta.dtype)
+        return dataclasses.replace(correction, theta=moved)
+
+
+@pytest.mark.parametrize("refined_is_true", [True, False])
+def test_the_branch_hop_guard_refines_lambda_min_before_rejecting(refined_is_true):
+    """A correction that moves θ by 0.5 with grad_tol 1: within grad_tol/λ_min = 1 of the true λ_min
+    (1 at the start), not of a tracked value 100× too large (0.01). The guard refines λ_min before
+    rejecting, and accepts; where the refined value is as wrong, every try is a branch hop and the
+    steps collapse with the reasons counted in the error."""
+    objective = toy_objective()
+    engine = QuasiStaticEngine(objective, make_process("free", START, lam_rate=0.5), make_integrator("hermite"),
+                               _ShiftedCorrector(0.5), EngineConfig(steps=10, grad_tol=1.0, min_step=1e-3),
+                               LinearSolve(objective, LinearSolveConfig(preconditioner="none",
+                                                                        preconditioner_sample=1.0)))
+    tracking = engine.config.eigen_iterations
+    engine._lambda_min = lambda state, iterations, count=1: (
+        1.0 if refined_is_true and iterations > tracking else 100.0)
+    state = engine.start(torch.tensor([1.0, 0.0], dtype=torch.float64), START)
+    assert state.stability[-1].lambda_min == 100.0
+    if refined_is_true:
+        report = engine._step(state)
+        assert report.rejections == () and report.state.s > 0
+        assert report.state.stability[-2].lambda_min == 1.0  # the start's point, refined
+    else:
+        with pytest.raises(StepSizeError, match=r"tries rejected: branch-hop:\d+") as caught:
+            engine._step(state)
+        assert not isinstance(caught.value, FoldError)
