@@ -318,3 +318,26 @@ def test_forgotten_warm_starts_make_the_next_solve_a_cold_one(surface):
     cold = kept.solve(theta, START, rhs, tol=1e-2, kind="tangent", warm=False)
     assert forgotten.iterations == cold.iterations > 0
     assert torch.equal(forgotten.solution, cold.solution)
+
+
+def test_a_warm_start_that_does_not_converge_is_retried_from_zero(surface, monkeypatch):
+    """An unconverged warm-started solve is retried once from 0 (counted in ``stats.retries``), and
+    the retry's result is returned: the solution numpy.linalg.solve gives."""
+    import quasistatic.linalg.linear_solve as module
+
+    objective, theta = surface
+    rhs = tangent_rhs(objective, theta)
+    linear_solve = LinearSolve(objective, LinearSolveConfig(preconditioner="none"))
+    assert linear_solve.solve(theta, START, rhs, tol=1e-10, kind="tangent").converged
+    starts, real = [], module.solve
+
+    def stalled_when_warm(operator, rhs, *, x0=None, max_iter, **kwargs):  # a warm start that stalls
+        starts.append(x0)
+        return real(operator, rhs, x0=x0, max_iter=1 if x0 is not None else max_iter, **kwargs)
+
+    monkeypatch.setattr(module, "solve", stalled_when_warm)
+    retries = linear_solve.stats.retries
+    result = linear_solve.solve(theta, START, rhs, tol=1e-12, kind="tangent")
+    assert [x0 is None for x0 in starts] == [False, True] and linear_solve.stats.retries == retries + 1
+    assert result.converged and linear_solve.stats.unconverged == 0
+    assert relative_error(result.solution, reference(objective, theta, START, rhs)) < 1e-8
