@@ -12,10 +12,11 @@ shows them on stderr.
 Layout. The folders are the layers, top to bottom; a module imports only from its own folder and
 the layers below it (tests/test_layout.py checks this):
 
+    __main__.py                   python -m quasistatic (and torchrun -m quasistatic): the command line
     cli/                          the command line: parse the flags, build the objects, run them
     experiments/                  runs and their outputs: run directories, checkpoints, trajectory
-                                  recording and the paper's figures, the fd-equilibration baseline,
-                                  transfer (Sec. 4), plots
+                                  recording and the paper's figures (``reproduce``), the
+                                  fd-equilibration baseline, transfer (Sec. 4), plots
     continuation/                 following the equilibrium surface: the engine loop, step control,
                                   correctors, polish, tangents (eqs. 17–18, 24–25), folds,
                                   pseudo-arclength, and the paper's Adam equilibration (Sec. 5.1)

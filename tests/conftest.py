@@ -29,10 +29,11 @@ def restored_registries():
     from quasistatic.linalg.preconditioners import PRECONDITIONERS
     from quasistatic.models.base import ARCHITECTURES
     from quasistatic.processes import PROCESSES
+    from quasistatic.experiments.reproduce import FIGURES
     from quasistatic.experiments.transfer import TRANSFER_PROCESSES
 
     registries = (DATASETS, ARCHITECTURES, INTEGRATORS, CORRECTORS, SOLVERS, PRECONDITIONERS, PROCESSES, OPERATORS,
-                  TRANSFER_PROCESSES)
+                  TRANSFER_PROCESSES, FIGURES)
     with contextlib.ExitStack() as stack:
         for registry in registries:
             stack.enter_context(registry.restoring())

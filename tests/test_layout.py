@@ -8,6 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "quasistatic"
 
 # Top to bottom; the packages of one row are side by side and do not import one another.
 LAYERS = [
+    {"__main__"},  # python -m quasistatic
     {"cli"},
     {"experiments"},
     {"continuation"},

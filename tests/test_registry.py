@@ -24,6 +24,7 @@ from quasistatic.linalg.preconditioners import PRECONDITIONERS, register_precond
 from quasistatic.models.base import ARCHITECTURES, register_architecture
 from quasistatic.processes import PROCESSES, Parameter, Process, make_process, register_process
 from quasistatic.registry import Registry
+from quasistatic.experiments.reproduce import FIGURES
 from quasistatic.experiments.transfer import TRANSFER_PROCESSES, make_transfer_process
 from small_problem import register_small_dataset
 
@@ -57,6 +58,7 @@ CASES = {
     "process": Case(PROCESSES, register_process, "iso-classification", 1, frozenset({"lam_end", "alpha"})),
     "operator": Case(OPERATORS, OPERATORS.register, "hessian", 4, frozenset()),
     "transfer method": Case(TRANSFER_PROCESSES, TRANSFER_PROCESSES.register, "geodesic", 1, frozenset({"slope"})),
+    "figure": Case(FIGURES, FIGURES.register, "fig2", 1, frozenset({"lam", "lam_end", "gammas"})),
 }
 
 

@@ -5,7 +5,8 @@ exit code 2, and no earlier output touched; a diverging run ends with exit code 
 last good checkpoint. The library's log messages (a jump past a fold, a fold turned at) go to
 stderr between the progress bars. One module per command: ``equilibrate_command``,
 ``process_command`` (iso-classification, any registered process, and ``rerun`` of a run's
-config.json: parsers around :func:`quasistatic.experiments.runner.run_process`), ``transfer_command``;
+config.json: parsers around :func:`quasistatic.experiments.runner.run_process`), ``transfer_command``,
+``reproduce_command`` (the paper's figures, :mod:`quasistatic.experiments.reproduce`);
 ``options`` holds the flags, the configs they make and the set-up the commands share.
 
 Every name a command takes (``--process``, ``--corrector``, ``--integrator``, ``--dataset``, ...)
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..errors import InputError, bad_value
 from ..experiments.runner import import_modules
-from . import equilibrate_command, process_command, transfer_command
+from . import equilibrate_command, process_command, reproduce_command, transfer_command
 
 __all__ = ["main"]
 
@@ -66,12 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     equilibrate_command.add_parser(commands)
     process_command.add_parsers(commands)
     transfer_command.add_parser(commands)
+    reproduce_command.add_parser(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``quasistatic`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
+    args.command_line = " ".join(["quasistatic", *(sys.argv[1:] if argv is None else argv)])  # as results record it
     # The command's settings, undone on return (main is also called in-process, by the tests):
     # torch's thread count and the package logger's level and handler.
     threads = torch.get_num_threads()

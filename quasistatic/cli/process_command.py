@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import InputError, bad_value
 from ..processes import PROCESSES, available_processes
-from ..experiments.runner import CONFIG_FILE, ProcessConfig, Run, RunConfig, run_process
+from ..experiments.runner import CONFIG_FILE, ProcessConfig, Run, RunConfig, StartConfig, run_process
 from .options import (
     data_arguments,
     data_config,
@@ -26,7 +26,7 @@ from .options import (
     start_config,
 )
 
-__all__ = ["PROCESS_FLAGS", "add_parsers", "run_config", "report"]
+__all__ = ["PROCESS_FLAGS", "add_parsers", "process_config", "process_run_arguments", "run_config", "report"]
 
 # the parameters of the built-in processes with a flag of their own (--lam-end, ...); any parameter: --param
 PROCESS_FLAGS = {
@@ -53,11 +53,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     parameter_argument(generic, PROCESSES, available_processes())
     generic.set_defaults(run=_generic_process)
     for sub in (iso, generic):
-        data_arguments(sub)
-        model_arguments(sub)
-        run_arguments(sub)
-        engine_arguments(sub)
-        sub.add_argument("--method", default="engine", help="engine (default) or fd-equilibration (the paper's)")
+        process_run_arguments(sub)
         sub.add_argument(
             "--return",
             dest="return_sweep",
@@ -66,7 +62,6 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
             "end state (in OUT/return/), draw both sweeps in OUT/hysteresis.png and print the "
             "loop's dissipation",
         )
-        sub.set_defaults(dtype="float64")  # processes need derivatives to rounding: float64 unless asked
     rerun = commands.add_parser(
         "rerun",
         help="run a process run's config.json again (iso-classification, process)",
@@ -80,10 +75,22 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     rerun.set_defaults(run=_rerun)
 
 
+def process_run_arguments(sub: argparse.ArgumentParser) -> None:
+    """The flags of a process run (data, model, start and run, engine, ``--method``), float64 by default."""
+    data_arguments(sub)
+    model_arguments(sub)
+    run_arguments(sub)
+    engine_arguments(sub)
+    sub.add_argument("--method", default="engine", help="engine (default) or fd-equilibration (the paper's)")
+    sub.set_defaults(dtype="float64")  # processes need derivatives to rounding: float64 unless asked
+
+
 def _iso_classification(args: argparse.Namespace) -> int:
     return report(
         run_process(
-            run_config(args, "iso-classification", {"lam_end": args.lam_end, "alpha": args.alpha}),
+            run_config(
+                args, process_config(args, "iso-classification", {"lam_end": args.lam_end, "alpha": args.alpha})
+            ),
             progress=not args.no_progress,
         )
     )
@@ -91,7 +98,16 @@ def _iso_classification(args: argparse.Namespace) -> int:
 
 def _generic_process(args: argparse.Namespace) -> int:
     flags = {name: getattr(args, name) for name in PROCESS_FLAGS}
-    return report(run_process(run_config(args, args.process, flags), progress=not args.no_progress))
+    return report(
+        run_process(run_config(args, process_config(args, args.process, flags)), progress=not args.no_progress)
+    )
+
+
+def process_config(args: argparse.Namespace, process: str, flags: dict) -> ProcessConfig:
+    """``process`` with the parameters of its flags (``flags``, None: not given) and of ``--param``,
+    and ``--return``."""
+    params = registry_options(PROCESSES, process, args.param, "--param", flags)
+    return ProcessConfig(process, params, return_sweep=args.return_sweep)
 
 
 def _rerun(args: argparse.Namespace) -> int:
@@ -110,16 +126,15 @@ def _rerun(args: argparse.Namespace) -> int:
     )
 
 
-def run_config(args: argparse.Namespace, process: str, flags: dict) -> RunConfig:
-    """The RunConfig of the process command's flags: ``process`` with the parameters of its flags
-    (``flags``, None: not given) and of ``--param``."""
-    params = registry_options(PROCESSES, process, args.param, "--param", flags)
+def run_config(args: argparse.Namespace, process: ProcessConfig, start: StartConfig | None = None) -> RunConfig:
+    """The RunConfig of the process command's flags, running ``process`` (:func:`process_config`)
+    from ``start`` (default: the flags')."""
     return RunConfig(
         out=args.out,
         data=data_config(args),
         model=model_config(args),
-        start=start_config(args),
-        process=ProcessConfig(process, params, return_sweep=args.return_sweep),
+        start=start_config(args) if start is None else start,
+        process=process,
         follow=follow_config(args, args.method),
         samples=args.samples,
         sigma=args.sigma,

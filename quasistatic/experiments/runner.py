@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+import math
 import platform
 import typing
 import warnings
@@ -84,6 +85,7 @@ __all__ = [
     "stop_message",
     "torch_device",
     "torch_dtype",
+    "trajectory_numbers",
     "trajectory_summary",
     "versions",
 ]
@@ -441,32 +443,62 @@ def stop_message(error: StopError, directory: Path) -> str:
     return f"{error}; the trajectory so far is in {written}"
 
 
-def trajectory_summary(rows: list[dict[str, str]], sigma: float, process: Process) -> str:
-    """Drift of the process's constraint (C when it has none), first-law residual dR + λdD + γdC +
-    σdS (eq. 7; on each continuous stretch when the run jumped past folds, with the dissipated free
-    energy), ‖∇θJ‖ at both ends and the cost of the recorded trajectory ``rows``."""
+def trajectory_numbers(rows: list[dict[str, str]], sigma: float, process: Process) -> dict[str, Any]:
+    """What a recorded trajectory ``rows`` shows, as numbers: where it ended, the drift of the
+    process's constraint g (C when it has none), the first-law residual dR + λdD + γdC + σdS
+    (eq. 7) relative to |dR| on the worst continuous stretch between jumps past folds (nan when no
+    stretch moved R), the jumps and the free energy they dissipated, ‖∇θJ‖ at both ends,
+    validation accuracy (start, min, max) and the cost."""
     jumps = [i for i, row in enumerate(rows) if row.get("event") == "jump"]
     values = [numeric(row) for row in rows]
     weights = process.constraint or (0.0, 0.0, 1.0)
     held = [sum(w * v[name] for w, name in zip(weights, "RDC")) for v in values]
-    name = " + ".join(f"{w:g}*{x}" if w != 1 else x for w, x in zip(weights, "RDC") if w) or "C"
-    drift = max(abs(g - held[0]) for g in held) / abs(held[0])
-    if jumps:
-        edges = [0, *jumps, len(values)]
-        laws = [first_law_residual(values[a:b], sigma) for a, b in zip(edges[:-1], edges[1:]) if b - a > 1]
-        worst = max((residual / delta_r for residual, delta_r in laws if delta_r > 0), default=0.0)
+    edges = [0, *jumps, len(values)]
+    laws = [first_law_residual(values[a:b], sigma) for a, b in zip(edges[:-1], edges[1:]) if b - a > 1]
+    ratios = [residual / delta_r for residual, delta_r in laws if delta_r > 0]
+    accuracy = [v["val_acc"] for v in values if "val_acc" in v]
+    first, last = values[0], values[-1]
+    return {
+        "steps": len(rows) - 1,
+        "s_end": last["s"],
+        "lam_start": first["lam"],
+        "gamma_start": first["gamma"],
+        "lam_end": last["lam"],
+        "gamma_end": last["gamma"],
+        "constraint": " + ".join(f"{w:g}*{x}" if w != 1 else x for w, x in zip(weights, "RDC") if w) or "C",
+        "max_drift": max(abs(g - held[0]) for g in held) / abs(held[0]),
+        "first_law": max(ratios) if ratios else math.nan,
+        "first_law_total": laws[0] if len(laws) == 1 else None,  # (|residual|, |dR|) without jumps
+        "stretches": len(laws),
+        "jumps": len(jumps),
+        "dissipation": sum(values[i]["dissipation"] for i in jumps),
+        "grad_norm_start": first["grad_norm"],
+        "grad_norm_end": last["grad_norm"],
+        "val_acc_start": accuracy[0] if accuracy else math.nan,
+        "val_acc_min": min(accuracy, default=math.nan),
+        "val_acc_max": max(accuracy, default=math.nan),
+        "grad_evals": last["grad_evals"],
+        "wall_s": last["wall_s"],
+    }
+
+
+def trajectory_summary(rows: list[dict[str, str]], sigma: float, process: Process) -> str:
+    """Drift of the process's constraint, first-law residual (on each continuous stretch when the
+    run jumped past folds, with the dissipated free energy), ‖∇θJ‖ at both ends and the cost of the
+    recorded trajectory ``rows`` (:func:`trajectory_numbers`), as the line the commands print."""
+    n = trajectory_numbers(rows, sigma, process)
+    if n["jumps"]:
         law = (
-            f"first law on each of {len(laws)} continuous stretches <= {worst:.3e} of its |dR|, "
-            f"{len(jumps)} jump(s) past folds dissipating {sum(values[i]['dissipation'] for i in jumps):.6g} "
-            "(J before - J after)"
+            f"first law on each of {n['stretches']} continuous stretches <= {n['first_law']:.3e} of its |dR|, "
+            f"{n['jumps']} jump(s) past folds dissipating {n['dissipation']:.6g} (J before - J after)"
         )
     else:
-        residual, delta_r = first_law_residual(values, sigma)
+        residual, delta_r = n["first_law_total"] or (0.0, 0.0)
         law = f"first law |dR + lam dD + gamma dC + sigma dS| = {residual:.3e} of |dR| = {delta_r:.3e}"
     return (
-        f"{len(rows) - 1} steps, max |g - g0|/g0 = {drift:.3e} for g = {name}, {law}, "
-        f"grad_norm {values[0]['grad_norm']:.2e} -> {values[-1]['grad_norm']:.2e}, "
-        f"{values[-1]['grad_evals']:.0f} gradient-equivalents, {values[-1]['wall_s']:.0f} s"
+        f"{n['steps']} steps, max |g - g0|/g0 = {n['max_drift']:.3e} for g = {n['constraint']}, {law}, "
+        f"grad_norm {n['grad_norm_start']:.2e} -> {n['grad_norm_end']:.2e}, "
+        f"{n['grad_evals']:.0f} gradient-equivalents, {n['wall_s']:.0f} s"
     )
 
 

@@ -1,0 +1,276 @@
+"""The paper's figures as runs: ``quasistatic reproduce FIGURE``.
+
+A :class:`FigureSpec` names the independent process runs a figure of the paper needs (each a
+:class:`~quasistatic.experiments.runner.RunConfig` with its own directory under the output
+folder, so that every run resumes on its own), draws their trajectories on one figure, and holds
+the paper's numbers to print beside ours. :func:`reproduce` runs them, in parallel processes with
+``jobs`` > 1 (each run is a whole process run: processes, not threads, because the 2-core machines
+this runs on gain nothing from threads inside one small model), and writes for every run its
+``results.json`` and for the figure ``results.json`` and ``results.md`` (the table of
+docs/results.md), all measured by the command.
+
+Figures are registered in :data:`FIGURES` like every other named thing of the library; the
+built-in ones are Fig. 2 (five iso-classification runs from λ = 0.25, γ₀ ∈ {4, 6, 8, 10, 15},
+Sec. 5.1) and Fig. 4 (the free energy along the same runs, Fig. 4b).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import bad_value
+from ..registry import Parameter, Registry
+from .plots import new_figure, save_figure
+from .runner import RunConfig, run_process, trajectory_numbers
+
+__all__ = ["FIGURES", "FigureSpec", "RunResult", "reproduce"]
+
+logger = logging.getLogger(__name__)
+
+Rows = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """A figure of the paper: its runs (name → config), how to draw them, and the paper's numbers."""
+
+    name: str  # the PNG's name: out/<name>.png
+    title: str
+    runs: dict[str, RunConfig]
+    draw: Callable[[Mapping[str, Rows], Path], Path]  # the runs' trajectories (name → rows) → the PNG written
+    paper: dict[str, Any] = field(default_factory=dict)  # what the paper reports, printed beside ours
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one run of a figure did, from its trajectory (written to its results.json)."""
+
+    name: str
+    directory: str
+    numbers: dict[str, Any]  # :func:`~quasistatic.experiments.runner.trajectory_numbers`
+    error: str | None  # why the process stopped before s = 1 (None: it got there)
+    wall_s: float  # this invocation's wall time for the run (a resumed run: the time after resuming)
+
+
+FIGURES: Registry[FigureSpec] = Registry("figure")
+
+
+def _gammas(text: str) -> tuple[float, ...]:
+    """ "4,6,8" → (4.0, 6.0, 8.0)."""
+    try:
+        values = tuple(float(part) for part in str(text).split(","))
+    except ValueError:
+        raise bad_value("gammas", "comma-separated numbers, e.g. 4,6,8,10,15", text) from None
+    if not values or not all(v > 0 for v in values):
+        raise bad_value("gammas", "comma-separated numbers > 0", text)
+    return values
+
+
+def _iso_classification_runs(template: RunConfig, lam: float, lam_end: float, gammas: str) -> dict[str, RunConfig]:
+    """One iso-classification run per γ₀ from (lam, γ₀) to λ = lam_end (λ̇ given, the paper's
+    end point λ ≈ 3.5 of Fig. 2b), each in template.out/gamma<γ₀>."""
+    runs = {}
+    for gamma in _gammas(gammas):
+        name = f"gamma{gamma:g}"
+        runs[name] = replace(
+            template,
+            out=str(Path(template.out) / name),
+            start=replace(template.start, lam=lam, gamma=gamma),
+            process=replace(template.process, name="iso-classification", params={"lam_end": lam_end}),
+        )
+    return runs
+
+
+_FIG2_PARAMETERS = (
+    Parameter("lam", float, 0.25, "λ₀ of every run (the paper's 0.25)"),
+    Parameter("lam_end", float, 3.5, "final λ (the paper's Fig. 2b ends near 3.5)"),
+    Parameter("gammas", str, "4,6,8,10,15", "the runs' γ₀, comma-separated (the paper's 4,6,8,10,15)"),
+)
+_FIG2_PAPER = {
+    "dataset": "MNIST",
+    "runs": "lambda 0.25 -> ~3.5, gamma0 in {4, 6, 8, 10, 15} (gamma ends near 26 for gamma0 = 15)",
+    "val_acc": "0.92-0.98, constant along each run",
+    "train_C": "0.06-0.2, almost unchanged",
+    "method": "Remark 7 with finite differences and Adam re-equilibration (C held approximately)",
+}
+
+
+def _draw_fig2(runs: Mapping[str, Rows], path: Path) -> Path:
+    """Fig. 2: (a) the R–D curves, (b) the (λ, γ) paths, (c) the validation loss and (d) accuracy
+    along λ, all runs on one figure, jumps past folds marked."""
+    return _draw(runs, path, (("D", "R"), ("lam", "gamma"), ("lam", "val_C"), ("lam", "val_acc")), "Fig. 2")
+
+
+def _draw_fig4(runs: Mapping[str, Rows], path: Path) -> Path:
+    """Fig. 4b: the free energy F = R + λD + γC along each run."""
+    return _draw(runs, path, (("lam", "F"), ("step", "F")), "Fig. 4b")
+
+
+def _draw(runs: Mapping[str, Rows], path: Path, panels: Sequence[tuple[str, str]], title: str) -> Path:
+    fig = new_figure((4.2 * len(panels), 3.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for name, rows in runs.items():
+        for ax, (x, y) in zip(axes, panels):
+            (line,) = ax.plot([float(r[x]) for r in rows], [float(r[y]) for r in rows], marker=".", label=name)
+            jumps = [r for r in rows if r.get("event") == "jump"]
+            ax.plot([float(r[x]) for r in jumps], [float(r[y]) for r in jumps], "x", color=line.get_color())
+    for ax, (x, y) in zip(axes, panels):
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    return save_figure(fig, path, f"{title} (x: jumps past folds)")
+
+
+def fig2(template: RunConfig, *, lam: float = 0.25, lam_end: float = 3.5, gammas: str = "4,6,8,10,15") -> FigureSpec:
+    """Fig. 2 of the paper (Sec. 5.1): iso-classification from λ = ``lam`` to ``lam_end`` for each γ₀."""
+    runs = _iso_classification_runs(template, lam, lam_end, gammas)
+    return FigureSpec("fig2", "Fig. 2: iso-classification", runs, _draw_fig2, _FIG2_PAPER)
+
+
+def fig4(template: RunConfig, *, lam: float = 0.25, lam_end: float = 3.5, gammas: str = "4,6,8,10,15") -> FigureSpec:
+    """Fig. 4b of the paper: the free energy along Fig. 2's runs (the same run directories: a
+    finished Fig. 2 in the same output folder is reused with ``--resume``)."""
+    runs = _iso_classification_runs(template, lam, lam_end, gammas)
+    return FigureSpec("fig4", "Fig. 4b: free energy along iso-classification", runs, _draw_fig4, _FIG2_PAPER)
+
+
+fig2.parameters = fig4.parameters = _FIG2_PARAMETERS  # type: ignore[attr-defined]
+FIGURES.register("fig2", fig2)
+FIGURES.register("fig4", fig4)
+
+
+def _run_one(name: str, config: RunConfig, threads: int) -> RunResult:
+    """One run of a figure (in a worker process with ``jobs`` > 1): run_process, its numbers, its results.json."""
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    run = run_process(config, progress=False)
+    numbers = trajectory_numbers(run.trajectory, config.sigma, run.process)
+    result = RunResult(name, str(run.directory), numbers, run.failure, time.perf_counter() - started)
+    (run.directory / "results.json").write_text(json.dumps(result.__dict__, indent=2) + "\n")
+    return result
+
+
+def reproduce(spec: FigureSpec, out: str | Path, *, jobs: int = 1, threads: int = 1, command: str = "") -> dict:
+    """Run every run of ``spec`` (``jobs`` at a time, each in its own process when ``jobs`` > 1,
+    with ``threads`` torch threads), draw the figure in ``out``, write ``out``/results.json and
+    ``out``/results.md; the results (as written)."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise bad_value("--jobs", "an integer >= 1", jobs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results: dict[str, RunResult] = {}
+    logger.info(
+        "%s: %d run(s), %d at a time (%s)",
+        spec.title,
+        len(spec.runs),
+        jobs,
+        "one process each" if jobs > 1 else "in this process",
+    )
+    if jobs == 1:
+        for name, config in spec.runs.items():
+            results[name] = _report(_run_one(name, config, torch.get_num_threads()))
+    else:
+        with ProcessPoolExecutor(max_workers=min(jobs, len(spec.runs)), mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_run_one, name, config, threads) for name, config in spec.runs.items()]
+            for future in as_completed(futures):
+                result = _report(future.result())
+                results[result.name] = result
+    ordered = [results[name] for name in spec.runs]
+    trajectories = {r.name: _rows(Path(r.directory)) for r in ordered}
+    figure = spec.draw(trajectories, out / f"{spec.name}.png")
+    written = {
+        "figure": spec.title,
+        "command": command,
+        "machine": _machine(jobs, threads),
+        "wall_s": time.perf_counter() - started,
+        "png": str(figure),
+        "runs": [r.__dict__ for r in ordered],
+        "paper": spec.paper,
+    }
+    (out / "results.json").write_text(json.dumps(written, indent=2) + "\n")
+    (out / "results.md").write_text(results_table(written))
+    return written
+
+
+def _report(result: RunResult) -> RunResult:
+    n = result.numbers
+    logger.info(
+        "%s: %s at lambda %.4g, gamma %.4g after %d steps (%d jump(s)), max C drift %.2e, %.0f GE, %.0f s",
+        result.name,
+        "stopped" if result.error else "done",
+        n["lam_end"],
+        n["gamma_end"],
+        n["steps"],
+        n["jumps"],
+        n["max_drift"],
+        n["grad_evals"],
+        result.wall_s,
+    )
+    if result.error:
+        logger.info("%s: %s", result.name, result.error)
+    return result
+
+
+def _rows(directory: Path) -> Rows:
+    with (directory / "trajectory.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _machine(jobs: int, threads: int) -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "jobs": jobs,
+        "threads_per_job": threads,
+        "torch": torch.__version__,
+    }
+
+
+def results_table(results: Mapping[str, Any]) -> str:
+    """The Markdown of a figure's results.json: the command, the machine, one row per run, the paper's numbers."""
+    lines = [
+        f"### {results['figure']}",
+        "",
+        f"`{results['command']}` — {results['wall_s']:.0f} s wall on {results['machine']['cpus']} CPUs "
+        f"({results['machine']['jobs']} job(s) × {results['machine']['threads_per_job']} thread(s)), "
+        f"{results['machine']['platform']}, torch {results['machine']['torch']}",
+        "",
+        "| run | reached λ | γ at the end | steps | jumps | dissipated ΔJ | max \\|C − C0\\|/C0 | first law "
+        "(worst stretch) | val acc (start → min … max) | GE | wall s | stopped because |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in results["runs"]:
+        n = run["numbers"]
+        law = "–" if math.isnan(n["first_law"]) else f"{n['first_law']:.1e}"
+        lines.append(
+            f"| {run['name']} | {n['lam_end']:.4g} | {n['gamma_end']:.4g} | {n['steps']} | {n['jumps']} | "
+            f"{n['dissipation']:.3g} | {n['max_drift']:.1e} | {law} | {n['val_acc_start']:.3f} → "
+            f"{n['val_acc_min']:.3f} … {n['val_acc_max']:.3f} | {n['grad_evals']:.0f} | {run['wall_s']:.0f} | "
+            f"{_short(run['error'])} |"
+        )
+    lines += ["", "The paper: " + "; ".join(f"{k}: {v}" for k, v in results["paper"].items()), ""]
+    return "\n".join(lines)
+
+
+def _short(error: str | None) -> str:
+    """The first clause of a stop message (a table cell), or "–"."""
+    if not error:
+        return "–"
+    return error.split(";")[0].replace("|", "/")[:160]
