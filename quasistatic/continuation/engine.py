@@ -19,9 +19,10 @@ leaves the control domain, or whose tangent solve does not converge is not accep
 retried at h/2 (:mod:`quasistatic.continuation.step_control`).
 
 At every accepted point the smallest eigenvalue λ_min of A is tracked (a few warm-started LOBPCG
-iterations, ``eigen_iterations``, on a block of :data:`~quasistatic.continuation.folds.EIGEN_BLOCK`
-vectors: one vector followed an eigenvalue 8× the smallest on digits); when the steps collapse
-where λ_min was falling towards 0, the fold ahead is located
+iterations on one vector, ``eigen_iterations``: a Ritz value, an upper bound that can follow another
+eigenvector than the smallest; wherever λ_min decides something it is refined on a block of
+:data:`~quasistatic.continuation.folds.EIGEN_BLOCK` vectors); when the steps collapse where λ_min
+was falling towards 0, the fold ahead is located
 (:mod:`quasistatic.continuation.folds`) and a :class:`~quasistatic.continuation.folds.FoldError`
 names it. Why each tried step was not accepted is logged (DEBUG) and counted in its row.
 """
@@ -258,8 +259,7 @@ class QuasiStaticEngine:
         if not self.config.eigen_iterations:
             return state
         c = state.controls
-        value = self._lambda_min(state, self.config.eigen_iterations, EIGEN_BLOCK)
-        point = StabilityPoint(state.s, c.lam, c.gamma, c.t, value)
+        point = StabilityPoint(state.s, c.lam, c.gamma, c.t, self._lambda_min(state, self.config.eigen_iterations))
         return replace(state, stability=(*state.stability, point)[-3:])
 
     def _refined(self, state: EngineState) -> EngineState:

@@ -41,8 +41,9 @@ from .tangents import equilibrium_tangents
 __all__ = ["AT_FOLD", "EIGEN_BLOCK", "Fold", "FoldError", "Jump", "StabilityPoint", "jump_past", "locate_fold"]
 
 AT_FOLD = ("jump", "stop", "arclength")  # what the engine does at a located fold
-EIGEN_BLOCK = 3  # eigenvectors in the LOBPCG block that tracks λ_min and decides with it (a collapse, a
-# relaxation's end): one vector can follow another eigenvector than the smallest
+EIGEN_BLOCK = 3  # eigenvectors in the LOBPCG block where λ_min decides (a collapse, a branch-hop check, a
+# relaxation's end): the one tracked vector can follow another eigenvector than the smallest (tracking
+# on this block would triple the detection's products, 9.0 % of a path's GE on digits with one vector)
 
 
 @dataclass(frozen=True)
