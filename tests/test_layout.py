@@ -15,7 +15,7 @@ LAYERS = [
     {"processes", "linalg", "integrators"},
     {"thermo"},
     {"models", "data"},
-    {"registry", "work"},
+    {"registry", "work", "distributed"},
     {"errors"},
 ]
 RANK = {part: len(LAYERS) - i for i, row in enumerate(LAYERS) for part in row}

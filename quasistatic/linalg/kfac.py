@@ -296,7 +296,7 @@ def kronecker_blocks(
     for part, part_weight in zip(objective.parts, part_weights):
         if part_weight == 0:
             continue
-        scale = part_weight / len(part.data)
+        scale = part_weight / part.total
         a_part: dict[str, Tensor | float] = {name: 0.0 for name in layers}
         rows = {name: 0 for name in layers}
         for start, stop in part.chunks():
@@ -321,8 +321,11 @@ def kronecker_blocks(
                     u = torch.zeros(b, 1, features, dtype=dtype, device=device)
                     u[torch.arange(b), 0, first + torch.arange(b)] = 1.0
                     u = u.expand(b, n, features)
-                else:  # Rademacher u, independent per row and feature
+                elif objective.group is None:  # Rademacher u, independent per row and feature
                     u = torch.randint(0, 2, (b, n, features), generator=generator, device=device).to(dtype) * 2 - 1
+                else:  # the draws of the whole data set's rows, at this shard's: as alone (one chunk a rank)
+                    u = torch.randint(0, 2, (b, part.total, features), generator=generator, device=device)
+                    u = u[:, part.index[start:stop].to(device)].to(dtype) * 2 - 1
                 cotangents = root(_split_features(u, outs))
                 grads = torch.autograd.grad(
                     outs,
@@ -337,10 +340,14 @@ def kronecker_blocks(
                     g = g.reshape(b, -1, g.shape[-1])  # (columns, rows, out)
                     g_sum[name] = g_sum[name] + torch.einsum("bro,brp->op", g, g) / (1 if samples is None else samples)
             columns_done = max(columns_done, total)
+        if objective.group is not None:
+            a_part, rows = _summed_factors(objective, theta, layers, a_part, rows, "A")
         for name in layers:
             if rows[name]:
                 a_sum[name] = a_sum[name] + part_weight * a_part[name] / rows[name]
     objective.work.gradients += columns_done
+    if objective.group is not None:
+        g_sum = _summed_factors(objective, theta, layers, g_sum, {name: 0 for name in layers}, "G")[0]
     weight_total = sum(w for w in part_weights if w != 0)
 
     blocks = []
@@ -359,6 +366,36 @@ def kronecker_blocks(
             )
         )
     return blocks
+
+
+def _summed_factors(
+    objective: Objective,
+    like: Tensor,
+    layers: dict[str, nn.Linear],
+    factors: dict[str, Tensor | float],
+    rows: dict[str, int],
+    which: str,
+) -> tuple[dict[str, Tensor | float], dict[str, int]]:
+    """The factors ``which`` ("A": Ā's sums, with their ``rows``; "G") of every layer summed over
+    the ranks of a data-parallel objective, in one all-reduce (a rank that saw no row of a layer
+    adds zeros). A layer no rank saw keeps 0.0. ``like``: θ, for the dtype and device."""
+    sizes = {
+        name: module.in_features + (module.bias is not None) if which == "A" else module.out_features
+        for name, module in layers.items()
+    }
+    pieces = [
+        f.reshape(-1) if isinstance(f, Tensor) else like.new_zeros(sizes[name] ** 2) for name, f in factors.items()
+    ]
+    counts = [float(rows[name]) for name in factors] + [float(isinstance(f, Tensor)) for f in factors.values()]
+    flat = objective.reduce(torch.cat([*pieces, torch.tensor(counts, dtype=like.dtype, device=like.device)]))
+    summed: dict[str, Tensor | float] = {}
+    offset = 0
+    for name in factors:
+        summed[name] = flat[offset : offset + sizes[name] ** 2].reshape(sizes[name], sizes[name])
+        offset += sizes[name] ** 2
+    rows_summed, seen = flat[offset:].tolist()[: len(factors)], flat[offset:].tolist()[len(factors) :]
+    summed = {name: summed[name] if ranks else 0.0 for name, ranks in zip(factors, seen)}
+    return summed, {name: int(c) for name, c in zip(factors, rows_summed)}
 
 
 def build_kfac(

@@ -22,6 +22,12 @@ The matrices are registered by name in :data:`OPERATORS` (``"hessian"``, ``"ggn"
 ``(objective, theta, controls, mode) -> products`` returns the undamped block products V ↦ A V,
 (N, k) → (N, k), and counts the passes they share on ``objective.work``; the
 :class:`CurvatureOperator` around them adds the damping and counts the products.
+
+On a data-parallel objective (``objective.group``) the products are those of this rank's share of
+J (``objective.local_value``), summed over the ranks by ``objective.reduce``: one all-reduce per
+application, whatever the number of columns k. A product is linear in the shares, so summing it is
+exact; a collective inside the ``torch.func`` transforms would instead need rules for every
+transform and order (see :func:`quasistatic.distributed.summed_over_ranks`).
 """
 
 from __future__ import annotations
@@ -96,12 +102,12 @@ def hessian_products(objective: Objective, theta: Tensor, controls: Controls, mo
     """V ↦ A V with A = ∇²θJ: each column pulled back through ∇θJ (``mode="reverse"``: the pullback
     built at the first call and kept) or pushed forward through it (``"forward"``), vmapped over the
     columns."""
-    gradient = grad(lambda th: objective.value(th, controls))
+    gradient = grad(lambda th: objective.local_value(th, controls))
     if mode == "forward":
 
         def forward_products(block: Tensor) -> Tensor:
             objective.work.gradients += 1
-            return vmap(lambda v: jvp(gradient, (theta,), (v,))[1], in_dims=1, out_dims=1)(block)
+            return objective.reduce(vmap(lambda v: jvp(gradient, (theta,), (v,))[1], in_dims=1, out_dims=1)(block))
 
         return forward_products
     pullback: Callable[[Tensor], tuple[Tensor]] | None = None
@@ -111,7 +117,7 @@ def hessian_products(objective: Objective, theta: Tensor, controls: Controls, mo
         if pullback is None:
             objective.work.gradients += 1
             pullback = vjp(gradient, theta)[1]
-        return vmap(lambda v: pullback(v)[0], in_dims=1, out_dims=1)(block)
+        return objective.reduce(vmap(lambda v: pullback(v)[0], in_dims=1, out_dims=1)(block))
 
     return reverse_products
 
@@ -134,7 +140,7 @@ def ggn_products(objective: Objective, theta: Tensor, controls: Controls, mode: 
         for part, part_weight in zip(objective.parts, part_weights):
             if part_weight == 0:
                 continue
-            scale = part_weight / len(part.data)
+            scale = part_weight / part.total
             for start, stop in part.chunks():
                 # The closures below read the loop's variables (B023) but are called within this iteration only.
                 def outputs(th: Tensor, start: int = start, stop: int = stop) -> tuple[Tensor, ...]:
@@ -153,7 +159,7 @@ def ggn_products(objective: Objective, theta: Tensor, controls: Controls, mode: 
                     return pullback(h_jv)[0]  # noqa: B023
 
                 total = total + vmap(ggn_v, in_dims=1, out_dims=1)(block)
-        return total + objective.sigma * block  # σS = ½σ‖θ‖² has the Hessian σI
+        return objective.reduce(total) + objective.sigma * block  # σS = ½σ‖θ‖² has the Hessian σI
 
     return products
 
@@ -166,4 +172,4 @@ OPERATORS.register("ggn", ggn_products)
 
 def dense_hessian(objective: Objective, theta: Tensor, controls: Controls) -> Tensor:
     """∇²θJ by ``torch.func.hessian``: the exact slow reference the operators are tested against."""
-    return hessian(lambda th: objective.value(th, controls))(theta.detach())
+    return objective.reduce(hessian(lambda th: objective.local_value(th, controls))(theta.detach()))

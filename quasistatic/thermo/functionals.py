@@ -8,7 +8,7 @@ data set).
 
 from __future__ import annotations
 
-from typing import NamedTuple, cast
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +64,10 @@ class FixedNoiseFunctionals:
     """θ ↦ (R, D, C) on one data set with K fixed noise samples per example (eqs. 1, 4).
 
     ``chunk_size`` bounds the examples evaluated at once (memory); the result does not depend on it.
+    ``index``: the (global) indices of the examples held here, a rank's shard of the data set
+    (:meth:`quasistatic.distributed.ShardGroup.shard`); None: all of them. An example's noise is
+    drawn for its global index, and the means are over the whole data set (:attr:`total`
+    examples), so that the shares of the ranks sum to the functionals of the whole data set.
     """
 
     def __init__(
@@ -73,24 +77,42 @@ class FixedNoiseFunctionals:
         samples: int = 1,
         noise_seed: int = 0,
         chunk_size: int | None = None,
+        index: Tensor | None = None,
     ) -> None:
         param = next(model.parameters())
         self.model = model
         self.layout = ParameterLayout(model)
-        self.data = data.to(device=param.device, dtype=param.dtype)
+        self.total = len(data)  # examples of the whole data set: the denominator of the means
+        self.index = torch.arange(len(data)) if index is None else index  # the global indices held
         self.noise = fixed_noise(samples, len(data), model.config.latent_dim, noise_seed, param.dtype, param.device)
-        self.chunk_size = chunk_size or len(data)
+        if index is not None:
+            data, self.noise = data.subset(index), self.noise[:, index.to(self.noise.device)]
+        self.data = data.to(device=param.device, dtype=param.dtype)
+        self.chunk_size = chunk_size or max(1, len(data))
         self._mean_logits = _Method(model, "mean_logits")
         self._outputs = _Method(model, "outputs")
 
-    def subset(self, index: Tensor) -> "FixedNoiseFunctionals":
-        """The same functionals on the examples at ``index``, each with its own fixed noise: an
-        unbiased estimate of this one (for subsampled curvature)."""
+    def held(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """For global indices ``index`` (on the CPU): the positions here of those held, in their
+        order, and the mask of ``index`` that they are."""
+        positions = torch.full((self.total,), -1, dtype=torch.long)
+        positions[self.index] = torch.arange(len(self.index))
+        found = positions[index]
+        mask = found >= 0
+        return found[mask], mask
+
+    def subset(self, index: Tensor, total: int | None = None, numbers: Tensor | None = None) -> "FixedNoiseFunctionals":
+        """The same functionals on the held examples at positions ``index``, each with its own
+        fixed noise: an unbiased estimate of this one (for subsampled curvature). Over all ranks
+        the subsample has ``total`` examples (default: ``len(index)``), and ``numbers`` are the
+        indices of the held ones among them (default: 0..len(index)-1)."""
         part = object.__new__(FixedNoiseFunctionals)
         part.model, part.layout = self.model, self.layout
+        part.total = len(index) if total is None else total
+        part.index = torch.arange(len(index)) if numbers is None else numbers
         part.data = self.data.subset(index.to(self.data.y.device))
         part.noise = self.noise[:, index.to(self.noise.device)]
-        part.chunk_size = min(self.chunk_size, len(index))
+        part.chunk_size = max(1, min(self.chunk_size, len(index)))
         part._mean_logits, part._outputs = self._mean_logits, self._outputs
         return part
 
@@ -115,13 +137,20 @@ class FixedNoiseFunctionals:
         n = len(self.data)
         return [(i, min(i + self.chunk_size, n)) for i in range(0, n, self.chunk_size)]
 
+    def batch_sum(self, theta: Tensor, index: Tensor) -> Tensor:
+        """(3,) [R, D, C] at θ summed over the held examples at positions ``index`` with the same
+        fixed noise (a rank's share of a minibatch)."""
+        inputs = (self.data.x[index], self.data.y[index], self.noise[:, index])
+        return functional_call(self.model, self.layout.unflatten(theta), inputs).sum(-1)
+
     def batch_mean(self, index: Tensor) -> Tensor:
         """(3,) [R, D, C] averaged over the examples at ``index`` with the model's own parameters
         and the same fixed noise: an unbiased minibatch estimate of ``self(θ)``."""
         return self.model(self.data.x[index], self.data.y[index], self.noise[:, index]).mean(-1)
 
     def accuracy(self, theta: Tensor) -> float:
-        """Fraction of examples whose label is argmax c(y | z = μ(x)): the encoder mean, no noise."""
+        """The held examples whose label is argmax c(y | z = μ(x)) (the encoder mean, no noise), as
+        a fraction of the whole data set (:attr:`total`)."""
         params = self._routed(theta)
         with torch.no_grad():
             correct = sum(
@@ -133,10 +162,13 @@ class FixedNoiseFunctionals:
                 .item()
                 for i in range(0, len(self.data), self.chunk_size)
             )
-        return correct / len(self.data)
+        return correct / self.total
 
     def __call__(self, theta: Tensor) -> Tensor:
-        """(3,) tensor [R, D, C], each averaged over the data set."""
+        """(3,) tensor [R, D, C], each summed over the held examples and divided by :attr:`total`:
+        the average over the data set when all are held, a rank's share of it otherwise."""
         n = len(self.data)
-        total = sum(self.per_example(theta, i, i + self.chunk_size).sum(-1) for i in range(0, n, self.chunk_size))
-        return cast(Tensor, total) / n  # a sum of tensors (the data set is not empty)
+        zero = torch.zeros(3, dtype=theta.dtype, device=theta.device)  # a rank's shard of a subsample may be empty
+        chunks = range(0, n, self.chunk_size)
+        total = sum((self.per_example(theta, i, i + self.chunk_size).sum(-1) for i in chunks), zero)
+        return total / self.total

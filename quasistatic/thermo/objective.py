@@ -3,11 +3,20 @@
 J is evaluated on fixed data (all of a split, or a seeded subset) with fixed encoder noise, so it is
 a deterministic, pure function of the flat parameter vector θ: the curvature code differentiates it
 with ``torch.func`` and the engine integrates θ as an ODE state.
+
+Data parallel (``group``, :mod:`quasistatic.distributed`): each rank holds a contiguous shard of
+every data set, and an objective's ``local_*`` functions are this rank's share of J and of (R, D, C)
+(its examples' sum over the global count; σS on rank 0): pure functions, differentiable to any
+order, that communicate nothing. The products the objective returns (values, gradients, the
+curvature operators' products) are taken of the share and summed over the ranks by
+:meth:`Objective.reduce`, one all-reduce each; alone, ``reduce`` is the identity and the share is J.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -15,6 +24,7 @@ from torch.func import grad, grad_and_value, jacrev
 
 from ..data.base import LabeledData
 from ..data.mixture import DataMixture, mixture_weights
+from ..distributed import ShardGroup, summed_over_ranks
 from ..errors import bad_value
 from .functionals import FixedNoiseFunctionals, Functionals
 from ..models import RepresentationModel
@@ -58,7 +68,14 @@ class Objective:
     separable in z, and then C → 0 as the classifier's weights grow without bound: J has no
     minimizer and no equilibrium surface. Any σ > 0 restores isolated minima (the first law then
     reads dR = −λdD − γdC − σdS, eq. 7).
+
+    ``group``: the ranks that share the data (module docstring); each holds its shard of every
+    part, with the noise of the whole data set's draw at the examples' global indices, so that J,
+    its derivatives and the trajectories built on them do not depend on the number of ranks (up to
+    the rounding of the sums' order).
     """
+
+    group: ShardGroup | None = None  # set by __init__; the class default serves objectives built without it
 
     def __init__(
         self,
@@ -68,6 +85,7 @@ class Objective:
         noise_seed: int = 0,
         chunk_size: int | None = None,
         sigma: float = 0.0,
+        group: ShardGroup | None = None,
     ) -> None:
         if not sigma >= 0:
             raise bad_value("sigma", "a number >= 0", sigma)
@@ -75,9 +93,13 @@ class Objective:
         self.model = model
         self.layout = ParameterLayout(model)
         self.mixture = data if isinstance(data, DataMixture) else None
+        self.group = group
         sets = [data.source, data.target] if isinstance(data, DataMixture) else [data]
         self.parts = [
-            FixedNoiseFunctionals(model, part, samples, noise_seed + i, chunk_size) for i, part in enumerate(sets)
+            FixedNoiseFunctionals(
+                model, part, samples, noise_seed + i, chunk_size, None if group is None else group.shard(len(part))
+            )
+            for i, part in enumerate(sets)
         ]
         self.work = WorkCounter()
 
@@ -92,17 +114,39 @@ class Objective:
         generator = torch.Generator().manual_seed(seed)
         sub = object.__new__(Objective)
         sub.sigma, sub.model, sub.layout, sub.mixture = self.sigma, self.model, self.layout, self.mixture
-        sub.parts = [
-            part.subset(torch.randperm(len(part.data), generator=generator)[: max(1, round(fraction * len(part.data)))])
-            for part in self.parts
-        ]
+        sub.group = self.group
+        sub.parts = []
+        for part in self.parts:
+            kept = torch.randperm(part.total, generator=generator)[: max(1, round(fraction * part.total))]
+            if self.group is None:
+                sub.parts.append(part.subset(kept))
+            else:
+                held, mask = part.held(kept)
+                sub.parts.append(part.subset(held, len(kept), mask.nonzero().squeeze(-1)))
         sub.work = WorkCounter()
         return sub
 
     @property
     def examples(self) -> int:
-        """Training examples over all parts (a subsample's cost relative to its parent is the ratio)."""
-        return sum(len(part.data) for part in self.parts)
+        """Training examples over all parts and ranks (a subsample's cost relative to its parent is
+        the ratio)."""
+        return sum(part.total for part in self.parts)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files and shows progress: rank 0, or alone."""
+        return self.group is None or self.group.is_main
+
+    def reduce(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over the ranks of ``group`` (one all-reduce, counted); alone, itself."""
+        if self.group is None:
+            return tensor
+        self.work.all_reduces += 1
+        return self.group.sum(tensor)
+
+    def _summed(self, share: Callable[[Tensor], Tensor], theta: Tensor) -> Tensor:
+        """Σ over the ranks of ``share(θ)``, differentiable to first order (alone: ``share(θ)``)."""
+        return share(theta) if self.group is None else summed_over_ranks(share, theta, self.reduce)
 
     @property
     def is_mixture(self) -> bool:
@@ -112,23 +156,37 @@ class Objective:
         """θ of the model's current parameters."""
         return self.layout.read(self.model)
 
-    def part_functionals(self, theta: Tensor) -> Tensor:
-        """(P, 3): [R, D, C] on each part (P = 1, or 2 for source and target of a mixture)."""
+    def local_part_functionals(self, theta: Tensor) -> Tensor:
+        """(P, 3): this rank's share of [R, D, C] on each part (module docstring)."""
         return torch.stack([part(theta) for part in self.parts])
 
-    def functionals(self, theta: Tensor, t: float | Tensor = 0.0) -> Tensor:
-        """(3,) [R, D, C] under p(x, t): the exact mixture (1 − t)·X_s + t·X_t for a mixture."""
+    def part_functionals(self, theta: Tensor) -> Tensor:
+        """(P, 3): [R, D, C] on each part (P = 1, or 2 for source and target of a mixture)."""
+        return self._summed(self.local_part_functionals, theta)
+
+    def local_functionals(self, theta: Tensor, t: float | Tensor = 0.0) -> Tensor:
+        """(3,): this rank's share of :meth:`functionals` (module docstring)."""
         if self.mixture is None:
             return self.parts[0](theta)
         return self.mixture.mix(self.parts[0](theta), self.parts[1](theta), t)
+
+    def functionals(self, theta: Tensor, t: float | Tensor = 0.0) -> Tensor:
+        """(3,) [R, D, C] under p(x, t): the exact mixture (1 − t)·X_s + t·X_t for a mixture."""
+        return self._summed(lambda th: self.local_functionals(th, t), theta)
+
+    def local_value(self, theta: Tensor, controls: Controls) -> Tensor:
+        """This rank's share of J (σS counted on rank 0): the function the curvature operators
+        differentiate, their products then summed by :meth:`reduce`."""
+        return self._combine(self.local_functionals(theta, controls.t), theta, controls, self.is_main)
 
     def value(self, theta: Tensor, controls: Controls) -> Tensor:
         """J(θ; λ, γ, t) = R + λD + γC + σS (eq. 14 at θ, eq. 8's objective; eq. 6's σS)."""
         return self._combine(self.functionals(theta, controls.t), theta, controls)
 
-    def _combine(self, values: Tensor, theta: Tensor, controls: Controls) -> Tensor:
-        """R + λD + γC + σS from values (3,) = (R, D, C) and θ."""
-        return values @ controls.weights(values) + self.sigma * self.weight_entropy(theta)
+    def _combine(self, values: Tensor, theta: Tensor, controls: Controls, entropy: bool = True) -> Tensor:
+        """R + λD + γC + σS from values (3,) = (R, D, C) and θ (without σS unless ``entropy``)."""
+        combined = values @ controls.weights(values)
+        return combined + self.sigma * self.weight_entropy(theta) if entropy else combined
 
     @staticmethod
     def weight_entropy(theta: Tensor) -> Tensor:
@@ -139,18 +197,22 @@ class Objective:
     def gradient(self, theta: Tensor, controls: Controls) -> Tensor:
         """∇θJ (N,); zero on the equilibrium surface (eq. 15). Counts one gradient."""
         self.work.gradients += 1
-        return grad(self.value)(theta, controls)
+        return self.reduce(grad(self.local_value)(theta, controls))
 
     def value_and_gradient(self, theta: Tensor, controls: Controls) -> tuple[Tensor, Tensor]:
         """J and ∇θJ from one forward and one backward pass. Counts one gradient."""
         self.work.gradients += 1
-        gradient, value = grad_and_value(self.value)(theta, controls)
-        return value.detach(), gradient
+        gradient, value = grad_and_value(self.local_value)(theta, controls)
+        if self.group is None:
+            return value.detach(), gradient
+        both = self.reduce(torch.cat([value.detach().reshape(1), gradient]))
+        return both[0], both[1:]
 
     def epoch_batches(self, batch_size: int, generator: torch.Generator) -> list[list[Tensor]]:
-        """One epoch of minibatch indices: for each batch, one index tensor per part. Each part is
-        shuffled by ``generator``; a mixture's smaller part is cycled to match the larger one."""
-        sizes = [len(part.data) for part in self.parts]
+        """One epoch of minibatch indices (global: the same on every rank): for each batch, one
+        index tensor per part. Each part is shuffled by ``generator``; a mixture's smaller part is
+        cycled to match the larger one."""
+        sizes = [part.total for part in self.parts]
         n_max = max(sizes)
         orders = [
             torch.randperm(n, generator=generator).repeat(-(-n_max // n)).to(part.data.y.device)
@@ -161,17 +223,34 @@ class Objective:
         ]
 
     def minibatch_value(self, index: list[Tensor], controls: Controls) -> Tensor:
-        """J on one minibatch (one index tensor per part) with the model's own parameters.
+        """J on one minibatch (one index tensor of global indices per part) with the model's own
+        parameters. With a ``group``, each rank evaluates the examples of the batch it holds, and
+        the backward pass sums the parameters' gradients over the ranks (one all-reduce, as DDP
+        does; the value takes one more): the caller's ``loss.backward()`` then gives every rank
+        the minibatch's gradient.
 
         Counts the fraction batch/n of a gradient: the caller backpropagates through it."""
-        self.work.gradients += max(len(i) / len(part.data) for part, i in zip(self.parts, index))
-        values = [part.batch_mean(i) for part, i in zip(self.parts, index)]
+        self.work.gradients += max(len(i) / part.total for part, i in zip(self.parts, index))
+        parameters = torch.cat([p.reshape(-1) for p in self.model.parameters()])
+        if self.group is None:
+            values = [part.batch_mean(i) for part, i in zip(self.parts, index)]
+        else:
+            shared = _SumGradients.apply(parameters, self.reduce)
+            values = []
+            for part, i in zip(self.parts, index):
+                held = part.held(i.cpu())[0].to(part.data.y.device)
+                # a rank without examples in the batch still backpropagates into ``shared``: every
+                # rank must take part in the gradient's all-reduce
+                share = part.batch_sum(shared, held) if len(held) else shared.new_zeros(3) + 0 * shared.sum()
+                values.append(_SumValues.apply(share / len(i), self.reduce))
         mixed = values[0] if self.mixture is None else self.mixture.mix(values[0], values[1], controls.t)
-        return self._combine(mixed, torch.cat([p.reshape(-1) for p in self.model.parameters()]), controls)
+        return self._combine(mixed, parameters, controls)
 
     def accuracy(self, theta: Tensor, t: float = 0.0) -> float:
         """Classification accuracy at the encoder mean under p(x, t)."""
         accuracies = [part.accuracy(theta) for part in self.parts]
+        if self.group is not None:
+            accuracies = self.reduce(torch.tensor(accuracies, dtype=torch.float64, device=theta.device)).tolist()
         return accuracies[0] if self.mixture is None else float(self.mixture.mix(accuracies[0], accuracies[1], t))
 
     def combination_gradients(
@@ -183,13 +262,16 @@ class Objective:
         self.work.gradients += weights.shape[0]
 
         def combinations(th: Tensor) -> tuple[Tensor, Tensor]:
-            values = weights @ self.functionals(th, t)
-            if with_entropy is not None and self.sigma:
+            values = weights @ self.local_functionals(th, t)
+            if with_entropy is not None and self.sigma and self.is_main:
                 values = values + with_entropy * (self.sigma * self.weight_entropy(th))
             return values, values
 
         gradients, values = jacrev(combinations, has_aux=True)(theta)
-        return values.detach(), gradients.detach()
+        if self.group is None:
+            return values.detach(), gradients.detach()
+        both = self.reduce(torch.cat([values.detach()[:, None], gradients.detach()], dim=1))
+        return both[:, 0], both[:, 1:]
 
     def report(self, theta: Tensor, t: float = 0.0) -> Functionals:
         """R, D, C and S as floats (no graph)."""
@@ -197,3 +279,30 @@ class Objective:
         with torch.no_grad():
             r, d, c = self.functionals(theta, t).tolist()
             return Functionals(r, d, c, float(self.weight_entropy(theta)), self.sigma)
+
+
+class _SumGradients(torch.autograd.Function):
+    """θ ↦ θ whose gradient is summed over the ranks (one all-reduce): DDP's reduction, for a
+    minibatch backpropagated by autograd."""
+
+    @staticmethod
+    def forward(ctx: Any, theta: Tensor, reduce: Callable[[Tensor], Tensor]) -> Tensor:
+        ctx.reduce = reduce
+        return theta.view_as(theta)
+
+    @staticmethod
+    def backward(ctx: Any, gradient: Tensor) -> tuple[Tensor, None]:
+        return ctx.reduce(gradient), None
+
+
+class _SumValues(torch.autograd.Function):
+    """A rank's share ↦ the sum of the shares over the ranks (one all-reduce); the gradient passes
+    through to the share unchanged (the sum's derivative in it)."""
+
+    @staticmethod
+    def forward(ctx: Any, share: Tensor, reduce: Callable[[Tensor], Tensor]) -> Tensor:
+        return reduce(share)
+
+    @staticmethod
+    def backward(ctx: Any, gradient: Tensor) -> tuple[Tensor, None]:
+        return gradient, None
