@@ -13,19 +13,28 @@ Every name a command takes (``--process``, ``--corrector``, ``--integrator``, ``
 is looked up in its registry when the command runs, so ``--import MODULE`` (a module that
 registers its own processes, correctors, data sets, ...) makes them runnable by name, with their
 parameters given as ``--param NAME=VALUE``.
+
+Under ``torchrun --nproc_per_node N -m quasistatic ...`` the process commands run data-parallel
+(:mod:`quasistatic.distributed`): each rank evaluates J on its shard of the data, rank 0 prints and
+writes, and a rank that fails prints ``quasistatic: error: rank R: …`` and exits at once (2 for bad
+input, 1 otherwise), which stops the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..distributed import ShardGroup, abort_on_failure, init_from_env
 from ..errors import InputError, bad_value
 from ..experiments.runner import import_modules
 from . import equilibrate_command, process_command, reproduce_command, transfer_command
@@ -71,16 +80,52 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+DATA_PARALLEL_COMMANDS = ("iso-classification", "process", "rerun")  # the commands that run under torchrun
+
+
+def _report_failure(group: ShardGroup) -> Callable[[BaseException], int]:
+    """What a failing rank of ``group`` prints, and its exit code: 2 for bad input, else 1."""
+
+    def report(error: BaseException) -> int:
+        if isinstance(error, InputError):
+            print(f"quasistatic: error: rank {group.rank}: {error}", file=sys.stderr)
+            return 2
+        trace = "".join(traceback.format_exception(error)).rstrip()
+        print(f"quasistatic: error: rank {group.rank}: {error!r}\n{trace}", file=sys.stderr)
+        return 1
+
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``quasistatic`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
     args.command_line = " ".join(["quasistatic", *(sys.argv[1:] if argv is None else argv)])  # as results record it
+    try:
+        args.group = init_from_env(getattr(args, "device", "cpu"))
+    except InputError as error:
+        print(f"quasistatic: error: {error}", file=sys.stderr)
+        return 2
+    if args.group is None:
+        return _main(args)
+    with abort_on_failure(args.group, _report_failure(args.group)):
+        if args.command not in DATA_PARALLEL_COMMANDS:
+            raise bad_value("the command under torchrun", f"one of {', '.join(DATA_PARALLEL_COMMANDS)}", args.command)
+        # the other ranks print nothing: rank 0 says what the run did
+        with contextlib.redirect_stdout(io.StringIO()) if not args.group.is_main else contextlib.nullcontext():
+            code = _main(args)
+    return code
+
+
+def _main(args: argparse.Namespace) -> int:
+    """Run the parsed command (the process group, if any, set up); its exit code."""
     # The command's settings, undone on return (main is also called in-process, by the tests):
     # torch's thread count and the package logger's level and handler.
     threads = torch.get_num_threads()
     logger = logging.getLogger("quasistatic")
     level, handler = logger.level, _TqdmHandler()
-    logger.addHandler(handler)
+    if args.group is None or args.group.is_main:
+        logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
         if args.threads < 1:
@@ -89,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         import_modules(args.imports)
         return args.run(args)
     except InputError as error:
+        if args.group is not None:
+            raise  # ends this rank at once (main), and with it the others
         print(f"quasistatic: error: {error}", file=sys.stderr)
         return 2
     finally:

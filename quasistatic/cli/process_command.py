@@ -92,6 +92,7 @@ def _iso_classification(args: argparse.Namespace) -> int:
                 args, process_config(args, "iso-classification", {"lam_end": args.lam_end, "alpha": args.alpha})
             ),
             progress=not args.no_progress,
+            group=args.group,
         )
     )
 
@@ -99,7 +100,9 @@ def _iso_classification(args: argparse.Namespace) -> int:
 def _generic_process(args: argparse.Namespace) -> int:
     flags = {name: getattr(args, name) for name in PROCESS_FLAGS}
     return report(
-        run_process(run_config(args, process_config(args, args.process, flags)), progress=not args.no_progress)
+        run_process(
+            run_config(args, process_config(args, args.process, flags)), progress=not args.no_progress, group=args.group
+        )
     )
 
 
@@ -122,7 +125,11 @@ def _rerun(args: argparse.Namespace) -> int:
         ) from None
     out = args.dir if args.out is None else args.out
     return report(
-        run_process(replace(config, out=out, overwrite=args.overwrite, resume=False), progress=not args.no_progress)
+        run_process(
+            replace(config, out=out, overwrite=args.overwrite, resume=False),
+            progress=not args.no_progress,
+            group=args.group,
+        )
     )
 
 

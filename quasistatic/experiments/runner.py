@@ -16,17 +16,26 @@ paper's fd-equilibration, and records every step in its run directory:
 - with ``return_sweep``: ``return/`` (the same process from the end state back to the starting λ)
   and ``hysteresis.png``.
 
+Data parallel (``group``, :mod:`quasistatic.distributed`): every rank runs the same code on its
+shard of the data, and the reduced products keep θ and every decision identical on all of them.
+Rank 0 writes the run directory and shows progress; the other ranks write their identical copy
+into a temporary directory of their own (removed at exit), so that the code they run, reading its
+own files back included, is the same.
+
 The pieces (:func:`model_for_data`, :func:`split_objectives`, :func:`starting_model`,
 :func:`follow`, :func:`trajectory_summary`, :func:`stop_message`) also serve the transfer command.
 """
 
 from __future__ import annotations
 
+import atexit
 import csv
 import importlib
 import json
 import math
 import platform
+import shutil
+import tempfile
 import typing
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -52,6 +61,7 @@ from ..continuation.engine import (
     first_law_residual,
 )
 from ..continuation.equilibrate import DivergenceError, EquilibrationConfig, equilibrate
+from ..distributed import ShardGroup
 from ..errors import InputError, bad_value, choice_error
 from ..integrators import Integrator, make_integrator
 from ..linalg import LinearSolve, LinearSolveConfig
@@ -79,6 +89,7 @@ __all__ = [
     "import_modules",
     "model_for_data",
     "module_names",
+    "rank_directory",
     "run_process",
     "split_objectives",
     "starting_model",
@@ -341,13 +352,33 @@ def model_for_data(model: ModelConfig, data: LabeledData) -> ModelConfig:
 
 
 def split_objectives(
-    model: RepresentationModel, split: DataSplit, *, samples: int = 1, sigma: float = 0.0, seed: int = 0
+    model: RepresentationModel,
+    split: DataSplit,
+    *,
+    samples: int = 1,
+    sigma: float = 0.0,
+    seed: int = 0,
+    group: ShardGroup | None = None,
 ) -> tuple[Objective, Objective]:
-    """J on the training split (noise seed ``seed``) and on the validation split (its own, seed + 1000)."""
+    """J on the training split (noise seed ``seed``) and on the validation split (its own, seed + 1000),
+    each sharded over the ranks of ``group`` when given."""
     return (
-        Objective(model, split.train, samples=samples, noise_seed=seed, sigma=sigma),
-        Objective(model, split.val, samples=samples, noise_seed=seed + 1000, sigma=sigma),
+        Objective(model, split.train, samples=samples, noise_seed=seed, sigma=sigma, group=group),
+        Objective(model, split.val, samples=samples, noise_seed=seed + 1000, sigma=sigma, group=group),
     )
+
+
+def rank_directory(run: RunDirectory, group: ShardGroup | None) -> RunDirectory:
+    """Where this rank writes ``run``: the run directory itself on rank 0 (or alone); on the other
+    ranks a temporary directory of their own, removed at exit, that starts as a copy of the run
+    directory when it resumes (the module docstring says why)."""
+    if group is None or group.is_main:
+        return run
+    scratch = Path(tempfile.mkdtemp(prefix=f"quasistatic-rank{group.rank}-"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    if run.resume:
+        shutil.copytree(run.path, scratch, dirs_exist_ok=True)
+    return RunDirectory(scratch, overwrite=not run.resume, resume=run.resume)
 
 
 def starting_model(
@@ -583,16 +614,25 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def run_process(config: RunConfig, *, resume: bool | None = None, progress: bool = True) -> Run:
+def run_process(
+    config: RunConfig, *, resume: bool | None = None, progress: bool = True, group: ShardGroup | None = None
+) -> Run:
     """Run ``config``'s process end to end in ``config.out``, as the process commands do: start on
     the surface, follow the process to s = 1, write config.json, start.pt, state.pt,
     trajectory.csv and the figures, and with ``return_sweep`` the sweep back (``return/``,
     hysteresis.png). ``resume`` (default: ``config.resume``) continues an interrupted run to the
     same trajectory. Every setting is checked before anything is written (a bad one raises
     :class:`~quasistatic.InputError`); a process that cannot be followed ends the run with
-    :attr:`Run.error` set, its trajectory so far recorded."""
+    :attr:`Run.error` set, its trajectory so far recorded.
+
+    ``group``: run data-parallel on its ranks (each calls ``run_process`` with the same config;
+    they must agree on it); only rank 0 writes ``config.out`` and shows progress (the module
+    docstring), and the :class:`Run` of another rank points to its temporary copy."""
     if resume is not None:
         config = replace(config, resume=resume)
+    if group is not None:
+        group.agree("the run config", config.to_dict())
+        progress = progress and group.is_main
     import_modules(config.imports)
     device, dtype = torch_device(config.device), torch_dtype(config.dtype)
     controls = config.start.controls
@@ -610,7 +650,7 @@ def run_process(config: RunConfig, *, resume: bool | None = None, progress: bool
         _check_resumable(run, config)
 
     def objectives(model: RepresentationModel) -> tuple[Objective, Objective]:
-        return split_objectives(model, split, samples=config.samples, sigma=config.sigma, seed=config.seed)
+        return split_objectives(model, split, samples=config.samples, sigma=config.sigma, seed=config.seed, group=group)
 
     model = starting_model(
         config.start,
@@ -624,6 +664,7 @@ def run_process(config: RunConfig, *, resume: bool | None = None, progress: bool
         progress=progress,
     )
     train, val = objectives(model)
+    run = rank_directory(run, group)
     run.prepare()
     if not config.resume:
         run.write_json(
@@ -635,6 +676,7 @@ def run_process(config: RunConfig, *, resume: bool | None = None, progress: bool
                     "data": {"name": split.name, "train": len(split.train), "val": len(split.val)},
                     "versions": versions(),
                     "threads": torch.get_num_threads(),
+                    "ranks": 1 if group is None else group.size,
                 },
             },
         )
