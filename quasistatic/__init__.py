@@ -28,7 +28,10 @@ the layers below it (tests/test_layout.py checks this):
                                   functionals R, D, C, F, θ's layout, the sensitivities a process
                                   reads (eqs. 21, 27, 29, 30), the per-step measurements
     models/ data/                 architectures e, m, d, c; data sets, label subsets, the mixture (eq. 23)
-    registry.py work.py errors.py one registry mechanism (on errors), work accounting, one error template
+    registry.py work.py distributed.py
+                                  one registry mechanism (on errors), work accounting, data
+                                  parallelism over torch.distributed (shards, all-reduces)
+    errors.py                     one error template
 
 The thermodynamic quantities have a folder of their own, ``thermo/``, because they are built on
 ``models`` and ``data``, while ``errors``, ``registry`` and ``work`` stay at the root because every
@@ -55,6 +58,7 @@ from .data import (
 )
 from .continuation.equilibrate import EquilibrationConfig, equilibrate, equilibration_rate
 from .errors import InputError
+from .distributed import ShardGroup
 from .thermo.evaluation import measure
 from .thermo.functionals import FixedNoiseFunctionals, Functionals
 from .models import (
@@ -137,6 +141,7 @@ __all__ = [
     "FixedNoiseFunctionals",
     "Functionals",
     "InputError",
+    "ShardGroup",
     "LabeledData",
     "ModelConfig",
     "Networks",

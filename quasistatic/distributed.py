@@ -186,6 +186,8 @@ def init_from_env(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> 
         return None
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl" and not torch.cuda.is_available():
+            raise InputError(f"--device must be cpu (CUDA is not available here), got {device!r}")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))

@@ -118,6 +118,11 @@ def products(group: ShardGroup | None, out: Path | None = None) -> dict:
         subsamples.append(sub)
         take(f"{label} kfac", lambda o=objective: torch.cat([torch.cat([b.A.reshape(-1), b.G.reshape(-1)])
              for b in kronecker_blocks(o, theta, controls)]))
+    if group is not None:  # bad input: more ranks than examples, ranks that disagree on a setting
+        for check in (lambda: group.shard(1), lambda: group.agree("the seed", group.rank)):
+            with pytest.raises(qs.InputError) as error:
+                check()
+            found.setdefault("errors", []).append(str(error.value))
     found["counted all-reduces"] = torch.tensor(float(sum(o.work.all_reduces for o in (single, mixture, *subsamples))))
     return {"values": found, "reduces": reduces, "calls": len(calls)}
 
@@ -127,6 +132,10 @@ def test_two_ranks_give_the_single_process_products_with_one_all_reduce_each(tmp
     ranks = launch("products", tmp_path)
     elapsed = time.perf_counter() - started
     alone = products(None)["values"]
+    assert ranks[1]["values"].pop("errors") == [
+        "the number of ranks must be at most the number of examples (1), got 2 ranks",
+        "the seed must be the same on every rank, got [0, 1]"]
+    ranks[0]["values"].pop("errors")
     worst = {}
     for rank in ranks:
         for name, expected in alone.items():

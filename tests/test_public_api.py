@@ -26,3 +26,7 @@ def test_transfer_is_public():
 def test_the_runner_is_public():
     assert {"RunConfig", "DataConfig", "StartConfig", "ProcessConfig", "FollowConfig", "Run", "run_process",
             "Networks", "LinearSolveConfig"} <= set(quasistatic.__all__)
+
+
+def test_data_parallelism_is_public():
+    assert "ShardGroup" in quasistatic.__all__
