@@ -75,6 +75,14 @@ def problem(group: ShardGroup | None) -> tuple[qs.Objective, qs.Objective, torch
     return single, mixture, theta, qs.Controls(1.3, 4.0, 0.4)
 
 
+def minibatch(objective: qs.Objective, controls: qs.Controls) -> torch.Tensor:
+    """Adam's minibatch loss and its gradient in the model's parameters (the model at its own θ)."""
+    index = objective.epoch_batches(8, torch.Generator().manual_seed(3))[1]
+    loss = objective.minibatch_value(index, controls)
+    gradients = torch.autograd.grad(loss, list(objective.model.parameters()))
+    return torch.cat([loss.detach().reshape(1), *(g.reshape(-1) for g in gradients)])
+
+
 def products(group: ShardGroup | None, out: Path | None = None) -> dict:
     """Every reduced quantity of the objective at the problem's θ, and the all-reduces each took."""
     single, mixture, theta, controls = problem(group)
@@ -113,6 +121,7 @@ def products(group: ShardGroup | None, out: Path | None = None) -> dict:
                 take(f"{label} {kind} {mode} block", lambda op=operator: op(block))
                 take(f"{label} {kind} {mode} again", lambda op=operator: op(block[:, 0]))
         take(f"{label} dense hessian", lambda o=objective: dense_hessian(o, theta, controls))
+        take(f"{label} minibatch", lambda o=objective: minibatch(o, controls))
         sub = objective.subsample(0.3, seed=4)  # with its own work counter
         take(f"{label} subsample", lambda o=sub: o.functionals(theta, controls.t))
         subsamples.append(sub)
@@ -158,6 +167,7 @@ def test_two_ranks_give_the_single_process_products_with_one_all_reduce_each(tmp
         for name in ("functionals", "value", "gradient", "value_and_gradient", "combination_gradients",
                      "accuracy", "dense hessian", "subsample"):
             assert reduces[f"{label} {name}"] == 1, name
+        assert reduces[f"{label} minibatch"] == (2 if label == "single" else 3)  # each part's value, the gradient
         assert reduces[f"{label} surface_gradients"] == 3  # jacrev's values and rows, and the values again
         assert reduces[f"{label} kfac"] == (2 if label == "single" else 3)  # Ā per part, then G
     # the library's count (Objective.work.all_reduces) is the number of collectives made
@@ -190,6 +200,9 @@ def trajectory(directory: Path) -> list[dict[str, str]]:
 def run(group: ShardGroup, out: Path) -> dict:
     started = time.perf_counter()
     result = qs.run_process(small_run_config(out / "run", out / "polished.pt"), progress=False, group=group)
+    resumed = qs.run_process(small_run_config(out / "run", out / "polished.pt"), resume=True, progress=False,
+                             group=group)  # at s = 1 already: nothing to add, every rank reads the state back
+    assert resumed.error is None and len(resumed.trajectory) == len(result.trajectory)
     return {"error": result.error, "directory": str(result.directory), "seconds": time.perf_counter() - started,
             "all_reduces": group.stats.calls, "all_reduce_s": group.stats.seconds}
 

@@ -29,6 +29,11 @@ the sum over examples averages its noise out. The per-layer block-diagonal struc
 estimate of G, is what limits K-FAC there: the exact block-diagonal GGN needs ~170 iterations per
 column to 1e-6 where K-FAC needs ~210 and the dense GGN ~90 (none: ~610).
 
+On a data-parallel objective (``objective.group``) the factors are summed over the ranks in one
+all-reduce per part (Ā) and one for G, and each rank draws u for the rows of the whole data set and
+keeps its shard's, so that the preconditioner is the single process's (the draw is then total rows
+× features per column block on every rank).
+
 Damping: every layer gets δ_l = σ + ``damping`` · m_l, m_l = (tr G / out)(tr Ā / (in + 1)) the mean
 diagonal of its block: ``damping`` is relative, σ absolute (σI is exact in J); a layer with m_l = 0
 (the classifier at γ = 0) takes the size-weighted mean m̄ of all layers instead. ``form="pi"`` adds
