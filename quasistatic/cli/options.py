@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 # the flags a resumed run may change (the commands whose config.json records their flags as "settings")
-RESUME_IGNORES = ("resume", "overwrite", "no_progress", "device", "out")
+RESUME_IGNORES = ("resume", "overwrite", "no_progress", "device", "out", "command_line")
 
 
 def data_arguments(parser: argparse.ArgumentParser) -> None:
