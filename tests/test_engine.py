@@ -231,3 +231,30 @@ def test_the_tangent_border_reaches_the_exact_bordered_newton_point(surface, mon
 def test_unknown_border_lists_the_accepted_ones():
     with pytest.raises(InputError, match=r"corrector border must be one of \{solve, tangent\}, got 'exact'"):
         make_corrector("newton", border="exact")
+
+
+def test_the_last_step_is_corrected_to_the_starts_gradient_norm(surface):
+    """A run ends at least as close to the surface as it started: the step that ends the path is
+    corrected to min(grad_tol, the start's ‖∇θJ‖) (not below 0.1 grad_tol), the others to grad_tol."""
+    objective, theta = surface
+    start = polish(LinearSolve(objective), theta + 1e-4, START, grad_tol=5e-7).theta
+    start_norm = float(torch.linalg.vector_norm(objective.gradient(start, START)))
+    assert 5e-8 < start_norm <= 5e-7
+    calls = []
+    newton = make_corrector("newton")
+
+    class Recording:
+        adapts_step = True
+
+        def correct(self, *args, grad_tol, **kwargs):
+            calls.append(grad_tol)
+            return newton.correct(*args, grad_tol=grad_tol, **kwargs)
+
+    process = make_process("iso-classification", START, lam_end=LAM_END)
+    engine = QuasiStaticEngine(objective, process, make_integrator("hermite"), Recording(),
+                               EngineConfig(steps=4, grad_tol=1e-6))
+    state = engine.start(start, START)
+    assert state.start_grad_norm == pytest.approx(start_norm)
+    end = engine.run(state)
+    assert calls[-1] == pytest.approx(start_norm) and set(calls[:-1]) == {1e-6}
+    assert float(torch.linalg.vector_norm(objective.gradient(end.theta, end.controls))) <= start_norm
