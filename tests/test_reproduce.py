@@ -103,3 +103,22 @@ def test_bad_input_exits_2_naming_the_value_and_writes_nothing(tmp_path, capsys,
 
 def test_the_figures_are_registered():
     assert {"fig2", "fig4"} <= set(FIGURES.available())
+
+
+def test_a_stopped_run_is_a_row_with_where_and_why():
+    from quasistatic.experiments.reproduce import results_table
+
+    numbers = {"lam_end": 0.3731, "gamma_end": 10.01, "steps": 15, "jumps": 1, "dissipation": 0.0112,
+               "max_drift": 5.6e-8, "first_law": 3e-3, "val_acc_start": 0.964, "val_acc_min": 0.964,
+               "val_acc_max": 0.969, "grad_evals": 29897.0}
+    error = ("fold of the equilibrium branch located at lambda=0.3730829, gamma=10.01, t=0 (s=0.49 +- 5.8e-03; "
+             "lambda_min of the Hessian -3.2e-07 at the last accepted s=0.49, extrapolated to 0): the jump past "
+             "it failed: the constraint could not be re-imposed (|grad J| = 3.8e-04); the trajectory so far is "
+             "in run/trajectory.csv, the fold in run/fold.json")
+    results = {"figure": "Fig. 2", "command": "quasistatic reproduce fig2", "wall_s": 1.0,
+               "machine": {"cpus": 2, "jobs": 1, "threads_per_job": 1, "platform": "p", "torch": "t"},
+               "runs": [{"name": "gamma10", "numbers": numbers, "error": error, "wall_s": 478.0}], "paper": {}}
+    row = results_table(results).splitlines()[6]
+    assert row.startswith("| gamma10 | 0.3731 |")
+    assert row.endswith("| fold at λ 0.3730829: the jump past it failed: the constraint could not be re-imposed "
+                        "(\\|grad J\\| = 3.8e-04) |")

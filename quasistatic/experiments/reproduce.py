@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import platform
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -270,7 +271,13 @@ def results_table(results: Mapping[str, Any]) -> str:
 
 
 def _short(error: str | None) -> str:
-    """The first clause of a stop message (a table cell), or "–"."""
+    """A stop message as a table cell ("–" for none): where the run stopped and why, without the
+    fold's full description and the paths."""
     if not error:
         return "–"
-    return error.split(";")[0].replace("|", "/")[:160]
+    message = error.split("; the trajectory so far")[0]
+    head, _, reason = message.partition("extrapolated to 0): ")
+    where = re.search(r"lambda=([-0-9.e+]+)", head)
+    if reason and where:
+        message = f"fold at λ {where.group(1)}: {reason}"
+    return message.replace("|", "\\|")[:240]
