@@ -299,6 +299,24 @@ class _ShiftedCorrector:
         return dataclasses.replace(correction, theta=moved)
 
 
+def test_a_branch_hop_check_that_finds_a_saddle_is_a_fold_at_the_start_of_the_step():
+    """Where the refinement of the branch-hop check finds λ_min ≤ 0 at the step's start, the step is
+    not accepted: the point is a saddle, a fold lies between it and the point before."""
+    objective = toy_objective()
+    engine = QuasiStaticEngine(objective, make_process("free", START, lam_rate=0.5), make_integrator("hermite"),
+                               _ShiftedCorrector(0.5), EngineConfig(steps=10, grad_tol=1.0, min_step=1e-3),
+                               LinearSolve(objective, LinearSolveConfig(preconditioner="none",
+                                                                        preconditioner_sample=1.0)))
+    tracking = engine.config.eigen_iterations
+    engine._lambda_min = lambda state, iterations, count=1: -0.5 if iterations > tracking else 100.0
+    state = engine.start(torch.tensor([1.0, 0.0], dtype=torch.float64), START)
+    state = dataclasses.replace(state, s=0.1, stability=(StabilityPoint(0.0, 0.0, 1.0, 0.0, 1.0),
+                                                          dataclasses.replace(state.stability[-1], s=0.1)))
+    with pytest.raises(FoldError, match="is a saddle") as caught:
+        engine._step(state)
+    assert caught.value.fold.s == pytest.approx(0.1 / 1.5) and caught.value.fold.failed_s == 0.1
+
+
 @pytest.mark.parametrize("refined_is_true", [True, False])
 def test_the_branch_hop_guard_refines_lambda_min_before_rejecting(refined_is_true):
     """A correction that moves θ by 0.5 with grad_tol 1: within grad_tol/λ_min = 1 of the true λ_min

@@ -122,3 +122,16 @@ def test_a_stopped_run_is_a_row_with_where_and_why():
     assert row.startswith("| gamma10 | 0.3731 |")
     assert row.endswith("| fold at λ 0.3730829: the jump past it failed: the constraint could not be re-imposed "
                         "(\\|grad J\\| = 3.8e-04) |")
+
+
+def test_a_run_that_raises_is_reported_and_the_others_are_kept(tmp_path, capsys):
+    out = tmp_path / "fig2"
+    (out / "gamma3").mkdir(parents=True)
+    (out / "gamma3" / "mine.txt").write_text("not a run")  # a folder that is not a run: that run refuses it
+    assert main(["reproduce", "fig2", *COMMON, *FIGURE, "--out", str(out)]) == 1
+    results = json.loads((out / "results.json").read_text())
+    failed, done = results["runs"]
+    assert failed["name"] == "gamma3" and failed["numbers"] == {} and "InputError" in failed["error"]
+    assert done["name"] == "gamma4" and done["error"] is None and done["numbers"]["lam_end"] == pytest.approx(1.1)
+    assert (out / "gamma3" / "mine.txt").read_text() == "not a run" and (out / "fig2.png").exists()
+    assert "gamma3: InputError" in capsys.readouterr().err

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import io
 import logging
+import shlex
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -100,7 +101,7 @@ def _report_failure(group: ShardGroup) -> Callable[[BaseException], int]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``quasistatic`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
-    args.command_line = " ".join(["quasistatic", *(sys.argv[1:] if argv is None else argv)])  # as results record it
+    args.command_line = shlex.join(["quasistatic", *(sys.argv[1:] if argv is None else argv)])  # as results record it
     try:
         args.group = init_from_env(getattr(args, "device", "cpu"))
     except InputError as error:

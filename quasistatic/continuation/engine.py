@@ -263,7 +263,8 @@ class QuasiStaticEngine:
         """The ‖∇θJ‖ a step of size h from ``state`` must reach: ``grad_tol``, and for the step that
         ends the path at most the start's ‖∇θJ‖ (not below 0.1 grad_tol), so that a run ends at least
         as close to the surface as it started (on digits λ 1 → 2 ended at 7.7e-7 from a start at
-        6.3e-7 without it)."""
+        6.3e-7 without it). Where the last step cannot reach it, the same step is tried at grad_tol;
+        a jump or an arclength step that lands on s = 1 is held to grad_tol."""
         if state.start_grad_norm is None or state.s + h < 1.0 - 1e-12:
             return self.config.grad_tol
         return min(self.config.grad_tol, max(state.start_grad_norm, 0.1 * self.config.grad_tol))
@@ -375,6 +376,7 @@ class QuasiStaticEngine:
         h = self.control.first(state.h, state.s, state.controls, slope, adapts)
         rejections: list[str] = []
         refined = False  # whether λ_min at ``state`` was refined in this step (by the branch-hop check)
+        loosened = False  # whether the path's last step, failing at the start's |grad J|, is tried at grad_tol
         while True:
             outside = False  # the step left λ, γ ≥ 0: a boundary of the controls, not a fold
             try:
@@ -386,27 +388,36 @@ class QuasiStaticEngine:
                 outside = isinstance(error, NegativeControlsError)
                 reason, failure = "domain" if outside else "tangent", str(error)
             else:
+                grad_tol = self.config.grad_tol if loosened else self._grad_tol(state, h)
                 correction = self.corrector.correct(
                     self.linear_solve,
                     theta,
                     controls,
                     self.process,
                     state.target,
-                    grad_tol=self._grad_tol(state, h),
+                    grad_tol=grad_tol,
                     drift_tol=self.config.drift_tol,
                     max_iter=self.config.max_corrector_iterations,
                 )
                 step_length = float(torch.linalg.vector_norm(theta - state.theta))
                 moved = float(torch.linalg.vector_norm(correction.theta - theta))
                 stride = max(step_length, self._resolution(state))
-                if correction.converged and moved > self.config.max_correction * stride and not refined:
+                if adapts and correction.converged and moved > self.config.max_correction * stride and not refined:
                     # before calling it a branch hop, make sure of λ_min: the tracked value can be an
                     # eigenvalue above the smallest (on digits at λ 1.91334: tracked 1.6e-3, a block
                     # of 3 9.2e-4, converged 2.1e-4), which makes grad_tol/λ_min too small
                     state, refined = self._refined(state), True
+                    saddle = self._saddle(state)
+                    if saddle is not None:  # the step starts on a saddle: the branch of minima ended before it
+                        raise saddle
                     stride = max(step_length, self._resolution(state))
                 if not adapts or (correction.converged and moved <= self.config.max_correction * stride):
                     break
+                if not correction.converged and grad_tol < self.config.grad_tol:
+                    # the path's last step could not reach the start's |grad J|: the same step at grad_tol
+                    loosened = True
+                    rejections.append("corrector")
+                    continue
                 reason = "corrector" if not correction.converged else "branch-hop"
                 failure = (
                     f"the corrector did not reach the tolerances (|grad J| = {correction.grad_norm:.3e}, "
@@ -451,21 +462,33 @@ class QuasiStaticEngine:
         :class:`FoldError` at the zero of λ_min between the last two points, to be jumped from this
         point at its controls (or stopped at). Otherwise the fold just ahead when λ_min falls to 0
         there, else ``error`` itself (None when there is none: the step goes on)."""
-        points = self._refined(state).stability
+        state = self._refined(state)
+        points = state.stability
         if points and points[-1].s == state.s:
             if points[-1].lambda_min <= 0:
-                fold = locate_fold(points, state.s)
-                if fold is not None:  # last_accepted_s = failed_s = s: jumped from this saddle, at its controls
-                    return FoldError(
-                        f"{fold.describe()}: the point at s={state.s:.8g} is a saddle "
-                        f"(lambda_min = {points[-1].lambda_min:.3e}): the path went past a fold",
-                        fold,
-                    )
+                return self._saddle(state)
             elif error is not None:
                 fold = locate_fold(points, state.s + state.h)
                 if fold is not None:
                     return FoldError(f"{fold.describe()}: {error}", fold)
         return error
+
+    @staticmethod
+    def _saddle(state: EngineState) -> FoldError | None:
+        """The fold at the zero of λ_min between the last two points when ``state``'s (refined)
+        λ_min is ≤ 0, as a :class:`FoldError` to be jumped from this saddle at its controls
+        (last_accepted_s = failed_s = s); None otherwise."""
+        points = state.stability
+        if not (points and points[-1].s == state.s and points[-1].lambda_min <= 0):
+            return None
+        fold = locate_fold(points, state.s)
+        if fold is None:
+            return None
+        return FoldError(
+            f"{fold.describe()}: the point at s={state.s:.8g} is a saddle "
+            f"(lambda_min = {points[-1].lambda_min:.3e}): the path went past a fold",
+            fold,
+        )
 
     def _continue(self, state: EngineState) -> StepReport:
         """One pseudo-arclength step (:mod:`quasistatic.continuation.arclength`)."""

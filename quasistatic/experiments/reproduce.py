@@ -156,14 +156,30 @@ FIGURES.register("fig4", fig4)
 
 
 def _run_one(name: str, config: RunConfig, threads: int) -> RunResult:
-    """One run of a figure (in a worker process with ``jobs`` > 1): run_process, its numbers, its results.json."""
+    """One run of a figure (in a worker process with ``jobs`` > 1): run_process, its numbers, its
+    results.json. A run that raises (a start that cannot be polished, a bad directory) is a result
+    with that error and no numbers: the figure's other runs are kept."""
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    run = run_process(config, progress=False)
+    try:
+        run = run_process(config, progress=False)
+    except Exception as error:  # reported in the figure's results, beside the runs that worked
+        return RunResult(name, config.out, {}, f"{type(error).__name__}: {error}", time.perf_counter() - started)
     numbers = trajectory_numbers(run.trajectory, config.sigma, run.process)
-    result = RunResult(name, str(run.directory), numbers, run.failure, time.perf_counter() - started)
-    (run.directory / "results.json").write_text(json.dumps(result.__dict__, indent=2) + "\n")
+    result = RunResult(name, str(run.directory), _plain(numbers), run.failure, time.perf_counter() - started)
+    (run.directory / "results.json").write_text(json.dumps(result.__dict__, indent=2, allow_nan=False) + "\n")
     return result
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every nan replaced by None (JSON has no nan)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def reproduce(spec: FigureSpec, out: str | Path, *, jobs: int = 1, threads: int = 1, command: str = "") -> dict:
@@ -193,7 +209,7 @@ def reproduce(spec: FigureSpec, out: str | Path, *, jobs: int = 1, threads: int 
                 result = _report(future.result())
                 results[result.name] = result
     ordered = [results[name] for name in spec.runs]
-    trajectories = {r.name: _rows(Path(r.directory)) for r in ordered}
+    trajectories = {r.name: _rows(Path(r.directory)) for r in ordered if r.numbers}
     figure = spec.draw(trajectories, out / f"{spec.name}.png")
     written = {
         "figure": spec.title,
@@ -204,13 +220,16 @@ def reproduce(spec: FigureSpec, out: str | Path, *, jobs: int = 1, threads: int 
         "runs": [r.__dict__ for r in ordered],
         "paper": spec.paper,
     }
-    (out / "results.json").write_text(json.dumps(written, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(written, indent=2, allow_nan=False) + "\n")
     (out / "results.md").write_text(results_table(written))
     return written
 
 
 def _report(result: RunResult) -> RunResult:
     n = result.numbers
+    if not n:
+        logger.info("%s: failed: %s", result.name, result.error)
+        return result
     logger.info(
         "%s: %s at lambda %.4g, gamma %.4g after %d steps (%d jump(s)), max C drift %.2e, %.0f GE, %.0f s",
         result.name,
@@ -223,8 +242,6 @@ def _report(result: RunResult) -> RunResult:
         n["grad_evals"],
         result.wall_s,
     )
-    if result.error:
-        logger.info("%s: %s", result.name, result.error)
     return result
 
 
@@ -254,12 +271,15 @@ def results_table(results: Mapping[str, Any]) -> str:
         f"{results['machine']['platform']}, torch {results['machine']['torch']}",
         "",
         "| run | reached λ | γ at the end | steps | jumps | dissipated ΔJ | max \\|C − C0\\|/C0 | first law "
-        "(worst stretch) | val acc (start → min … max) | GE | wall s | stopped because |",
+        "(worst stretch) | val acc (start → min … max) | GE | wall s (this invocation) | stopped because |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in results["runs"]:
         n = run["numbers"]
-        law = "–" if math.isnan(n["first_law"]) else f"{n['first_law']:.1e}"
+        if not n:  # the run raised before it had a trajectory
+            lines.append(f"| {run['name']} |" + " – |" * 10 + f" {_short(run['error'])} |")
+            continue
+        law = "–" if n["first_law"] is None else f"{n['first_law']:.1e}"
         lines.append(
             f"| {run['name']} | {n['lam_end']:.4g} | {n['gamma_end']:.4g} | {n['steps']} | {n['jumps']} | "
             f"{n['dissipation']:.3g} | {n['max_drift']:.1e} | {law} | {n['val_acc_start']:.3f} → "
