@@ -299,16 +299,23 @@ class _ShiftedCorrector:
         return dataclasses.replace(correction, theta=moved)
 
 
-def test_a_branch_hop_check_that_finds_a_saddle_is_a_fold_at_the_start_of_the_step():
-    """Where the refinement of the branch-hop check finds λ_min ≤ 0 at the step's start, the step is
-    not accepted: the point is a saddle, a fold lies between it and the point before."""
+def _shifted_engine(refined: float, tracked: float) -> QuasiStaticEngine:
+    """The engine on the toy with corrections moved 0.5 off (grad_tol 1), whose tracked λ_min reads
+    ``tracked`` and whose refined one (more iterations) reads ``refined``."""
     objective = toy_objective()
     engine = QuasiStaticEngine(objective, make_process("free", START, lam_rate=0.5), make_integrator("hermite"),
                                _ShiftedCorrector(0.5), EngineConfig(steps=10, grad_tol=1.0, min_step=1e-3),
                                LinearSolve(objective, LinearSolveConfig(preconditioner="none",
                                                                         preconditioner_sample=1.0)))
     tracking = engine.config.eigen_iterations
-    engine._lambda_min = lambda state, iterations, count=1: -0.5 if iterations > tracking else 100.0
+    engine._lambda_min = lambda state, iterations, count=1: refined if iterations > tracking else tracked
+    return engine
+
+
+def test_a_branch_hop_check_that_finds_a_saddle_is_a_fold_at_the_start_of_the_step():
+    """Where the refinement of the branch-hop check finds λ_min ≤ 0 at the step's start, the step is
+    not accepted: the point is a saddle, a fold lies between it and the point before."""
+    engine = _shifted_engine(refined=-0.5, tracked=100.0)
     state = engine.start(torch.tensor([1.0, 0.0], dtype=torch.float64), START)
     state = dataclasses.replace(state, s=0.1, stability=(StabilityPoint(0.0, 0.0, 1.0, 0.0, 1.0),
                                                           dataclasses.replace(state.stability[-1], s=0.1)))
@@ -323,14 +330,7 @@ def test_the_branch_hop_guard_refines_lambda_min_before_rejecting(refined_is_tru
     (1 at the start), not of a tracked value 100× too large (0.01). The guard refines λ_min before
     rejecting, and accepts; where the refined value is as wrong, every try is a branch hop and the
     steps collapse with the reasons counted in the error."""
-    objective = toy_objective()
-    engine = QuasiStaticEngine(objective, make_process("free", START, lam_rate=0.5), make_integrator("hermite"),
-                               _ShiftedCorrector(0.5), EngineConfig(steps=10, grad_tol=1.0, min_step=1e-3),
-                               LinearSolve(objective, LinearSolveConfig(preconditioner="none",
-                                                                        preconditioner_sample=1.0)))
-    tracking = engine.config.eigen_iterations
-    engine._lambda_min = lambda state, iterations, count=1: (
-        1.0 if refined_is_true and iterations > tracking else 100.0)
+    engine = _shifted_engine(refined=1.0 if refined_is_true else 100.0, tracked=100.0)
     state = engine.start(torch.tensor([1.0, 0.0], dtype=torch.float64), START)
     assert state.stability[-1].lambda_min == 100.0
     if refined_is_true:
