@@ -104,10 +104,6 @@ class FoldError(StepSizeError):
         super().__init__(message)
         self.fold, self.rejections = fold, rejections
 
-    @property
-    def rejected(self) -> int:
-        return len(self.rejections)
-
 
 def locate_fold(points: tuple[StabilityPoint, ...], failed_s: float) -> Fold | None:
     """The fold ahead of the last accepted ``points`` (oldest first) when λ_min falls towards 0

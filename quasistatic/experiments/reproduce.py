@@ -16,7 +16,6 @@ Sec. 5.1) and Fig. 4 (the free energy along the same runs, Fig. 4b).
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -37,6 +36,7 @@ from ..errors import bad_value
 from ..registry import Parameter, Registry
 from .plots import new_figure, save_figure
 from .runner import RunConfig, run_process, trajectory_numbers
+from .trajectory import read_trajectory
 
 __all__ = ["FIGURES", "FigureSpec", "RunResult", "reproduce"]
 
@@ -209,7 +209,7 @@ def reproduce(spec: FigureSpec, out: str | Path, *, jobs: int = 1, threads: int 
                 result = _report(future.result())
                 results[result.name] = result
     ordered = [results[name] for name in spec.runs]
-    trajectories = {r.name: _rows(Path(r.directory)) for r in ordered if r.numbers}
+    trajectories = {r.name: read_trajectory(Path(r.directory)) for r in ordered if r.numbers}
     figure = spec.draw(trajectories, out / f"{spec.name}.png")
     written = {
         "figure": spec.title,
@@ -243,11 +243,6 @@ def _report(result: RunResult) -> RunResult:
         result.wall_s,
     )
     return result
-
-
-def _rows(directory: Path) -> Rows:
-    with (directory / "trajectory.csv").open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _machine(jobs: int, threads: int) -> dict[str, Any]:

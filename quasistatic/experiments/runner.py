@@ -29,7 +29,6 @@ The pieces (:func:`model_for_data`, :func:`split_objectives`, :func:`starting_mo
 from __future__ import annotations
 
 import atexit
-import csv
 import importlib
 import json
 import math
@@ -71,7 +70,7 @@ from .plots import plot_hysteresis
 from ..continuation.polish import polish, require_equilibrium
 from ..processes import PROCESSES, Process, make_process
 from .rundir import RunDirectory
-from .trajectory import STATE_FILE, TrajectoryRecorder, numeric, plot_trajectory
+from .trajectory import STATE_FILE, TrajectoryRecorder, numeric, plot_trajectory, read_trajectory
 from ..work import WorkCounter
 
 __all__ = [
@@ -499,7 +498,7 @@ def trajectory_numbers(rows: list[dict[str, str]], sigma: float, process: Proces
         "constraint": " + ".join(f"{w:g}*{x}" if w != 1 else x for w, x in zip(weights, "RDC") if w) or "C",
         "max_drift": max(abs(g - held[0]) for g in held) / abs(held[0]),
         "first_law": max(ratios) if ratios else math.nan,
-        "first_law_total": laws[0] if len(laws) == 1 else None,  # (|residual|, |dR|) without jumps
+        "first_law_total": laws[0] if len(laws) == 1 else None,  # (|residual|, |dR|) when the path is one stretch
         "stretches": len(laws),
         "jumps": len(jumps),
         "dissipation": sum(values[i]["dissipation"] for i in jumps),
@@ -549,10 +548,8 @@ class Run:
 
     @property
     def trajectory(self) -> list[dict[str, str]]:
-        """The rows of trajectory.csv as written, one per step (``quasistatic.experiments.trajectory.numeric``
-        gives a row's numbers)."""
-        with (self.directory / "trajectory.csv").open(newline="") as f:
-            return list(csv.DictReader(f))
+        """The rows of trajectory.csv as written, one per step (:func:`.trajectory.read_trajectory`)."""
+        return read_trajectory(self.directory)
 
     @property
     def failure(self) -> str | None:

@@ -3,6 +3,7 @@ every step, and the paper's figures (Fig. 2: R–D curve, (λ, γ) path, C and a
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -20,7 +21,14 @@ from ..thermo.objective import Objective
 from .plots import plot_columns
 from .rundir import CsvLog, RunDirectory, atomic_save
 
-__all__ = ["TRAJECTORY_COLUMNS", "TARGET_COLUMNS", "TrajectoryRecorder", "numeric", "plot_trajectory"]
+__all__ = [
+    "TRAJECTORY_COLUMNS",
+    "TARGET_COLUMNS",
+    "TrajectoryRecorder",
+    "numeric",
+    "plot_trajectory",
+    "read_trajectory",
+]
 
 TRAJECTORY_COLUMNS = (
     "step",
@@ -196,6 +204,12 @@ class TrajectoryRecorder:
         if self.linear_solve is not None and saved.get("solves"):
             self.linear_solve.restore(saved["solves"])
         return state
+
+
+def read_trajectory(directory: Path) -> list[dict[str, str]]:
+    """The rows of ``directory``/trajectory.csv as written, one per step (:func:`numeric` gives a row's numbers)."""
+    with (directory / "trajectory.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def numeric(row: dict[str, str]) -> dict[str, float]:
