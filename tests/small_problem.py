@@ -47,6 +47,12 @@ class _Functionals:
     def __call__(self, theta):
         return self.functionals(theta)
 
+    def chunks(self):
+        return [(0, 1)]
+
+    def chunk_functionals(self, theta, start, stop):
+        return self.functionals(theta)
+
 
 def toy_objective(functionals, n: int):
     """An Objective whose (R, D, C) = ``functionals(θ)`` (a (3,) tensor) for θ ∈ R^n; the engine

@@ -18,6 +18,7 @@ from ..integrators import available_integrators
 from ..linalg import LinearSolveConfig, available_preconditioners, available_solvers
 from ..models import ModelConfig, available_architectures
 from ..registry import Registry
+from ..thermo.functionals import check_chunk_size
 from ..experiments.rundir import RunDirectory
 from ..experiments.runner import DataConfig, FollowConfig, StartConfig, model_for_data, versions
 
@@ -75,6 +76,13 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lam", type=float, default=1.0, help="λ, weight of the distortion (default 1)")
     group.add_argument("--gamma", type=float, default=10.0, help="γ, weight of the classification loss (default 10)")
     group.add_argument("--samples", type=int, default=1, help="K, fixed noise samples per example (default 1)")
+    group.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="examples evaluated at once (memory; default all); one process with the shard size of 2 "
+        "torchrun ranks reproduces their run bit for bit",
+    )
     group.add_argument(
         "--sigma",
         type=float,
@@ -327,6 +335,7 @@ def inputs(
     disk before every flag has been checked)."""
     if args.samples < 1:
         raise bad_value("--samples", "an integer >= 1", args.samples)
+    check_chunk_size(args.chunk_size, "--chunk-size")
     data, model = data_config(args) if data is None else data, model_config(args)
     run = RunDirectory(args.out if out is None else out, overwrite=args.overwrite, resume=args.resume)
     split = data.load(args.seed)

@@ -144,6 +144,7 @@ def run_config(args: argparse.Namespace, process: ProcessConfig, start: StartCon
         process=process,
         follow=follow_config(args, args.method),
         samples=args.samples,
+        chunk_size=args.chunk_size,
         sigma=args.sigma,
         seed=args.seed,
         device=args.device,

@@ -65,6 +65,7 @@ from ..errors import InputError, bad_value, choice_error
 from ..integrators import Integrator, make_integrator
 from ..linalg import LinearSolve, LinearSolveConfig
 from ..models import ModelConfig, RepresentationModel, build_model
+from ..thermo.functionals import check_chunk_size
 from ..thermo.objective import Controls, Objective
 from .plots import plot_hysteresis
 from ..continuation.polish import polish, require_equilibrium
@@ -241,6 +242,7 @@ class RunConfig:
     process: ProcessConfig = field(default_factory=ProcessConfig)
     follow: FollowConfig = field(default_factory=FollowConfig)
     samples: int = 1  # K, fixed noise draws per example (eq. 1's expectations over e(z|x))
+    chunk_size: int | None = None  # examples evaluated at once (memory; None: all of a rank's); see Objective
     sigma: float = 3e-2  # σ of eq. 6's σS term, S = ½‖θ‖² (> 0 keeps J's minima isolated)
     seed: int = 0  # of the split, the initialization, the noise, Adam's and fd-equilibration's minibatches
     # (the linear solves' subsamples have follow.linear_solve.seed; the command line sets both)
@@ -257,6 +259,7 @@ class RunConfig:
             raise bad_value("samples", "an integer >= 1", self.samples)
         if self.dtype not in DTYPES:
             raise choice_error("dtype", DTYPES, self.dtype)
+        check_chunk_size(self.chunk_size)
 
     def to_dict(self) -> dict[str, Any]:
         """The sections as nested dicts of plain values (config.json's keys besides ``record``)."""
@@ -357,13 +360,14 @@ def split_objectives(
     samples: int = 1,
     sigma: float = 0.0,
     seed: int = 0,
+    chunk_size: int | None = None,
     group: ShardGroup | None = None,
 ) -> tuple[Objective, Objective]:
     """J on the training split (noise seed ``seed``) and on the validation split (its own, seed + 1000),
-    each sharded over the ranks of ``group`` when given."""
+    each evaluated ``chunk_size`` examples at a time and sharded over the ranks of ``group`` when given."""
     return (
-        Objective(model, split.train, samples=samples, noise_seed=seed, sigma=sigma, group=group),
-        Objective(model, split.val, samples=samples, noise_seed=seed + 1000, sigma=sigma, group=group),
+        Objective(model, split.train, samples, noise_seed=seed, chunk_size=chunk_size, sigma=sigma, group=group),
+        Objective(model, split.val, samples, noise_seed=seed + 1000, chunk_size=chunk_size, sigma=sigma, group=group),
     )
 
 
@@ -647,7 +651,15 @@ def run_process(
         _check_resumable(run, config)
 
     def objectives(model: RepresentationModel) -> tuple[Objective, Objective]:
-        return split_objectives(model, split, samples=config.samples, sigma=config.sigma, seed=config.seed, group=group)
+        return split_objectives(
+            model,
+            split,
+            samples=config.samples,
+            sigma=config.sigma,
+            seed=config.seed,
+            chunk_size=config.chunk_size,
+            group=group,
+        )
 
     model = starting_model(
         config.start,

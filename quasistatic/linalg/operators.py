@@ -23,11 +23,12 @@ The matrices are registered by name in :data:`OPERATORS` (``"hessian"``, ``"ggn"
 (N, k) → (N, k), and counts the passes they share on ``objective.work``; the
 :class:`CurvatureOperator` around them adds the damping and counts the products.
 
-On a data-parallel objective (``objective.group``) the products are those of this rank's share of
-J (``objective.local_value``), summed over the ranks by ``objective.reduce``: one all-reduce per
-application, whatever the number of columns k. A product is linear in the shares, so summing it is
-exact; a collective inside the ``torch.func`` transforms would instead need rules for every
-transform and order (see :func:`quasistatic.distributed.summed_over_ranks`).
+The products are taken of each chunk's share of R + λD + γC (``objective.local_values``), added in
+order and, on a data-parallel objective (``objective.group``), summed over the ranks by
+``objective.sum_chunks`` (one all-reduce per application, whatever the number of columns k); then
+σS's Hessian σI is added. A product is linear in the shares, so summing it is exact; a collective
+inside the ``torch.func`` transforms would instead need rules for every transform and order (see
+:func:`quasistatic.distributed.summed_over_ranks`).
 """
 
 from __future__ import annotations
@@ -102,22 +103,28 @@ def hessian_products(objective: Objective, theta: Tensor, controls: Controls, mo
     """V ↦ A V with A = ∇²θJ: each column pulled back through ∇θJ (``mode="reverse"``: the pullback
     built at the first call and kept) or pushed forward through it (``"forward"``), vmapped over the
     columns."""
-    gradient = grad(lambda th: objective.local_value(th, controls))
+    gradients = [grad(value) for value in objective.local_values(controls)]  # one per chunk
     if mode == "forward":
 
         def forward_products(block: Tensor) -> Tensor:
             objective.work.gradients += 1
-            return objective.reduce(vmap(lambda v: jvp(gradient, (theta,), (v,))[1], in_dims=1, out_dims=1)(block))
+            products = objective.sum_chunks(
+                vmap(lambda v, g=gradient: jvp(g, (theta,), (v,))[1], in_dims=1, out_dims=1)(block)
+                for gradient in gradients
+            )
+            return products + objective.sigma * block  # σS = ½σ‖θ‖² has the Hessian σI
 
         return forward_products
-    pullback: Callable[[Tensor], tuple[Tensor]] | None = None
+    pullbacks: list[Callable[[Tensor], tuple[Tensor]]] = []
 
     def reverse_products(block: Tensor) -> Tensor:
-        nonlocal pullback
-        if pullback is None:
+        if not pullbacks:
             objective.work.gradients += 1
-            pullback = vjp(gradient, theta)[1]
-        return objective.reduce(vmap(lambda v: pullback(v)[0], in_dims=1, out_dims=1)(block))
+            pullbacks.extend(vjp(gradient, theta)[1] for gradient in gradients)
+        products = objective.sum_chunks(
+            vmap(lambda v, p=pullback: p(v)[0], in_dims=1, out_dims=1)(block) for pullback in pullbacks
+        )
+        return products + objective.sigma * block
 
     return reverse_products
 
@@ -172,4 +179,5 @@ OPERATORS.register("ggn", ggn_products)
 
 def dense_hessian(objective: Objective, theta: Tensor, controls: Controls) -> Tensor:
     """∇²θJ by ``torch.func.hessian``: the exact slow reference the operators are tested against."""
-    return objective.reduce(hessian(lambda th: objective.local_value(th, controls))(theta.detach()))
+    dense = objective.sum_chunks(hessian(value)(theta.detach()) for value in objective.local_values(controls))
+    return dense + objective.sigma * torch.eye(len(theta), dtype=dense.dtype, device=dense.device)

@@ -4,29 +4,36 @@ J is evaluated on fixed data (all of a split, or a seeded subset) with fixed enc
 a deterministic, pure function of the flat parameter vector θ: the curvature code differentiates it
 with ``torch.func`` and the engine integrates θ as an ODE state.
 
-Data parallel (``group``, :mod:`quasistatic.distributed`): each rank holds a contiguous shard of
-every data set, and an objective's ``local_*`` functions are this rank's share of J and of (R, D, C)
-(its examples' sum over the global count; σS on rank 0): pure functions, differentiable to any
-order, that communicate nothing. The products the objective returns (values, gradients, the
-curvature operators' products) are taken of the share and summed over the ranks by
-:meth:`Objective.reduce`, one all-reduce each; alone, ``reduce`` is the identity and the share is J.
+Chunks and ranks. The data are evaluated ``chunk_size`` examples at a time; with a ``group``
+(:mod:`quasistatic.distributed`) each rank holds a contiguous shard of every data set, in chunks.
+An objective's ``local_*`` functions are this process's shares of (R, D, C) and of R + λD + γC
+(its examples' sums over the global count): pure functions, differentiable to any order, that
+communicate nothing. A product of J's derivatives (gradient, Hessian- and Gauss–Newton-vector
+products, dense Hessian) is taken of each chunk's share on its own (:meth:`Objective.local_values`),
+the chunks' products are added in order, and the sum is summed over the ranks, one all-reduce each
+(:meth:`Objective.sum_chunks`); σS is then added in closed form (σS, σθ, σV). So every sum has
+the same order alone and on ranks: one process whose ``chunk_size`` is the shard of 2 ranks (2
+equal shards) computes their products, and follows their trajectory, bit for bit; in other chunks
+the results differ by the rounding of the sums' order. A mixture's (R, D, C) values (not their
+products) are mixed before the ranks' sum, so they agree to rounding only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad, grad_and_value, jacrev
+from torch.func import grad, jacrev
 
 from ..data.base import LabeledData
 from ..data.mixture import DataMixture, mixture_weights
 from ..distributed import ShardGroup, summed_over_ranks
 from ..errors import bad_value
-from .functionals import FixedNoiseFunctionals, Functionals
+from .functionals import FixedNoiseFunctionals, Functionals, sum_in_order
 from ..models import RepresentationModel
 from .parameters import ParameterLayout
 from ..work import WorkCounter
@@ -72,7 +79,8 @@ class Objective:
     ``group``: the ranks that share the data (module docstring); each holds its shard of every
     part, with the noise of the whole data set's draw at the examples' global indices, so that J,
     its derivatives and the trajectories built on them do not depend on the number of ranks (up to
-    the rounding of the sums' order).
+    the rounding of the sums' order; bit for bit between 2 ranks and one process whose
+    ``chunk_size`` is their shard: module docstring).
     """
 
     group: ShardGroup | None = None  # set by __init__; the class default serves objectives built without it
@@ -144,6 +152,11 @@ class Objective:
         self.work.all_reduces += 1
         return self.group.sum(tensor)
 
+    def sum_chunks(self, terms: Iterable[Tensor]) -> Tensor:
+        """The terms of this rank's chunks (one each, in the order of :meth:`local_chunks`) added in
+        order, then summed over the ranks (one all-reduce): the products of J's derivatives."""
+        return self.reduce(sum_in_order(terms))
+
     def _summed(self, share: Callable[[Tensor], Tensor], theta: Tensor) -> Tensor:
         """Σ over the ranks of ``share(θ)``, differentiable to first order (alone: ``share(θ)``)."""
         return share(theta) if self.group is None else summed_over_ranks(share, theta, self.reduce)
@@ -174,10 +187,23 @@ class Objective:
         """(3,) [R, D, C] under p(x, t): the exact mixture (1 − t)·X_s + t·X_t for a mixture."""
         return self._summed(lambda th: self.local_functionals(th, t), theta)
 
-    def local_value(self, theta: Tensor, controls: Controls) -> Tensor:
-        """This rank's share of J (σS counted on rank 0): the function the curvature operators
-        differentiate, their products then summed by :meth:`reduce`."""
-        return self._combine(self.local_functionals(theta, controls.t), theta, controls, self.is_main)
+    def local_chunks(self, t: float = 0.0) -> list[Callable[[Tensor], Tensor]]:
+        """θ ↦ (3,): the share of (R, D, C) under p(x, t) of each chunk held here, part by part
+        (a part of mixture weight 0 left out). A product of J's derivatives is taken of each
+        chunk's share and the products are added by :meth:`sum_chunks` (module docstring)."""
+        weights = [1.0] if self.mixture is None else [float(w) for w in mixture_weights(t)]
+        return [
+            functools.partial(_weighted_chunk, part, weight, start, stop)
+            for part, weight in zip(self.parts, weights)
+            if weight != 0
+            for start, stop in part.chunks()
+        ]
+
+    def local_values(self, controls: Controls) -> list[Callable[[Tensor], Tensor]]:
+        """θ ↦ the share of J − σS = R + λD + γC of each chunk held here (:meth:`local_chunks`):
+        the functions the curvature operators differentiate before σS's closed-form derivative
+        (σθ, σV) is added."""
+        return [functools.partial(_combined, chunk, controls) for chunk in self.local_chunks(controls.t)]
 
     def value(self, theta: Tensor, controls: Controls) -> Tensor:
         """J(θ; λ, γ, t) = R + λD + γC + σS (eq. 14 at θ, eq. 8's objective; eq. 6's σS)."""
@@ -197,16 +223,21 @@ class Objective:
     def gradient(self, theta: Tensor, controls: Controls) -> Tensor:
         """∇θJ (N,); zero on the equilibrium surface (eq. 15). Counts one gradient."""
         self.work.gradients += 1
-        return self.reduce(grad(self.local_value)(theta, controls))
+        return self.sum_chunks(grad(value)(theta) for value in self.local_values(controls)) + self.sigma * theta
 
     def value_and_gradient(self, theta: Tensor, controls: Controls) -> tuple[Tensor, Tensor]:
         """J and ∇θJ from one forward and one backward pass. Counts one gradient."""
         self.work.gradients += 1
-        gradient, value = grad_and_value(self.local_value)(theta, controls)
-        if self.group is None:
-            return value.detach(), gradient
-        both = self.reduce(torch.cat([value.detach().reshape(1), gradient]))
-        return both[0], both[1:]
+
+        weights = controls.weights(theta)
+
+        def share(chunk: Callable[[Tensor], Tensor]) -> Tensor:
+            gradient, functionals = grad(lambda th: _with_values(weights, chunk(th)), has_aux=True)(theta)
+            return torch.cat([functionals, gradient])
+
+        # J is combined from the summed (R, D, C), as :meth:`value` does: the same sums alone and on ranks
+        both = self.sum_chunks(share(chunk) for chunk in self.local_chunks(controls.t))
+        return self._combine(both[:3], theta.detach(), controls), both[3:] + self.sigma * theta
 
     def epoch_batches(self, batch_size: int, generator: torch.Generator) -> list[list[Tensor]]:
         """One epoch of minibatch indices (global: the same on every rank): for each batch, one
@@ -261,17 +292,18 @@ class Objective:
         reverse pass per row (shared forward). Counts m gradients."""
         self.work.gradients += weights.shape[0]
 
-        def combinations(th: Tensor) -> tuple[Tensor, Tensor]:
-            values = weights @ self.local_functionals(th, t)
-            if with_entropy is not None and self.sigma and self.is_main:
-                values = values + with_entropy * (self.sigma * self.weight_entropy(th))
-            return values, values
+        def share(chunk: Callable[[Tensor], Tensor]) -> Tensor:
+            gradients, functionals = jacrev(lambda th: _with_values(weights, chunk(th)), has_aux=True)(theta)
+            return torch.cat([functionals, gradients.reshape(-1)])
 
-        gradients, values = jacrev(combinations, has_aux=True)(theta)
-        if self.group is None:
-            return values.detach(), gradients.detach()
-        both = self.reduce(torch.cat([values.detach()[:, None], gradients.detach()], dim=1))
-        return both[:, 0], both[:, 1:]
+        both = self.sum_chunks(share(chunk) for chunk in self.local_chunks(t)).detach()
+        functionals, gradients = both[:3], both[3:].reshape(len(weights), -1)
+        values = weights @ functionals  # from the summed (R, D, C), alone and on ranks
+        if with_entropy is not None and self.sigma:  # σS after the sum (module docstring)
+            theta = theta.detach()
+            values = values + with_entropy * (self.sigma * self.weight_entropy(theta))
+            gradients = gradients + with_entropy[:, None] * (self.sigma * theta)
+        return values, gradients
 
     def report(self, theta: Tensor, t: float = 0.0) -> Functionals:
         """R, D, C and S as floats (no graph)."""
@@ -306,3 +338,20 @@ class _SumValues(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, gradient: Tensor) -> tuple[Tensor, None]:
         return gradient, None
+
+
+def _weighted_chunk(part: FixedNoiseFunctionals, weight: float, start: int, stop: int, theta: Tensor) -> Tensor:
+    """One chunk's share of (R, D, C) under a mixture, its part's weight applied (:meth:`Objective.local_chunks`)."""
+    share = part.chunk_functionals(theta, start, stop)
+    return share if weight == 1.0 else weight * share
+
+
+def _combined(chunk: Callable[[Tensor], Tensor], controls: Controls, theta: Tensor) -> Tensor:
+    """R + λD + γC of one chunk's share (:meth:`Objective.local_values`)."""
+    values = chunk(theta)
+    return values @ controls.weights(values)
+
+
+def _with_values(weights: Tensor, functionals: Tensor) -> tuple[Tensor, Tensor]:
+    """weights · (R, D, C), with the (R, D, C) as the auxiliary output of ``grad``/``jacrev``."""
+    return weights @ functionals, functionals.detach()
