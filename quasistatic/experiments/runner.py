@@ -370,9 +370,9 @@ def split_objectives(
 def rank_directory(run: RunDirectory, group: ShardGroup | None) -> RunDirectory:
     """Where this rank writes ``run``: the run directory itself on rank 0 (or alone); on the other
     ranks a temporary directory of their own, removed at exit, that starts as a copy of the run
-    directory when it resumes (the module docstring says why). Every rank of ``group`` calls it:
-    when the run resumes, rank 0 returns (and may change the directory: a resumed run drops the
-    rows after its last state) only once the others have their copy."""
+    directory when it resumes (the module docstring says why). Every rank of ``group`` calls it, and
+    rank 0 returns (and may create or empty the directory, or change it: a resumed run drops the
+    rows after its last state) only once every rank has checked it and the others have their copy."""
     if group is None:
         return run
     own = run
@@ -382,8 +382,7 @@ def rank_directory(run: RunDirectory, group: ShardGroup | None) -> RunDirectory:
         if run.resume:
             shutil.copytree(run.path, scratch, dirs_exist_ok=True)
         own = RunDirectory(scratch, overwrite=not run.resume, resume=run.resume)
-    if run.resume:
-        group.barrier()
+    group.barrier()
     return own
 
 
