@@ -40,6 +40,7 @@ __all__ = [
     "ENV_VARIABLES",
     "launched_by_torchrun",
     "init_from_env",
+    "is_main_process",
     "abort_on_failure",
     "summed_over_ranks",
 ]
@@ -101,6 +102,10 @@ class ShardGroup:
         self.stats.elements += out.numel()
         return out
 
+    def barrier(self) -> None:
+        """Wait until every rank has called it."""
+        dist.barrier(group=self.group)
+
     def agree(self, what: str, value: object) -> None:
         """Check that every rank has the same ``value`` (settings read at the start): an
         :class:`~quasistatic.InputError` naming the ranks' values otherwise."""
@@ -108,6 +113,11 @@ class ShardGroup:
         dist.all_gather_object(values, value, group=self.group)
         if any(v != values[0] for v in values):
             raise InputError(f"{what} must be the same on every rank, got {values}")
+
+
+def is_main_process(group: ShardGroup | None) -> bool:
+    """Whether this process writes the output and shows progress: alone (``group`` None) or rank 0."""
+    return group is None or group.is_main
 
 
 Reduce = Callable[[Tensor], Tensor]  # a tensor summed over the ranks (one all-reduce)

@@ -14,10 +14,12 @@ is looked up in its registry when the command runs, so ``--import MODULE`` (a mo
 registers its own processes, correctors, data sets, ...) makes them runnable by name, with their
 parameters given as ``--param NAME=VALUE``.
 
-Under ``torchrun --nproc_per_node N -m quasistatic ...`` the process commands run data-parallel
-(:mod:`quasistatic.distributed`): each rank evaluates J on its shard of the data, rank 0 prints and
-writes, and a rank that fails prints ``quasistatic: error: rank R: …`` and exits at once (2 for bad
-input, 1 otherwise), which stops the others.
+Every command runs unchanged under ``torchrun --nproc_per_node N -m quasistatic ...``, data-parallel
+(:mod:`quasistatic.distributed`, :mod:`.ranks`): each rank evaluates J on its shard of the data, the
+ranks check that they were given the same settings, rank 0 prints and writes (the other ranks print
+nothing), and a rank that fails prints ``quasistatic: error: rank R: …`` and exits at once (2 for
+bad input, 1 otherwise), which stops the others. ``reproduce`` then runs the figure's runs one
+after the other, each over all ranks (``--jobs 1``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..distributed import ShardGroup, abort_on_failure, init_from_env
+from ..distributed import ShardGroup, abort_on_failure, init_from_env, is_main_process
 from ..errors import InputError, bad_value
 from ..experiments.runner import import_modules
 from . import equilibrate_command, process_command, reproduce_command, transfer_command
@@ -81,9 +83,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-DATA_PARALLEL_COMMANDS = ("iso-classification", "process", "rerun")  # the commands that run under torchrun
-
-
 def _report_failure(group: ShardGroup) -> Callable[[BaseException], int]:
     """What a failing rank of ``group`` prints, and its exit code: 2 for bad input, else 1."""
 
@@ -103,29 +102,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.command_line = shlex.join(["quasistatic", *(sys.argv[1:] if argv is None else argv)])  # as results record it
     try:
-        args.group = init_from_env(getattr(args, "device", "cpu"))
+        group = init_from_env(getattr(args, "device", "cpu"))
     except InputError as error:
         print(f"quasistatic: error: {error}", file=sys.stderr)
         return 2
-    if args.group is None:
-        return _main(args)
-    with abort_on_failure(args.group, _report_failure(args.group)):
-        if args.command not in DATA_PARALLEL_COMMANDS:
-            raise bad_value("the command under torchrun", f"one of {', '.join(DATA_PARALLEL_COMMANDS)}", args.command)
-        # the other ranks print nothing: rank 0 says what the run did
-        with contextlib.redirect_stdout(io.StringIO()) if not args.group.is_main else contextlib.nullcontext():
-            code = _main(args)
-    return code
+    if group is None:
+        return _main(args, None)
+    with abort_on_failure(group, _report_failure(group)), contextlib.ExitStack() as quiet:
+        if not group.is_main:  # the other ranks print nothing: rank 0 says what the run did
+            quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        return _main(args, group)
 
 
-def _main(args: argparse.Namespace) -> int:
-    """Run the parsed command (the process group, if any, set up); its exit code."""
+def _main(args: argparse.Namespace, group: ShardGroup | None) -> int:
+    """Run the parsed command, alone or as a rank of ``group`` (a torchrun launch); its exit code."""
     # The command's settings, undone on return (main is also called in-process, by the tests):
     # torch's thread count and the package logger's level and handler.
     threads = torch.get_num_threads()
     logger = logging.getLogger("quasistatic")
     level, handler = logger.level, _TqdmHandler()
-    if args.group is None or args.group.is_main:
+    if is_main_process(group):
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
@@ -133,9 +130,9 @@ def _main(args: argparse.Namespace) -> int:
             raise bad_value("--threads", "an integer >= 1", args.threads)
         torch.set_num_threads(args.threads)
         import_modules(args.imports)
-        return args.run(args)
+        return args.run(args, group)
     except InputError as error:
-        if args.group is not None:
+        if group is not None:
             raise  # ends this rank at once (main), and with it the others
         print(f"quasistatic: error: {error}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ import torch
 
 from ..experiments.checkpoint import load_checkpoint, save_checkpoint
 from ..continuation.equilibrate import DivergenceError, EquilibrationConfig, equilibrate
+from ..distributed import ShardGroup
 from ..errors import bad_value
 from ..linalg import LinearSolve, LinearSolveConfig
 from ..models import RepresentationModel, build_model
@@ -20,7 +21,7 @@ from ..thermo.objective import Controls
 from ..experiments.plots import plot_columns
 from ..continuation.polish import PolishResult, polish
 from ..experiments.rundir import CsvLog, RunDirectory
-from ..experiments.runner import split_objectives, torch_device, torch_dtype
+from ..experiments.runner import rank_directory, split_objectives, torch_device, torch_dtype
 from .options import (
     RESUME_IGNORES,
     data_arguments,
@@ -32,6 +33,7 @@ from .options import (
     settings,
     write_config,
 )
+from .ranks import agree_on_settings, shows_progress
 
 __all__ = ["EQUILIBRATE_COLUMNS", "add_parser", "run"]
 
@@ -61,8 +63,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     eq.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Train a model to the surface at (λ, γ) with the paper's schedules; resumable per epoch."""
+def run(args: argparse.Namespace, group: ShardGroup | None) -> int:
+    """Train a model to the surface at (λ, γ) with the paper's schedules; resumable per epoch.
+    Under torchrun (``group``) every rank trains and polishes on its shard, rank 0 writes
+    (:mod:`.ranks`)."""
     controls = Controls(args.lam, args.gamma)
     device, dtype = torch_device(args.device), torch_dtype(args.dtype)
     config = EquilibrationConfig(
@@ -85,7 +89,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.no_polish:
         solve_config.resolved(sum(p.numel() for p in model.parameters()))  # refused before the training
-    train, val = split_objectives(model, split, samples=args.samples, sigma=args.sigma, seed=args.seed)
+    agree_on_settings(args, group)
+    progress = shows_progress(args, group)
+    train, val = split_objectives(model, split, samples=args.samples, sigma=args.sigma, seed=args.seed, group=group)
+    run = rank_directory(run, group)
     run.prepare()
     if not args.resume:
         write_config(run, args, model_config, split, equilibration=config.to_dict())
@@ -113,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
             start_epoch=start_epoch,
             optimizer_state=None if state is None else state["optimizer"],
             on_epoch=on_epoch,
-            progress=not args.no_progress,
+            progress=progress,
         )
     except DivergenceError as error:
         kept = (
@@ -148,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
             data_info,
             len(rows) - 1,
             wall_before + time.perf_counter() - started,
+            group,
+            progress,
         )
     print(
         f"wrote {run.file('metrics.csv')}, {run.file('curves.png')}, {run.file('checkpoint.pt')}"
@@ -166,19 +175,22 @@ def _polish(
     data_info: dict,
     epoch: int,
     wall: float,
+    group: ShardGroup | None,
+    progress: bool,
 ) -> int:
-    """Polish the trained model in float64 to ‖∇θJ‖ ≤ --grad-tol, save it as the checkpoint, write
-    polish.json (both gradient norms, the work, the validation metrics) and print it; 1 when the
-    tolerance was not reached (the better model is still saved)."""
+    """Polish the trained model in float64 to ‖∇θJ‖ ≤ --grad-tol (on the ranks of ``group``, when
+    given), save it as the checkpoint, write polish.json (both gradient norms, the work, the
+    validation metrics) and print it; 1 when the tolerance was not reached (the better model is
+    still saved)."""
     exact = copy.deepcopy(model).to(dtype=torch.float64)
-    train, val = split_objectives(exact, split, samples=args.samples, sigma=args.sigma, seed=args.seed)
+    train, val = split_objectives(exact, split, samples=args.samples, sigma=args.sigma, seed=args.seed, group=group)
     started = time.perf_counter()
     result: PolishResult = polish(
         LinearSolve(train, solve_config),
         train.initial_theta(),
         controls,
         grad_tol=args.grad_tol,
-        progress=not args.no_progress,
+        progress=progress,
     )
     train.layout.write(exact, result.theta)
     wall += time.perf_counter() - started

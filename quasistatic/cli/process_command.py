@@ -10,6 +10,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from ..distributed import ShardGroup
 from ..errors import InputError, bad_value
 from ..processes import PROCESSES, available_processes
 from ..experiments.runner import CONFIG_FILE, ProcessConfig, Run, RunConfig, StartConfig, run_process
@@ -85,23 +86,23 @@ def process_run_arguments(sub: argparse.ArgumentParser) -> None:
     sub.set_defaults(dtype="float64")  # processes need derivatives to rounding: float64 unless asked
 
 
-def _iso_classification(args: argparse.Namespace) -> int:
+def _iso_classification(args: argparse.Namespace, group: ShardGroup | None) -> int:
     return report(
         run_process(
             run_config(
                 args, process_config(args, "iso-classification", {"lam_end": args.lam_end, "alpha": args.alpha})
             ),
             progress=not args.no_progress,
-            group=args.group,
+            group=group,
         )
     )
 
 
-def _generic_process(args: argparse.Namespace) -> int:
+def _generic_process(args: argparse.Namespace, group: ShardGroup | None) -> int:
     flags = {name: getattr(args, name) for name in PROCESS_FLAGS}
     return report(
         run_process(
-            run_config(args, process_config(args, args.process, flags)), progress=not args.no_progress, group=args.group
+            run_config(args, process_config(args, args.process, flags)), progress=not args.no_progress, group=group
         )
     )
 
@@ -113,7 +114,7 @@ def process_config(args: argparse.Namespace, process: str, flags: dict) -> Proce
     return ProcessConfig(process, params, return_sweep=args.return_sweep)
 
 
-def _rerun(args: argparse.Namespace) -> int:
+def _rerun(args: argparse.Namespace, group: ShardGroup | None) -> int:
     path = Path(args.dir) / CONFIG_FILE
     if not path.is_file():
         raise bad_value("DIR", f"a run directory with a {CONFIG_FILE}", args.dir)
@@ -128,7 +129,7 @@ def _rerun(args: argparse.Namespace) -> int:
         run_process(
             replace(config, out=out, overwrite=args.overwrite, resume=False),
             progress=not args.no_progress,
-            group=args.group,
+            group=group,
         )
     )
 

@@ -6,7 +6,8 @@ data mixture of eq. 23 (``iso-c``: eqs. 26–28, ``geodesic``: eq. 30, ``constan
 eq. 32), started on the surface like the process commands, or a baseline (``finetune``: the source
 model trained on the target at the starting (λ, γ); ``scratch``: a fresh model trained on the
 target). Each method writes into ``--out``/METHOD/; ``--out``/transfer.png draws every method
-found there together.
+found there together. Under torchrun every method runs data-parallel, the baselines' Adam epochs
+included (:mod:`.ranks`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pathlib import Path
 
 from ..experiments.checkpoint import load_checkpoint, save_checkpoint
 from ..continuation.equilibrate import DivergenceError, EquilibrationConfig
+from ..distributed import ShardGroup, is_main_process
 from ..errors import bad_value, choice_error
-from ..models import ModelConfig, build_model
+from ..models import ModelConfig, RepresentationModel, build_model
 from ..thermo.objective import Controls
 from ..processes import Process
 from ..experiments.rundir import RunDirectory
@@ -28,6 +30,7 @@ from ..experiments.runner import (
     FollowConfig,
     follow,
     model_for_data,
+    rank_directory,
     starting_model,
     stop_message,
     torch_device,
@@ -64,6 +67,7 @@ from .options import (
     start_config,
     write_config,
 )
+from .ranks import agree_on_settings, shows_progress
 
 __all__ = ["methods", "add_parser", "run"]
 
@@ -127,8 +131,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     sub.set_defaults(run=run, dtype="float64")  # processes need derivatives to rounding: float64 unless asked
 
 
-def run(args: argparse.Namespace) -> int:
-    """Check every flag, build the tasks, start from the source model and run ``--method``."""
+def run(args: argparse.Namespace, group: ShardGroup | None) -> int:
+    """Check every flag, build the tasks, start from the source model and run ``--method`` (on the
+    ranks of ``group``, when given)."""
     if args.method not in methods():
         raise choice_error("method", methods(), args.method)
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -159,9 +164,11 @@ def run(args: argparse.Namespace) -> int:
         run_dir.check_resumable(settings(args), ignore=RESUME_IGNORES)
     if args.from_checkpoint and args.method != "scratch":
         _check_head(args.from_checkpoint, config, data)
+    agree_on_settings(args, group)
+    progress = shows_progress(args, group)
 
-    def objectives_of(model) -> TransferObjectives:
-        return TransferObjectives(model, data, samples=args.samples, seed=args.seed, sigma=args.sigma)
+    def objectives_of(model: RepresentationModel) -> TransferObjectives:
+        return TransferObjectives(model, data, samples=args.samples, seed=args.seed, sigma=args.sigma, group=group)
 
     device, dtype = torch_device(args.device), torch_dtype(args.dtype)
     if args.method == "scratch":
@@ -176,9 +183,10 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             device=device,
             dtype=dtype,
-            progress=not args.no_progress,
+            progress=progress,
         )
     objectives = objectives_of(model)
+    run_dir = rank_directory(run_dir, group)
     run_dir.prepare()
     if not args.resume:
         # start_C: C of the starting model on the source training set (a process polishes it first)
@@ -204,10 +212,10 @@ def run(args: argparse.Namespace) -> int:
             )
     title = f"{split.name} {args.source} → {args.target} ({args.labels} labels)"
     if process is not None and follows is not None:
-        code, files = _run_process(args, follows, process, objectives, run_dir, title)
+        code, files = _run_process(args, follows, process, objectives, run_dir, title, progress)
     else:
-        code, files = _run_baseline(args, objectives, run_dir, controls, title)
-    if code:
+        code, files = _run_baseline(args, objectives, run_dir, controls, title, progress)
+    if code or not is_main_process(group):  # transfer.png draws the methods' runs in --out: rank 0's
         return code
     figure = plot_transfer(Path(args.out), title)
     assert figure is not None  # this run has rows
@@ -250,6 +258,7 @@ def _run_process(
     objectives: TransferObjectives,
     run_dir: RunDirectory,
     title: str,
+    progress: bool,
 ) -> tuple[int, list[Path]]:
     """Polish the start onto the surface at t = 0 and run the process to t = 1 on the mixture
     (:func:`quasistatic.experiments.runner.follow`)."""
@@ -261,7 +270,7 @@ def _run_process(
         follows,
         seed=args.seed,
         batch_size=args.batch_size,
-        progress=not args.no_progress,
+        progress=progress,
     )
     if error is not None:
         print(f"quasistatic: {stop_message(error, run_dir.path)}", file=sys.stderr)
@@ -278,7 +287,12 @@ def _run_process(
 
 
 def _run_baseline(
-    args: argparse.Namespace, objectives: TransferObjectives, run_dir: RunDirectory, controls: Controls, title: str
+    args: argparse.Namespace,
+    objectives: TransferObjectives,
+    run_dir: RunDirectory,
+    controls: Controls,
+    title: str,
+    progress: bool,
 ) -> tuple[int, list[Path]]:
     """Train on the target alone (t = 1) for --epochs with the initial schedule (Sec. 5.1: Adam, lr
     1e-3 divided by 10 every 50 epochs, as the source model), one row per epoch."""
@@ -291,7 +305,7 @@ def _run_baseline(
             recorder,
             seed=args.seed,
             resume=args.resume,
-            progress=not args.no_progress,
+            progress=progress,
         )
     except DivergenceError as error:
         print(f"quasistatic: {error}; the trajectory so far is in {recorder.log.path}", file=sys.stderr)

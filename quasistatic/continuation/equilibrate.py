@@ -95,7 +95,8 @@ def equilibrate(
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    steps_per_epoch = math.ceil(max(len(part.data) for part in objective.parts) / config.batch_size)
+    # the whole data set's count (a rank holds a shard): the schedule is the same on every rank and alone
+    steps_per_epoch = math.ceil(max(part.total for part in objective.parts) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     bar = tqdm(
         range(start_epoch, config.epochs),

@@ -7,7 +7,9 @@ the paper's numbers to print beside ours. :func:`reproduce` runs them, in parall
 ``jobs`` > 1 (each run is a whole process run: processes, not threads, because the 2-core machines
 this runs on gain nothing from threads inside one small model), and writes for every run its
 ``results.json`` and for the figure ``results.json`` and ``results.md`` (the table of
-docs/results.md), all measured by the command.
+docs/results.md), all measured by the command. Data parallel (``group``, under torchrun): the runs
+go one after the other, each over all ranks (:func:`~quasistatic.experiments.runner.run_process`
+with the group), and only rank 0 writes the figure's files.
 
 Figures are registered in :data:`FIGURES` like every other named thing of the library; the
 built-in ones are Fig. 2 (five iso-classification runs from λ = 0.25, γ₀ ∈ {4, 6, 8, 10, 15},
@@ -32,7 +34,8 @@ from typing import Any
 
 import torch
 
-from ..errors import bad_value
+from ..distributed import ShardGroup, is_main_process
+from ..errors import InputError, bad_value
 from ..registry import Parameter, Registry
 from .plots import new_figure, save_figure
 from .runner import RunConfig, run_process, trajectory_numbers
@@ -155,15 +158,21 @@ FIGURES.register("fig2", fig2)
 FIGURES.register("fig4", fig4)
 
 
-def _run_one(name: str, config: RunConfig, threads: int) -> RunResult:
-    """One run of a figure (in a worker process with ``jobs`` > 1): run_process, its numbers, its
-    results.json. A run that raises (a start that cannot be polished, a bad directory) is a result
-    with that error and no numbers: the figure's other runs are kept."""
+def _run_one(name: str, config: RunConfig, threads: int, group: ShardGroup | None = None) -> RunResult:
+    """One run of a figure (in a worker process with ``jobs`` > 1; on the ranks of ``group``, when
+    given): run_process, its numbers, its results.json (on the other ranks: in their scratch copy).
+    A run that raises (a start that cannot be polished, a bad directory) is a result with that
+    error and no numbers: the figure's other runs are kept. On ranks only bad input
+    (:class:`~quasistatic.InputError`, a start that cannot be polished included) is kept so:
+    every rank raises it alike (the settings and the reduced values are the same on all of
+    them), while any other error may be one rank's alone, the others waiting for it in a
+    collective, so it ends the launch (:func:`quasistatic.distributed.abort_on_failure`)."""
     torch.set_num_threads(threads)
     started = time.perf_counter()
+    kept = Exception if group is None else InputError  # the errors reported in the figure's results
     try:
-        run = run_process(config, progress=False)
-    except Exception as error:  # reported in the figure's results, beside the runs that worked
+        run = run_process(config, progress=False, group=group)
+    except kept as error:
         return RunResult(name, config.out, {}, f"{type(error).__name__}: {error}", time.perf_counter() - started)
     numbers = trajectory_numbers(run.trajectory, config.sigma, run.process)
     result = RunResult(name, str(run.directory), _plain(numbers), run.failure, time.perf_counter() - started)
@@ -182,14 +191,30 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def reproduce(spec: FigureSpec, out: str | Path, *, jobs: int = 1, threads: int = 1, command: str = "") -> dict:
+def reproduce(
+    spec: FigureSpec,
+    out: str | Path,
+    *,
+    jobs: int = 1,
+    threads: int = 1,
+    command: str = "",
+    group: ShardGroup | None = None,
+) -> dict:
     """Run every run of ``spec`` (``jobs`` at a time, each in its own process when ``jobs`` > 1,
-    with ``threads`` torch threads), draw the figure in ``out``, write ``out``/results.json and
-    ``out``/results.md; the results (as written)."""
+    with ``threads`` torch threads; on the ranks of ``group``, one after the other), draw the
+    figure in ``out``, write ``out``/results.json and ``out``/results.md; the results (as written
+    by rank 0)."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise bad_value("--jobs", "an integer >= 1", jobs)
+    if group is not None and jobs > 1:
+        raise InputError(
+            f"--jobs must be 1 under torchrun (--jobs 1 runs the figure's runs one after the other, each "
+            f"data-parallel over all {group.size} ranks), got {jobs}"
+        )
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    writes = is_main_process(group)
+    if writes:
+        out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results: dict[str, RunResult] = {}
     logger.info(
@@ -201,7 +226,7 @@ def reproduce(spec: FigureSpec, out: str | Path, *, jobs: int = 1, threads: int 
     )
     if jobs == 1:
         for name, config in spec.runs.items():
-            results[name] = _report(_run_one(name, config, torch.get_num_threads()))
+            results[name] = _report(_run_one(name, config, torch.get_num_threads(), group))
     else:
         with ProcessPoolExecutor(max_workers=min(jobs, len(spec.runs)), mp_context=get_context("spawn")) as pool:
             futures = [pool.submit(_run_one, name, config, threads) for name, config in spec.runs.items()]
@@ -209,19 +234,20 @@ def reproduce(spec: FigureSpec, out: str | Path, *, jobs: int = 1, threads: int 
                 result = _report(future.result())
                 results[result.name] = result
     ordered = [results[name] for name in spec.runs]
-    trajectories = {r.name: read_trajectory(Path(r.directory)) for r in ordered if r.numbers}
-    figure = spec.draw(trajectories, out / f"{spec.name}.png")
+    figure = out / f"{spec.name}.png"
     written = {
         "figure": spec.title,
         "command": command,
-        "machine": _machine(jobs, threads),
+        "machine": _machine(jobs, threads, 1 if group is None else group.size),
         "wall_s": time.perf_counter() - started,
         "png": str(figure),
         "runs": [r.__dict__ for r in ordered],
         "paper": spec.paper,
     }
-    (out / "results.json").write_text(json.dumps(written, indent=2, allow_nan=False) + "\n")
-    (out / "results.md").write_text(results_table(written))
+    if writes:  # the other ranks' runs are in their scratch copies: the figure is rank 0's
+        spec.draw({r.name: read_trajectory(Path(r.directory)) for r in ordered if r.numbers}, figure)
+        (out / "results.json").write_text(json.dumps(written, indent=2, allow_nan=False) + "\n")
+        (out / "results.md").write_text(results_table(written))
     return written
 
 
@@ -245,24 +271,27 @@ def _report(result: RunResult) -> RunResult:
     return result
 
 
-def _machine(jobs: int, threads: int) -> dict[str, Any]:
+def _machine(jobs: int, threads: int, ranks: int) -> dict[str, Any]:
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "jobs": jobs,
         "threads_per_job": threads,
+        "ranks": ranks,  # torchrun's processes, all on each run (1: alone)
         "torch": torch.__version__,
     }
 
 
 def results_table(results: Mapping[str, Any]) -> str:
     """The Markdown of a figure's results.json: the command, the machine, one row per run, the paper's numbers."""
+    ranks = results["machine"].get("ranks", 1)  # absent from the results written before torchrun ran them
     lines = [
         f"### {results['figure']}",
         "",
         f"`{results['command']}` — {results['wall_s']:.0f} s wall on {results['machine']['cpus']} CPUs "
-        f"({results['machine']['jobs']} job(s) × {results['machine']['threads_per_job']} thread(s)), "
+        f"({results['machine']['jobs']} job(s) × {results['machine']['threads_per_job']} thread(s)"
+        f"{f' × {ranks} torchrun ranks' if ranks > 1 else ''}), "
         f"{results['machine']['platform']}, torch {results['machine']['torch']}",
         "",
         "| run | reached λ | γ at the end | steps | jumps | dissipated ΔJ | max \\|C − C0\\|/C0 | first law "

@@ -374,14 +374,20 @@ def split_objectives(
 def rank_directory(run: RunDirectory, group: ShardGroup | None) -> RunDirectory:
     """Where this rank writes ``run``: the run directory itself on rank 0 (or alone); on the other
     ranks a temporary directory of their own, removed at exit, that starts as a copy of the run
-    directory when it resumes (the module docstring says why)."""
-    if group is None or group.is_main:
+    directory when it resumes (the module docstring says why). Every rank of ``group`` calls it, and
+    rank 0 returns (and may create or empty the directory, or change it: a resumed run drops the
+    rows after its last state) only once every rank has checked it and the others have their copy."""
+    if group is None:
         return run
-    scratch = Path(tempfile.mkdtemp(prefix=f"quasistatic-rank{group.rank}-"))
-    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
-    if run.resume:
-        shutil.copytree(run.path, scratch, dirs_exist_ok=True)
-    return RunDirectory(scratch, overwrite=not run.resume, resume=run.resume)
+    own = run
+    if not group.is_main:
+        scratch = Path(tempfile.mkdtemp(prefix=f"quasistatic-rank{group.rank}-"))
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        if run.resume:
+            shutil.copytree(run.path, scratch, dirs_exist_ok=True)
+        own = RunDirectory(scratch, overwrite=not run.resume, resume=run.resume)
+    group.barrier()
+    return own
 
 
 def starting_model(

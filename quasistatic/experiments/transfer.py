@@ -28,6 +28,7 @@ from ..data import DataMixture, DataSplit, LabeledData, parse_classes
 from ..data.subsets import select_classes
 from ..continuation.engine import EngineState
 from ..continuation.equilibrate import EquilibrationConfig, equilibrate
+from ..distributed import ShardGroup
 from ..errors import InputError, bad_value, choice_error
 from ..models import RepresentationModel
 from ..thermo.objective import Controls, Objective
@@ -164,15 +165,26 @@ class TransferObjectives:
     source part has the source objective's noise (seed), its target part the target objective's
     (seed + 1); validation uses seed + 1000 and seed + 1001. Hence J under p(x, 0) is J on the
     source and J under p(x, 1) is J on the target, to the last bit.
+
+    ``group``: every objective is sharded over its ranks (:mod:`quasistatic.distributed`).
     """
 
     def __init__(
-        self, model: RepresentationModel, data: TransferData, samples: int = 1, seed: int = 0, sigma: float = 0.0
+        self,
+        model: RepresentationModel,
+        data: TransferData,
+        samples: int = 1,
+        seed: int = 0,
+        sigma: float = 0.0,
+        group: ShardGroup | None = None,
     ) -> None:
         self.model, self.data, self.samples, self.seed, self.sigma = model, data, samples, seed, sigma
+        self.group = group
 
     def _objective(self, data: LabeledData | DataMixture, noise_seed: int) -> Objective:
-        return Objective(self.model, data, samples=self.samples, noise_seed=noise_seed, sigma=self.sigma)
+        return Objective(
+            self.model, data, samples=self.samples, noise_seed=noise_seed, sigma=self.sigma, group=self.group
+        )
 
     @cached_property
     def source(self) -> Objective:
