@@ -91,7 +91,9 @@ def run(args: argparse.Namespace, group: ShardGroup | None) -> int:
         solve_config.resolved(sum(p.numel() for p in model.parameters()))  # refused before the training
     agree_on_settings(args, group)
     progress = shows_progress(args, group)
-    train, val = split_objectives(model, split, samples=args.samples, sigma=args.sigma, seed=args.seed, group=group)
+    train, val = split_objectives(
+        model, split, samples=args.samples, sigma=args.sigma, seed=args.seed, chunk_size=args.chunk_size, group=group
+    )
     run = rank_directory(run, group)
     run.prepare()
     if not args.resume:
@@ -183,7 +185,9 @@ def _polish(
     validation metrics) and print it; 1 when the tolerance was not reached (the better model is
     still saved)."""
     exact = copy.deepcopy(model).to(dtype=torch.float64)
-    train, val = split_objectives(exact, split, samples=args.samples, sigma=args.sigma, seed=args.seed, group=group)
+    train, val = split_objectives(
+        exact, split, samples=args.samples, sigma=args.sigma, seed=args.seed, chunk_size=args.chunk_size, group=group
+    )
     started = time.perf_counter()
     result: PolishResult = polish(
         LinearSolve(train, solve_config),

@@ -168,7 +168,9 @@ def run(args: argparse.Namespace, group: ShardGroup | None) -> int:
     progress = shows_progress(args, group)
 
     def objectives_of(model: RepresentationModel) -> TransferObjectives:
-        return TransferObjectives(model, data, samples=args.samples, seed=args.seed, sigma=args.sigma, group=group)
+        return TransferObjectives(
+            model, data, samples=args.samples, seed=args.seed, sigma=args.sigma, chunk_size=args.chunk_size, group=group
+        )
 
     device, dtype = torch_device(args.device), torch_dtype(args.dtype)
     if args.method == "scratch":

@@ -166,7 +166,8 @@ class TransferObjectives:
     (seed + 1); validation uses seed + 1000 and seed + 1001. Hence J under p(x, 0) is J on the
     source and J under p(x, 1) is J on the target, to the last bit.
 
-    ``group``: every objective is sharded over its ranks (:mod:`quasistatic.distributed`).
+    ``chunk_size``: examples evaluated at once; ``group``: every objective is sharded over its ranks
+    (:class:`~quasistatic.Objective`, :mod:`quasistatic.distributed`).
     """
 
     def __init__(
@@ -176,14 +177,21 @@ class TransferObjectives:
         samples: int = 1,
         seed: int = 0,
         sigma: float = 0.0,
+        chunk_size: int | None = None,
         group: ShardGroup | None = None,
     ) -> None:
         self.model, self.data, self.samples, self.seed, self.sigma = model, data, samples, seed, sigma
-        self.group = group
+        self.chunk_size, self.group = chunk_size, group
 
     def _objective(self, data: LabeledData | DataMixture, noise_seed: int) -> Objective:
         return Objective(
-            self.model, data, samples=self.samples, noise_seed=noise_seed, sigma=self.sigma, group=self.group
+            self.model,
+            data,
+            samples=self.samples,
+            noise_seed=noise_seed,
+            chunk_size=self.chunk_size,
+            sigma=self.sigma,
+            group=self.group,
         )
 
     @cached_property
