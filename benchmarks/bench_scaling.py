@@ -4,7 +4,7 @@ Run (from the repository root, with both cores free; defaults shown)::
 
     PYTHONPATH=. python benchmarks/bench_scaling.py --fractions 0.25 0.5 1 --mnist-examples 2000 4000 8000 \\
         --widths 16 64 256 --width-data mnist:2000 --ranks 1 2 --reps 3 --engine-steps 3 \\
-        [--mnist-dir /work/shared/data/mnist-t10k] [--out benchmarks/results/scaling.json]
+        [--mnist-dir /work/shared/data/mnist-t10k] [--out benchmarks/results/scaling.json] [--resume]
 
 Cases. A case is a training set, a hidden width and a number of ranks:
 
@@ -307,6 +307,7 @@ def run_case(rank: int, ranks: int, port: int, case: Case, settings: Settings, o
             Path(out).write_text(json.dumps(result))
     finally:
         if group is not None:
+            dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts then)
             dist.destroy_process_group()
 
 
@@ -533,6 +534,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--engine-steps", type=int, default=3, help="engine steps per digits data case (0: none)")
     parser.add_argument("--start-epochs", type=int, default=60, help="Adam epochs before the engine start's polish")
     parser.add_argument("--out", default="benchmarks/results/scaling.json")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the cases already in --out (written after every case) and run the rest",
+    )
     args = parser.parse_args()
     if min(args.ranks) < 1 or args.reps < 1 or args.columns < 1 or args.cg_iterations < 1 or args.epochs < 1:
         parser.error("--ranks, --reps, --columns, --cg-iterations and --epochs must be >= 1")
@@ -554,21 +560,27 @@ def main() -> None:
         start_epochs=args.start_epochs,
         start_prefix=str(out.with_name(f"{out.stem}-start")),
     )
-    remove_starts(out)
-    env = environment()
+    kept = json.loads(out.read_text()) if args.resume and out.exists() else {}
+    if not kept:
+        remove_starts(out)
+    env = kept.get("environment") or environment()
     cases = plan(args, data_set_pools(args.mnist_dir))
-    started = time.perf_counter()
-    results = []
+    started = time.perf_counter() - env.get("wall_s", 0.0)
+    results = kept.get("cases", [])
+    summary = {"environment": env, "settings": {**asdict(settings), "command": vars(args)}, "cases": results}
     for case in cases:
         for ranks in args.ranks:
+            if any(Case(**{k: r[k] for k in asdict(case)}) == case and r["ranks"] == ranks for r in results):
+                continue  # measured by the run resumed
             result = measure(case, ranks, settings, out.with_name(f"{out.stem}-{case.name}-{ranks}.json"))
             results.append(result)
+            env.update(wall_s=time.perf_counter() - started)
+            out.write_text(json.dumps(summary, indent=2, default=list) + "\n")  # nothing lost if a later case fails
             print(f"{case.name}, {ranks} rank(s): {result['wall_s']:.0f} s", flush=True)
     remove_starts(out)
     env.update(load_average_end=os.getloadavg(), wall_s=time.perf_counter() - started)
     attach_speed_ups(results)
     slopes = fits(results, args.width, args.width_data)
-    summary = {"environment": env, "settings": {**asdict(settings), "command": vars(args)}, "cases": results}
     out.write_text(json.dumps({**summary, "fits": slopes}, indent=2, default=list) + "\n")
     print(
         f"\nRun of {env['date'][:10]}, {env['cpu']}, torch {env['torch']}, 1 thread per rank, "
