@@ -94,7 +94,7 @@ def test_the_cli_shows_the_library_log_on_stderr_and_restores_the_logger(tmp_pat
 
     from quasistatic.cli import equilibrate_command
 
-    def command(args):
+    def command(args, group):
         logging.getLogger("quasistatic.experiments.trajectory").info("jumped to s=%.6g", 0.5)
         logging.getLogger("quasistatic.experiments.trajectory").debug("not shown")
         return 0

@@ -54,7 +54,10 @@ FINETUNE = ["--method", "finetune", "--epochs", "3"]
 REPRODUCE = ["reproduce", "fig2", "--dataset", SMALL, "--hidden", "", "--latent-dim", "1", "--samples", "2",
              "--sigma", "1e-2", "--epochs", "30", "--batch-size", "4", "--steps", "2", "--grad-tol", "1e-9",
              "--drift-tol", "1e-10", "--eigen-iterations", "0", "--lam", "1", "--lam-end", "1.05",
-             "--param", "gammas=3,4", "--no-progress"]
+             "--param", "gammas=3,4", "--no-progress", "--chunk-size", "6"]
+# --chunk-size 6: one process sums the training set's 12 examples in the 2 ranks' shards, so the
+# figure's processes take the same decisions bit for bit (the validation set's 8, in chunks of 6 + 2
+# against shards of 4 + 4, agrees to rounding: Objective's module docstring).
 
 
 def _rank(rank: int, port: int, commands: list[list[str]], out: str) -> None:
@@ -193,11 +196,13 @@ def assert_close(expected: object, got: object, skip: tuple[str, ...] = (), tole
 
 
 def assert_solves_close(expected: list[dict[str, str]], got: list[dict[str, str]], grad_tol: float) -> None:
-    """The columns :data:`SOLVES` of a process's rows: the Krylov iterations within two a row, the
-    gradient-equivalents within 2 %, |grad J| below ``grad_tol`` at every accepted step."""
+    """The columns :data:`SOLVES` of a process's rows: the Krylov iterations within 5 % (at least 3)
+    a row (a row holds several solves: the tangent's columns, each Newton iteration's), the
+    gradient-equivalents within 5 %, |grad J| below ``grad_tol`` at every accepted step."""
     for a, b in zip(expected, got):
-        assert abs(int(a["cg_iters"]) - int(b["cg_iters"])) <= 2
-        assert float(b["grad_evals"]) == pytest.approx(float(a["grad_evals"]), rel=0.02)
+        x, y = int(a["cg_iters"]), int(b["cg_iters"])
+        assert abs(x - y) <= max(3, 0.05 * x), (x, y)
+        assert float(b["grad_evals"]) == pytest.approx(float(a["grad_evals"]), rel=0.05)
         assert float(a["grad_norm"]) <= grad_tol and float(b["grad_norm"]) <= grad_tol
 
 
@@ -257,8 +262,8 @@ def test_reproduce_runs_the_figure_run_by_run_data_parallel(runs):
     assert "2 torchrun ranks" in (ranks / "fig2" / "results.md").read_text()
     for gamma in ("gamma3", "gamma4"):
         trajectories = [rows(path / "fig2" / gamma / "trajectory.csv") for path in (alone, ranks)]
-        difference = assert_close(*trajectories, SOLVES)
-        assert_solves_close(*trajectories, 1e-9)
+        difference = assert_close(*trajectories, ("grad_norm",))
+        assert [[a[k] for k in SOLVES] for a in trajectories[0]] == [[b[k] for k in SOLVES] for b in trajectories[1]]
         print(f"{gamma}'s trajectory.csv {difference:.1e}")
     # The figure's numbers are its trajectories'. Its residuals (the drift of C, the first law) are
     # differences of the rows' values, at their rounding: compared in absolute terms (measured: 2.6e-12).
