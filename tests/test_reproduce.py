@@ -101,6 +101,14 @@ def test_bad_input_exits_2_naming_the_value_and_writes_nothing(tmp_path, capsys,
     assert not out.exists()
 
 
+def test_a_figure_whose_data_set_is_absent_exits_2_naming_the_files_and_writes_nothing(tmp_path, capsys):
+    out, nowhere = tmp_path / "out", tmp_path / "nowhere"
+    assert main(["reproduce", "fig2", *COMMON, "--dataset", "mnist", "--data-dir", str(nowhere), "--out", str(out)]) == 2
+    message = capsys.readouterr().err
+    assert all(word in message for word in ("mnist", str(nowhere), "train-images-idx3-ubyte", "t10k-images-idx3-ubyte"))
+    assert message.count("\n") == 1 and not out.exists()
+
+
 def test_the_figures_are_registered():
     assert {"fig2", "fig4"} <= set(FIGURES.available())
 

@@ -211,6 +211,8 @@ def reproduce(
             f"--jobs must be 1 under torchrun (--jobs 1 runs the figure's runs one after the other, each "
             f"data-parallel over all {group.size} ranks), got {jobs}"
         )
+    for data, seed in {(config.data, config.seed) for config in spec.runs.values()}:
+        data.load(seed)  # absent or corrupt data: an InputError naming the files and where, nothing written
     out = Path(out)
     writes = is_main_process(group)
     if writes:
