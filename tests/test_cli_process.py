@@ -116,6 +116,7 @@ def test_generic_process_command_runs_iso_c_rate(tmp_path):
     (["--lam-end", "1"], "lam_end must be different from the starting lambda"),
     (["--lam", "-1"], "lambda must be a number >= 0"),
     (["--chunk-size", "0"], "chunk_size must be an integer >= 1 (or none: all examples at once), got 0"),
+    (["--examples", "0"], "examples must be an integer >= 1 (or none: every example), got 0"),
 ])
 def test_bad_input_exits_2_and_keeps_earlier_output(iso_run, capsys, extra, message):
     before = tree_hash(iso_run)

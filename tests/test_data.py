@@ -640,3 +640,13 @@ def test_real_mnist_t10k():
     assert torch.all((torch.bincount(split.val.y, minlength=10) - 0.2 * counts).abs() <= 1)
     labels = read_idx(MNIST_T10K / "t10k-labels-idx1-ubyte.gz", LABELS_MAGIC)
     assert labels[:10].tolist() == MNIST_T10K_FIRST_LABELS
+
+
+def test_data_config_examples_keeps_the_first_of_each_split():
+    import quasistatic as qs
+
+    whole = qs.DataConfig().load(seed=3)
+    cut = qs.DataConfig(examples=50).load(seed=3)
+    assert (len(cut.train), len(cut.val)) == (50, 50)
+    assert torch.equal(cut.train.x, whole.train.x[:50]) and torch.equal(cut.val.y, whole.val.y[:50])
+    assert len(qs.DataConfig(examples=10**6).load(seed=3).train) == len(whole.train)

@@ -55,6 +55,9 @@ def data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--classes", default=None, help="label subset: 0-4, 5-9, 1,3,7, or vehicles/animals for cifar10")
     group.add_argument("--relabel", action="store_true", help="map the chosen classes to 0..k-1")
     group.add_argument("--val-fraction", type=float, default=0.2, help="validation share of the split (default 0.2)")
+    group.add_argument(
+        "--examples", type=int, default=None, help="at most this many examples of each split, its first (default all)"
+    )
 
 
 def model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -287,6 +290,7 @@ def data_config(args: argparse.Namespace) -> DataConfig:
         classes=args.classes,
         relabel=args.relabel,
         val_fraction=args.val_fraction,
+        examples=args.examples,
     )
 
 

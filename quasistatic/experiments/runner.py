@@ -120,15 +120,21 @@ class DataConfig:
     classes: str | None = None  # label subset: "0-4", "5-9", "1,3,7", "vehicles"/"animals" (cifar10); None: all
     relabel: bool = False  # map the chosen classes to 0..k-1
     val_fraction: float = 0.2  # validation share of the split
+    examples: int | None = None  # at most this many examples of each split, its first (quick runs); None: all
 
     def __post_init__(self) -> None:
         DATASETS.get(self.dataset)  # an unknown name raises, listing the registered ones
+        if self.examples is not None and (
+            isinstance(self.examples, bool) or not isinstance(self.examples, int) or self.examples < 1
+        ):
+            raise bad_value("examples", "an integer >= 1 (or none: every example)", self.examples)
         if self.data_dir is not None:
             object.__setattr__(self, "data_dir", str(self.data_dir))
 
     def load(self, seed: int = 0) -> DataSplit:
-        """The seeded, stratified train/val split (:func:`quasistatic.load_dataset`)."""
-        return load_dataset(
+        """The seeded, stratified train/val split (:func:`quasistatic.load_dataset`), each split cut to
+        its first :attr:`examples`."""
+        split = load_dataset(
             self.dataset,
             data_dir=self.data_dir,
             classes=self.classes,
@@ -137,6 +143,10 @@ class DataConfig:
             val_fraction=self.val_fraction,
             download=self.download,
         )
+        if self.examples is None:
+            return split
+        train, val = (part.subset(torch.arange(min(self.examples, len(part)))) for part in (split.train, split.val))
+        return DataSplit(train, val, split.name)
 
 
 @dataclass(frozen=True)
