@@ -305,9 +305,10 @@ def run_case(rank: int, ranks: int, port: int, case: Case, settings: Settings, o
         result.update(cpu_user_s=usage.ru_utime, cpu_system_s=usage.ru_stime)  # this rank's whole process
         if rank == 0:
             Path(out).write_text(json.dumps(result))
+        if group is not None:
+            group.barrier()  # no rank tears the group down while another still uses it (gloo aborts then)
     finally:
         if group is not None:
-            dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts then)
             dist.destroy_process_group()
 
 

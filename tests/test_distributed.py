@@ -135,7 +135,21 @@ def products(group: ShardGroup | None, out: Path | None = None, chunk_size: int 
         take(f"{label} minibatch", lambda o=objective: minibatch(o, controls))
         sub = objective.subsample(0.3, seed=4)  # with its own work counter
         take(f"{label} subsample", lambda o=sub: o.functionals(theta, controls.t))
-        subsamples.append(sub)
+        take(f"{label} subsample gradient", lambda o=sub: o.gradient(theta, controls))
+        take(f"{label} subsample hessian", lambda o=sub: qs.CurvatureOperator(o, theta, controls)(block))
+        take(f"{label} subsample kfac", lambda o=sub: torch.cat([torch.cat([b.A.reshape(-1), b.G.reshape(-1)])
+             for b in kronecker_blocks(o, theta, controls, samples=3)]))
+        tiny = objective.subsample(0.02, seed=4)  # one example a part: a rank holds none of it
+        for kind in ("hessian", "ggn"):
+            for mode in ("reverse", "forward"):
+                take(f"{label} one-example {kind} {mode}",
+                     lambda o=tiny, k=kind, m=mode: qs.CurvatureOperator(o, theta, controls, kind=k, mode=m)(block))
+        take(f"{label} one-example value_and_gradient", lambda o=tiny: torch.cat(
+            [v.reshape(-1) for v in o.value_and_gradient(theta, controls)]))
+        take(f"{label} one-example dense hessian", lambda o=tiny: dense_hessian(o, theta, controls))
+        take(f"{label} one-example kfac", lambda o=tiny: torch.cat([torch.cat([b.A.reshape(-1), b.G.reshape(-1)])
+             for b in kronecker_blocks(o, theta, controls, samples=3)]))
+        subsamples.extend([sub, tiny])
         take(f"{label} kfac", lambda o=objective: torch.cat([torch.cat([b.A.reshape(-1), b.G.reshape(-1)])
              for b in kronecker_blocks(o, theta, controls)]))
     if group is not None:  # bad input: more ranks than examples, ranks that disagree on a setting
@@ -169,13 +183,12 @@ def test_two_ranks_give_the_single_process_products_with_one_all_reduce_each(tmp
     assert {k: v for k, v in worst.items() if not v <= 1e-12} == {}
     assert torch.equal(ranks[0]["values"]["single gradient"], ranks[1]["values"]["single gradient"])
     # One process evaluating the 40 examples in the ranks' two shards of 20 sums in the ranks' order:
-    # the single data set's products are then equal bit for bit (not Adam's minibatch, which reduces
-    # its own way, nor the subsample, whose chunks are not the shards, nor the mixture, whose parts
-    # are mixed before the ranks' sum and after the chunks').
+    # the single data set's products are then equal bit for bit, on its subsample too (chunked like
+    # its parent) and K-FAC's random draws with them (not Adam's minibatch, which reduces its own way,
+    # nor the mixture, whose chunks are added part by part alone, position by position on the ranks).
     chunked = products(None, chunk_size=20)["values"]
-    exact = [name for name in chunked if name.startswith("single") and name not in ("single minibatch",
-                                                                                     "single subsample")]
-    assert len(exact) == 17 and [n for n in exact if not torch.equal(chunked[n], ranks[0]["values"][n])] == []
+    exact = [name for name in chunked if name.startswith("single") and name != "single minibatch"]
+    assert len(exact) == 28 and [n for n in exact if not torch.equal(chunked[n], ranks[0]["values"][n])] == []
     reduces = ranks[0]["reduces"]
     print("all-reduces:", reduces)
     for label in ("single", "mixture"):
@@ -184,7 +197,7 @@ def test_two_ranks_give_the_single_process_products_with_one_all_reduce_each(tmp
                 assert reduces[f"{label} {kind} {mode} block"] == 1  # three columns, one all-reduce
                 assert reduces[f"{label} {kind} {mode} again"] == 1
         for name in ("functionals", "value", "gradient", "value_and_gradient", "combination_gradients",
-                     "accuracy", "dense hessian", "subsample"):
+                     "accuracy", "dense hessian", "subsample", "subsample gradient", "subsample hessian"):
             assert reduces[f"{label} {name}"] == 1, name
         assert reduces[f"{label} minibatch"] == (2 if label == "single" else 3)  # each part's value, the gradient
         assert reduces[f"{label} surface_gradients"] == 3  # jacrev's values and rows, and the values again

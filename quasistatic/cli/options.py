@@ -83,8 +83,8 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
         "--chunk-size",
         type=int,
         default=None,
-        help="examples evaluated at once (memory; default all); one process with the shard size of 2 "
-        "torchrun ranks reproduces their run bit for bit",
+        help="examples evaluated at once (default all; several chunks copy the data once); on one data set, "
+        "one process with the shard size of 2 torchrun ranks follows their process bit for bit",
     )
     group.add_argument(
         "--sigma",

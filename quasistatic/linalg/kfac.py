@@ -296,15 +296,21 @@ def kronecker_blocks(
     dtype, device = theta.dtype, theta.device
     a_sum: dict[str, Tensor | float] = {name: 0.0 for name in layers}
     g_sum: dict[str, Tensor | float] = {name: 0.0 for name in layers}
-    generator = torch.Generator(device=device).manual_seed(seed)
     columns_done = 0
-    for part, part_weight in zip(objective.parts, part_weights):
+    for part_number, (part, part_weight) in enumerate(zip(objective.parts, part_weights)):
         if part_weight == 0:
             continue
         scale = part_weight / part.total
         a_part: dict[str, Tensor | float] = {name: 0.0 for name in layers}
         rows = {name: 0 for name in layers}
+        # Rademacher u of the whole part's rows, one draw per column block, picked at each chunk's
+        # global indices: the same draws whatever the chunks and the ranks (a generator per part, so
+        # that a rank without rows of one part draws the next part's as the others do)
+        generator = torch.Generator(device=device).manual_seed(seed + part_number)
+        draws: list[Tensor] = []
         for start, stop in part.chunks():
+            if start == stop:  # a rank's empty shard of a subsample: no rows to add
+                continue
             recorder = _Recorder(layers)
             try:
                 with torch.enable_grad():
@@ -320,17 +326,27 @@ def kronecker_blocks(
             features = sum(o[0].numel() if i < 2 else o[:, 0].numel() for i, o in enumerate(outs))
             total = features if samples is None else samples
             names = list(recorder.eps)
-            for first in range(0, total, column_block):
+            column_starts = range(0, total, column_block)
+            if samples is not None and not draws:
+                draws = [
+                    torch.randint(
+                        0,
+                        2,
+                        (min(column_block, total - first), part.total, features),
+                        generator=generator,
+                        device=device,
+                        dtype=torch.int8,
+                    )
+                    for first in column_starts
+                ]
+            for block, first in enumerate(column_starts):
                 b = min(column_block, total - first)
                 if samples is None:  # the columns of S: one-hot u, the same feature in every row
                     u = torch.zeros(b, 1, features, dtype=dtype, device=device)
                     u[torch.arange(b), 0, first + torch.arange(b)] = 1.0
                     u = u.expand(b, n, features)
-                elif objective.group is None:  # Rademacher u, independent per row and feature
-                    u = torch.randint(0, 2, (b, n, features), generator=generator, device=device).to(dtype) * 2 - 1
-                else:  # the draws of the whole data set's rows, at this shard's: as alone (one chunk a rank)
-                    u = torch.randint(0, 2, (b, part.total, features), generator=generator, device=device)
-                    u = u[:, part.index[start:stop].to(device)].to(dtype) * 2 - 1
+                else:  # Rademacher u, independent per row and feature
+                    u = draws[block][:, part.index[start:stop].to(device)].to(dtype) * 2 - 1
                 cotangents = root(_split_features(u, outs))
                 grads = torch.autograd.grad(
                     outs,

@@ -149,6 +149,9 @@ def ggn_products(objective: Objective, theta: Tensor, controls: Controls, mode: 
                 continue
             scale = part_weight / part.total
             for start, stop in part.chunks():
+                if start == stop:  # a rank's empty shard of a subsample
+                    continue
+
                 # The closures below read the loop's variables (B023) but are called within this iteration only.
                 def outputs(th: Tensor, start: int = start, stop: int = stop) -> tuple[Tensor, ...]:
                     return part.outputs(th, start, stop)  # noqa: B023

@@ -132,7 +132,8 @@ class FixedNoiseFunctionals:
         are in here (in ``index``'s order within a chunk), so that one process whose chunks are the
         ranks' shards holds each rank's share of the subsample as a chunk of its own."""
         numbers = torch.arange(len(index)) if numbers is None else numbers
-        chunk = torch.div(index, self.chunk_size, rounding_mode="floor")
+        ends = torch.tensor([stop for _, stop in self.chunks()])
+        chunk = torch.searchsorted(ends, index, right=True)  # the chunk each example is in here
         order = torch.sort(chunk, stable=True).indices
         index, numbers = index[order], numbers[order]
         sizes = torch.unique_consecutive(chunk[order], return_counts=True)[1].tolist()
@@ -199,7 +200,11 @@ class FixedNoiseFunctionals:
 
     def chunk_functionals(self, theta: Tensor, start: int, stop: int) -> Tensor:
         """(3,) [R, D, C] of the examples start:stop summed and divided by :attr:`total`: one
-        chunk's term of ``self(θ)``."""
+        chunk's term of ``self(θ)``. The empty chunk of a rank without examples gives zeros, as a
+        zero multiple of ‖θ‖²: its gradient and Hessian-vector products then depend on θ and the
+        vector as any chunk's do, so that they are batched under ``vmap`` like the others'."""
+        if start == stop:
+            return theta.new_zeros(3) + 0 * theta.dot(theta)
         return self.per_example(theta, start, stop).sum(-1) / self.total
 
     def batch_sum(self, theta: Tensor, index: Tensor) -> Tensor:

@@ -12,10 +12,12 @@ communicate nothing. A product of J's derivatives (gradient, Hessian- and Gauss�
 products, dense Hessian) is taken of each chunk's share on its own (:meth:`Objective.local_values`),
 the chunks' products are added in order, and the sum is summed over the ranks, one all-reduce each
 (:meth:`Objective.sum_chunks`); σS is then added in closed form (σS, σθ, σV). So every sum has
-the same order alone and on ranks: one process whose ``chunk_size`` is the shard of 2 ranks (2
-equal shards) computes their products, and follows their trajectory, bit for bit; in other chunks
-the results differ by the rounding of the sums' order. A mixture's (R, D, C) values (not their
-products) are mixed before the ranks' sum, so they agree to rounding only.
+the same order alone and on ranks: on one data set, one process whose ``chunk_size`` is the shard
+of 2 ranks computes their products (K-FAC's random draws included) and follows their trajectory
+bit for bit, where each split's shards are whole chunks (a validation set of another size agrees
+to rounding); in other chunks the results differ by the rounding of the sums' order. A mixture's
+chunks are added part by part alone but chunk position by chunk position over the ranks, and
+Adam's minibatches reduce their own way: those agree to rounding only.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch.func import grad, jacrev
 
 from ..data.base import LabeledData
 from ..data.mixture import DataMixture, mixture_weights
-from ..distributed import ShardGroup, summed_over_ranks
+from ..distributed import ShardGroup, is_main_process, summed_over_ranks
 from ..errors import bad_value
 from .functionals import FixedNoiseFunctionals, Functionals, sum_in_order
 from ..models import RepresentationModel
@@ -143,7 +145,7 @@ class Objective:
     @property
     def is_main(self) -> bool:
         """Whether this process writes files and shows progress: rank 0, or alone."""
-        return self.group is None or self.group.is_main
+        return is_main_process(self.group)
 
     def reduce(self, tensor: Tensor) -> Tensor:
         """``tensor`` summed over the ranks of ``group`` (one all-reduce, counted); alone, itself."""
@@ -209,10 +211,9 @@ class Objective:
         """J(θ; λ, γ, t) = R + λD + γC + σS (eq. 14 at θ, eq. 8's objective; eq. 6's σS)."""
         return self._combine(self.functionals(theta, controls.t), theta, controls)
 
-    def _combine(self, values: Tensor, theta: Tensor, controls: Controls, entropy: bool = True) -> Tensor:
-        """R + λD + γC + σS from values (3,) = (R, D, C) and θ (without σS unless ``entropy``)."""
-        combined = values @ controls.weights(values)
-        return combined + self.sigma * self.weight_entropy(theta) if entropy else combined
+    def _combine(self, values: Tensor, theta: Tensor, controls: Controls) -> Tensor:
+        """R + λD + γC + σS from values (3,) = (R, D, C) and θ."""
+        return values @ controls.weights(values) + self.sigma * self.weight_entropy(theta)
 
     @staticmethod
     def weight_entropy(theta: Tensor) -> Tensor:
@@ -348,8 +349,7 @@ def _weighted_chunk(part: FixedNoiseFunctionals, weight: float, start: int, stop
 
 def _combined(chunk: Callable[[Tensor], Tensor], controls: Controls, theta: Tensor) -> Tensor:
     """R + λD + γC of one chunk's share (:meth:`Objective.local_values`)."""
-    values = chunk(theta)
-    return values @ controls.weights(values)
+    return _with_values(controls.weights(theta), chunk(theta))[0]
 
 
 def _with_values(weights: Tensor, functionals: Tensor) -> tuple[Tensor, Tensor]:
