@@ -25,10 +25,11 @@ Coordinates (``coordinates``, the engine's ``arclength`` setting, :data:`ARCLENG
 ``s-log-gamma``, for a process whose constraint fixes γ, takes ℓ = log γ as the unknown in place of
 γ (its column is ∂_ℓ∇θJ = γ∇θC, and ∂_ℓg = 0) and measures the arclength in the controls (s, ℓ)
 alone: τ is scaled to τ_s² + τ_ℓ² = 1 and the step's plane is (0, τ_s, τ_ℓ)ᵀ(u − u₀) = Δσ, so a step
-moves s by at most Δσ and γ by at most a factor e^Δσ, however fast θ or γ itself move. The
-iso-classification transfer needs it (eqs. 26–28): on digits 0–4 → 5–9, γ̇ = −C_t/C_γ is ~1,300 per
-unit t at t = 0 where d(log γ)/dt is ~130 (docs/results.md), and an arclength in which γ itself
-counts makes every step a step in γ alone.
+moves s by at most Δσ and γ by at most a factor e^Δσ, however fast θ or γ itself move. It is meant
+for the iso-classification transfer (eqs. 26–28): on digits 0–4 → 5–9 at t = 0, γ̇ = −C_t/C_γ is
+1,100 per unit t (d(log γ)/dt 110) and θ_t alone has norm 278, so in u the step length is set by θ
+and γ while nothing bounds γ's relative change. It does not remove the folds of that path
+(docs/results.md, "Fig. 5 on digits").
 
 Step length (as BifurcationKit's and pacopy's): ×1.5 after a correction of at most 2 Newton
 iterations, ×0.7 after one of ``max_corrector_iterations``, halved after a failed correction or
