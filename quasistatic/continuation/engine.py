@@ -339,7 +339,7 @@ class QuasiStaticEngine:
                             report.rejections,
                         )
                     if fold is not None and self.config.at_fold == "jump":
-                        report = self._jump(state, fold, report.rejections)
+                        report = self._jump(state, fold, report.rejections, report.state.stability)
             state = report.state
             if on_step is not None:
                 on_step(report)
@@ -504,12 +504,22 @@ class QuasiStaticEngine:
         new, correction, tangent_iterations, rejections, fold = self._arclength.step(state)
         return StepReport(new, correction, tangent_iterations, rejections, fold=fold)
 
-    def _jump(self, state: EngineState, fold: Fold, rejections: tuple[str, ...] = ()) -> StepReport:
+    def _jump(
+        self,
+        state: EngineState,
+        fold: Fold,
+        rejections: tuple[str, ...] = (),
+        points: tuple[StabilityPoint, ...] | None = None,
+    ) -> StepReport:
         """The jump past ``fold`` from the last accepted ``state`` (:func:`~quasistatic.continuation.folds.jump_past`),
-        as a step: the new branch starts with no previous point and a fresh stability history."""
+        as a step: the new branch starts with no previous point and a fresh stability history.
+        ``points``: the stability history the controls past the fold are extrapolated through
+        (default ``state``'s; a step that ended on a saddle passes its own, which holds ``state``'s
+        point and the saddle's: just after a jump ``state``'s alone has one point, on digits an
+        IndexError)."""
         landed, jump = jump_past(
             fold,
-            state.stability,
+            state.stability if points is None else points,
             state.theta,
             self.linear_solve,
             self.corrector,
