@@ -66,3 +66,19 @@ def toy_objective(functionals, n: int):
     objective.parts = [_Functionals(functionals)]
     objective.work = WorkCounter()
     return objective
+
+
+class _ToyMixture:
+    """Eq. 23's mixing of two parts' values, (1 − t)·source + t·target, without data."""
+
+    @staticmethod
+    def mix(source, target, t):
+        return (1 - t) * source + t * target
+
+
+def toy_mixture_objective(source, target, n: int):
+    """A mixture Objective (eq. 23) whose parts have (R, D, C) = ``source(θ)`` and ``target(θ)``."""
+    objective = toy_objective(source, n)
+    objective.mixture = _ToyMixture()
+    objective.parts = [_Functionals(source), _Functionals(target)]
+    return objective

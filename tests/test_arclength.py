@@ -163,6 +163,7 @@ def test_fold_and_saddle_rows_are_recorded(tmp_path, s_curve, caplog, monkeypatc
     with run.file("trajectory.csv").open() as f:
         fold_row, saddle_row = list(csv.DictReader(f))
     assert fold_row["event"] == "fold" and saddle_row["event"] == "unstable"
+    assert fold_row["parametrization"] == saddle_row["parametrization"] == "theta-s-gamma"  # Keller's, the default
     assert saddle_row["negative_eigenvalues"] == "1" and float(saddle_row["lambda_min"]) < 0
     (saved,) = json.loads(run.file("folds.json").read_text())
     assert saved["lam"] == pytest.approx(FOLD_UP, rel=1e-6)

@@ -152,6 +152,14 @@ def test_arclength_and_return_need_a_lam_end_path(tmp_path, capsys, extra, messa
     assert not out.exists()
 
 
+def test_log_gamma_arclength_needs_a_constraint_that_fixes_gamma(tmp_path, capsys):
+    out = tmp_path / "x"
+    assert main(["process", "--process", "free", "--param", "lam_rate=0.1", *BASE, "--at-fold", "arclength",
+                 "--arclength", "s-log-gamma", "--out", str(out)]) == 2
+    assert "--arclength s-log-gamma needs a process whose constraint fixes gamma" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_return_sweep_comes_back_and_draws_the_loop(tmp_path, capsys):
     out = tmp_path / "loop"
     assert main(["iso-classification", *BASE, "--lam-end", "1.1", "--steps", "2", "--return", "--out", str(out)]) == 0

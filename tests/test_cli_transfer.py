@@ -247,6 +247,11 @@ def test_cifar10_vehicles_to_animals_with_resnet18(tmp_path):
     (["--source", "0-4", "--target", "5-9", "--method", "geodesic"], "slope must be a number"),
     (["--source", "0-4", "--target", "5-9", "--max-per-class", "0"], "max_per_class must be an integer >= 1"),
     (["--source", "0-4", "--target", "5-9", "--corrector", "magic"], "corrector must be one of"),
+    (["--source", "0-4", "--target", "5-9", "--follow", "adam"], "follow must be one of {engine, fd-equilibration}"),
+    (["--source", "0-4", "--target", "5-9", "--at-fold", "arclength", "--arclength", "log"],
+     "arclength must be one of {s-log-gamma, theta-s-gamma}, got 'log'"),
+    (["--source", "0-4", "--target", "5-9", "--method", "geodesic", "--slope", "0.2", "--at-fold", "arclength",
+      "--arclength", "s-log-gamma"], "needs a process with a residual form"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra, message):
     out = tmp_path / "bad"
@@ -255,6 +260,20 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err.strip()
     assert err.startswith("quasistatic: error:") and message in err and "\n" not in err, err
     assert not out.exists()
+
+
+def test_follow_fd_equilibration_runs_the_papers_procedure(pair_runs, tmp_path, capsys):
+    """--follow fd-equilibration: --steps Euler steps of the finite-difference rates to t = 1, each
+    followed by Adam (Sec. 5.1); the settings recorded in config.json."""
+    start = ["--from-checkpoint", str(pair_runs / "iso-c" / "start.pt")]
+    out = tmp_path / "transfer"
+    assert main(["transfer", *PROCESS, *start, "--method", "iso-c", "--follow", "fd-equilibration", "--steps", "8",
+                 "--out", str(out)]) == 0
+    recorded = rows(out / "iso-c")
+    assert [r["t"] for r in recorded] == pytest.approx([i / 8 for i in range(9)])  # --steps 8
+    assert "iso-c (fd-equilibration): 8 steps" in capsys.readouterr().out
+    settings = json.loads((out / "iso-c" / "config.json").read_text())["settings"]
+    assert settings["follow"] == "fd-equilibration" and settings["arclength"] == "theta-s-gamma"
 
 
 def test_checkpoint_head_must_fit_the_labels(digit_runs, tmp_path, capsys):

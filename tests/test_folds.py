@@ -217,7 +217,7 @@ def test_a_step_accepted_on_a_saddle_is_a_fold_from_the_last_minimum(monkeypatch
     monkeypatch.setattr(engine, "_step", lambda state: StepReport(saddle, accepted, 0, ("corrector", "tangent")))
     jumps = []
 
-    def fake_jump(state, fold, rejections):
+    def fake_jump(state, fold, rejections, points=None):
         jumps.append((state, fold, rejections))
         return StepReport(EngineState(state.theta, Controls(0.5, 1.0), s=1.0, step=2), accepted, 0, rejections)
 
@@ -232,6 +232,30 @@ def test_a_step_accepted_on_a_saddle_is_a_fold_from_the_last_minimum(monkeypatch
         assert state is start
     assert fold.s == pytest.approx(0.2 / 1.1) and fold.last_accepted_s == 0.0 and fold.failed_s == 0.2
     assert rejected == ("corrector", "tangent")
+
+
+def test_a_jump_from_a_saddle_step_extrapolates_through_the_saddle(monkeypatch):
+    """Just after a start (or a jump) the state's stability history has one point: the jump past a
+    fold that the next step crossed extrapolates the controls through that point and the saddle's
+    (on digits its one-point history raised an IndexError in folds._controls_at)."""
+    engine = toy_engine("jump")
+    start = engine.start(torch.tensor([1.0, 0.0], dtype=torch.float64), START)
+    assert len(start.stability) == 1
+    saddle = EngineState(start.theta, Controls(0.1, 1.0), s=0.2, step=1,
+                         stability=(*start.stability, StabilityPoint(0.2, 0.1, 1.0, 0.0, -0.1)))
+    accepted = Correction(saddle.theta, saddle.controls, 1, 0, 0.0, 0.0, True)
+    monkeypatch.setattr(engine, "_step", lambda state: StepReport(saddle, accepted, 0, ()))
+    seen = []
+
+    def fake_jump_past(fold, points, theta, *args, **kwargs):
+        seen.append(points)
+        raise FoldError("stop here", fold)
+
+    monkeypatch.setattr("quasistatic.continuation.engine.jump_past", fake_jump_past)
+    with pytest.raises(FoldError, match="stop here"):
+        engine.run(start)
+    (points,) = seen
+    assert [p.s for p in points] == [0.0, 0.2] and points[-1].lambda_min == -0.1
 
 
 @pytest.mark.parametrize("at_fold", ["stop", "jump"])

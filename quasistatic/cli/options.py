@@ -154,6 +154,13 @@ def engine_arguments(parser: argparse.ArgumentParser) -> None:
         "or arclength (follow the branch through the fold as saddles by pseudo-arclength "
         "continuation; processes with a residual form only)",
     )
+    group.add_argument(
+        "--arclength",
+        default="theta-s-gamma",
+        help="--at-fold arclength: the coordinates its arclength is measured in, theta-s-gamma (default: "
+        "all of (θ, s, γ), Keller's) or s-log-gamma (the controls (s, log γ) alone: a step moves γ by at "
+        "most a factor e^h, for a process whose constraint fixes γ, e.g. the iso-c transfer)",
+    )
     linalg_arguments(parser)
     group.add_argument("--rtol", type=float, default=None, help="adaptive integrators: relative tolerance")
     group.add_argument("--atol", type=float, default=None, help="adaptive integrators: absolute tolerance")
@@ -260,6 +267,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         tangent_tol=args.tangent_tol,
         eigen_iterations=args.eigen_iterations,
         at_fold=args.at_fold,
+        arclength=args.arclength,
     )
 
 

@@ -3,7 +3,8 @@
 The source model is trained to equilibrium on the source classes (or read with
 ``--from-checkpoint``); then ``--method`` either runs a transfer process over t ∈ [0, 1] on the
 data mixture of eq. 23 (``iso-c``: eqs. 26–28, ``geodesic``: eq. 30, ``constant-lambda-rate``:
-eq. 32), started on the surface like the process commands, or a baseline (``finetune``: the source
+eq. 32), started on the surface like the process commands and followed by the engine or (``--follow
+fd-equilibration``) by the paper's finite differences of re-equilibrated models, or a baseline (``finetune``: the source
 model trained on the target at the starting (λ, γ); ``scratch``: a fresh model trained on the
 target). Each method writes into ``--out``/METHOD/; ``--out``/transfer.png draws every method
 found there together. Under torchrun every method runs data-parallel, the baselines' Adam epochs
@@ -27,6 +28,7 @@ from ..thermo.objective import Controls
 from ..processes import Process
 from ..experiments.rundir import RunDirectory
 from ..experiments.runner import (
+    METHODS,
     FollowConfig,
     follow,
     model_for_data,
@@ -122,6 +124,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="constant-lambda-rate: λ̇ = k (default -1.5, the paper's with λ = 4); needs λ + k >= 0",
     )
+    group.add_argument(
+        "--follow",
+        default="engine",
+        help="how a transfer process is followed: engine (default: exact tangents, C held by Newton) or "
+        "fd-equilibration (the paper's: finite differences of models re-equilibrated with Adam, "
+        "--steps Euler steps, C held only approximately)",
+    )
     parameter_argument(group, TRANSFER_PROCESSES, TRANSFER_PROCESSES.available())
     group.add_argument(
         "--out",
@@ -136,6 +145,8 @@ def run(args: argparse.Namespace, group: ShardGroup | None) -> int:
     ranks of ``group``, when given)."""
     if args.method not in methods():
         raise choice_error("method", methods(), args.method)
+    if args.follow not in METHODS:
+        raise choice_error("follow", METHODS, args.follow)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise bad_value("--out", "a directory", args.out)
     _warn_unused(args)
@@ -152,7 +163,7 @@ def run(args: argparse.Namespace, group: ShardGroup | None) -> int:
             {own: getattr(args, own)} if own in PARAMETER_FLAGS else {},
         )
         process = make_transfer_process(args.method, controls, **params)
-        follows = follow_config(args)
+        follows = follow_config(args, args.follow)
         follows.check(process)
     # This method's run goes to its own folder, OUT/METHOD; the whole data set is loaded (the tasks select).
     run_dir, split, _ = inputs(
@@ -235,6 +246,8 @@ def _warn_unused(args: argparse.Namespace) -> None:
     unused += [flag for name, flag in PARAMETER_FLAGS.items() if getattr(args, name) is not None and name != own]
     if args.param and args.method in BASELINES:
         unused.append("--param (a baseline runs no process)")
+    if args.method in BASELINES and args.follow != "engine":
+        unused.append("--follow (a baseline runs no process)")
     if args.method == "scratch" and args.from_checkpoint:
         unused.append("--from-checkpoint (scratch starts from a fresh model)")
     for flag in unused:
@@ -279,8 +292,9 @@ def _run_process(
         return 1, []
     rows = recorder.log.rows()
     accuracy = [float(row["target_val_acc"]) for row in rows]
+    how = f"{follows.integrator}/{follows.corrector}" if follows.method == "engine" else follows.method
     print(
-        f"{args.method} ({follows.integrator}/{follows.corrector}): "
+        f"{args.method} ({how}): "
         f"{trajectory_summary(rows, args.sigma, process)}; "
         f"C0 = {float(rows[0]['C']):.6g} on the source (polished start), "
         f"target_val_acc {accuracy[0]:.4f} -> {accuracy[-1]:.4f}"

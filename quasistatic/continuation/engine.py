@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .arclength import ArclengthState, PseudoArclength
+from .arclength import ARCLENGTH_COORDINATES, ArclengthState, PseudoArclength
 from .correctors import Correction, Corrector
 from ..errors import InputError, bad_value, choice_error
 from .folds import AT_FOLD, EIGEN_BLOCK, Fold, FoldError, Jump, StabilityPoint, jump_past, locate_fold
@@ -104,6 +104,8 @@ class EngineConfig:
     eigen_iterations: int = 8  # LOBPCG iterations for λ_min(∇²θJ) at every accepted point (0: not tracked)
     at_fold: str = "jump"  # at a located fold: "jump" to another branch (dissipation booked), "stop", or "arclength"
     # (follow the branch through the fold by pseudo-arclength continuation)
+    arclength: str = "theta-s-gamma"  # the coordinates whose arclength "arclength" continuation measures:
+    # all of u = (θ, s, γ) (Keller's), or the controls (s, log γ) ("s-log-gamma": a transfer's γ, eqs. 26–28)
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -120,6 +122,8 @@ class EngineConfig:
             raise bad_value("eigen-iterations", "an integer >= 0", self.eigen_iterations)
         if self.at_fold not in AT_FOLD:
             raise choice_error("at-fold", AT_FOLD, self.at_fold)
+        if self.arclength not in ARCLENGTH_COORDINATES:
+            raise choice_error("arclength", ARCLENGTH_COORDINATES, self.arclength)
         if self.tangent_tol is not None and not 0 < self.tangent_tol < 1:
             raise bad_value("tangent-tol", "a number in (0, 1)", self.tangent_tol)
         if not self.max_correction > 0:
@@ -201,8 +205,9 @@ class QuasiStaticEngine:
                 max_iter=config.max_corrector_iterations,
                 min_step=config.min_step,
                 eigen_iterations=config.eigen_iterations,
+                coordinates=config.arclength,
             )
-        )  # refuses a process without a residual form
+        )  # refuses a process without a residual form (and "s-log-gamma" one whose constraint does not fix γ)
         self.control = StepControl(
             1.0 / config.steps, config.min_step, config.max_control_change, config.max_corrector_iterations
         )
@@ -334,7 +339,7 @@ class QuasiStaticEngine:
                             report.rejections,
                         )
                     if fold is not None and self.config.at_fold == "jump":
-                        report = self._jump(state, fold, report.rejections)
+                        report = self._jump(state, fold, report.rejections, report.state.stability)
             state = report.state
             if on_step is not None:
                 on_step(report)
@@ -499,12 +504,22 @@ class QuasiStaticEngine:
         new, correction, tangent_iterations, rejections, fold = self._arclength.step(state)
         return StepReport(new, correction, tangent_iterations, rejections, fold=fold)
 
-    def _jump(self, state: EngineState, fold: Fold, rejections: tuple[str, ...] = ()) -> StepReport:
+    def _jump(
+        self,
+        state: EngineState,
+        fold: Fold,
+        rejections: tuple[str, ...] = (),
+        points: tuple[StabilityPoint, ...] | None = None,
+    ) -> StepReport:
         """The jump past ``fold`` from the last accepted ``state`` (:func:`~quasistatic.continuation.folds.jump_past`),
-        as a step: the new branch starts with no previous point and a fresh stability history."""
+        as a step: the new branch starts with no previous point and a fresh stability history.
+        ``points``: the stability history the controls past the fold are extrapolated through
+        (default ``state``'s; a step that ended on a saddle passes its own, which holds ``state``'s
+        point and the saddle's: just after a jump ``state``'s alone has one point, on digits an
+        IndexError)."""
         landed, jump = jump_past(
             fold,
-            state.stability,
+            state.stability if points is None else points,
             state.theta,
             self.linear_solve,
             self.corrector,

@@ -227,9 +227,10 @@ class FollowConfig:
         return make_corrector(self.corrector, **self.corrector_options)
 
     def check(self, process: Process) -> None:
-        """That ``process`` can be followed so: ``at_fold="arclength"`` needs a residual form."""
+        """That ``process`` can be followed so: ``at_fold="arclength"`` needs a residual form (solving
+        for γ with ``arclength="s-log-gamma"``)."""
         if self.engine.at_fold == "arclength":
-            require_residual_form(process)
+            require_residual_form(process, self.engine.arclength)
 
 
 def _default_model() -> ModelConfig:

@@ -58,8 +58,9 @@ TRAJECTORY_COLUMNS = (
     "event",
     "jump_distance",
     "dissipation",
+    "parametrization",
 )
-TEXT_COLUMNS = ("event", "rejected_because")  # the columns that are not numbers
+TEXT_COLUMNS = ("event", "rejected_because", "parametrization")  # the columns that are not numbers
 TARGET_COLUMNS = ("target_val_C", "target_val_acc")  # with ``target_val``: C and accuracy on the target alone
 STATE_FILE = "state.pt"
 
@@ -124,6 +125,8 @@ class TrajectoryRecorder:
             "event": "jump" if jump is not None else "fold" if fold is not None else "unstable" if unstable else "",
             "jump_distance": jump.distance if jump is not None else "",
             "dissipation": jump.dissipation if jump is not None else "",
+            # what the step was taken in: s (the engine's natural steps) or the arclength's coordinates
+            "parametrization": "s" if state.arclength is None else state.arclength.coordinates,
             "wall_s": self.wall_before + time.perf_counter() - self.started,
         }
 
