@@ -89,6 +89,8 @@ from quasistatic.linalg.krylov import cg
 from quasistatic.linalg.preconditioners import IdentityPreconditioner
 from quasistatic.processes import make_process
 
+from machine import cpu_model  # benchmarks/machine.py: the script's folder is on sys.path
+
 START = qs.Controls(1.0, 10.0)
 SIGMA = 3e-2
 GRAD_TOL = 1e-6  # the polish's and the engine's ‖∇θJ‖
@@ -328,21 +330,15 @@ def measure(case: Case, ranks: int, settings: Settings, part: Path) -> dict[str,
     return result
 
 
+def case_key(result: dict[str, Any]) -> tuple[str, int, int]:
+    """The case a result (or ``asdict`` of a :class:`Case`) is of: its data set, examples and width."""
+    return result["dataset"], result["examples"], result["width"]
+
+
 def remove_starts(out: Path) -> None:
     """Delete the polished starts kept beside ``out`` (by this run, or left by an interrupted one)."""
     for start in out.parent.glob(f"{out.stem}-start-*.pt"):
         start.unlink()
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo where there is one, else what ``platform`` says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment() -> dict[str, Any]:
@@ -387,7 +383,7 @@ def seconds_per_grad_eval(result: dict[str, Any], unit: str) -> float | None:
 def attach_speed_ups(results: list[dict[str, Any]]) -> None:
     """``speed_up`` on every result with more than one rank: its 1-rank twin's seconds per GE over its
     own, per unit (and for the engine steps)."""
-    singles = {(r["dataset"], r["examples"], r["width"]): r for r in results if r["ranks"] == 1}
+    singles = {case_key(r): r for r in results if r["ranks"] == 1}
     for result in results:
         single = singles.get((result["dataset"], result["examples"], result["width"]))
         if result["ranks"] == 1 or single is None:
@@ -571,7 +567,7 @@ def main() -> None:
     summary = {"environment": env, "settings": {**asdict(settings), "command": vars(args)}, "cases": results}
     for case in cases:
         for ranks in args.ranks:
-            if any(Case(**{k: r[k] for k in asdict(case)}) == case and r["ranks"] == ranks for r in results):
+            if any(case_key(r) == case_key(asdict(case)) and r["ranks"] == ranks for r in results):
                 continue  # measured by the run resumed
             result = measure(case, ranks, settings, out.with_name(f"{out.stem}-{case.name}-{ranks}.json"))
             results.append(result)

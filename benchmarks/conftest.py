@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from machine import cpu_model
 
 RESULTS_KEY = pytest.StashKey["CurvatureResults"]()
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "curvature.json"
@@ -110,16 +111,6 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _git_commit() -> str | None:
     """The checked-out commit, read from .git without running git."""
     git = Path(__file__).resolve().parent.parent / ".git"
@@ -145,7 +136,7 @@ def environment(config: pytest.Config, loadavg_start: list[float] | None) -> dic
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads_models": config.getoption("bench_threads"),
         "torch_interop_threads": torch.get_num_interop_threads(),

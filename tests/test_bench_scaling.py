@@ -27,11 +27,13 @@ def bench() -> Iterator[ModuleType]:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
+    sys.path.insert(0, str(PATH.parent))  # as when run as a script: its folder's modules (machine.py) import
     try:
         spec.loader.exec_module(module)
         yield module
     finally:
         del sys.modules[spec.name]
+        sys.path.remove(str(PATH.parent))
 
 
 def arguments(**changes: Any) -> argparse.Namespace:
