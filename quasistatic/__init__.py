@@ -89,7 +89,17 @@ from .experiments.transfer import (
     train_baseline,
     transfer_data,
 )
-from .experiments.runner import DataConfig, FollowConfig, ProcessConfig, Run, RunConfig, StartConfig, run_process
+from .experiments.runner import (
+    DataConfig,
+    FollowConfig,
+    ProcessConfig,
+    Run,
+    RunConfig,
+    RunSettings,
+    StartConfig,
+    run_process,
+)
+from .experiments.transfer_run import TransferConfig, TransferRun, run_transfer
 
 __all__ = [
     "__version__",
@@ -126,11 +136,15 @@ __all__ = [
     "plot_transfer",
     "train_baseline",
     "transfer_data",
+    "TransferConfig",
+    "TransferRun",
+    "run_transfer",
     "DataConfig",
     "FollowConfig",
     "ProcessConfig",
     "Run",
     "RunConfig",
+    "RunSettings",
     "StartConfig",
     "run_process",
     "Checkpoint",

@@ -20,6 +20,7 @@ from quasistatic import (DataSplit, LabeledData, ParameterLayout, TransferObject
 from quasistatic.cli import main
 from quasistatic.data import available_datasets, register_dataset
 from quasistatic.experiments.trajectory import TARGET_COLUMNS, TRAJECTORY_COLUMNS, numeric
+from quasistatic.experiments.transfer_run import TransferConfig
 from small_problem import small_labeled
 from test_data import cifar_batches, write_batches
 
@@ -115,7 +116,7 @@ def test_c0_is_the_source_and_the_end_is_the_target(pair_runs):
     data = transfer_data(_pair(), "0-2", "3-5", "separate")
     model = load_checkpoint(pair_runs / "iso-c" / "start.pt").model(dtype=torch.float64)
     source = TransferObjectives(model, data, samples=2, seed=0, sigma=1e-2).source
-    recorded = json.loads((pair_runs / "iso-c" / "config.json").read_text())["transfer"]["start_C"]
+    recorded = json.loads((pair_runs / "iso-c" / "config.json").read_text())["record"]["start_C"]
     assert recorded == pytest.approx(source.report(source.initial_theta()).C, rel=1e-12)
     assert last["val_C"] == pytest.approx(last["target_val_C"], rel=1e-12)
     assert last["val_acc"] == pytest.approx(last["target_val_acc"], abs=1e-7)  # mixed in float32 by Objective
@@ -272,8 +273,9 @@ def test_follow_fd_equilibration_runs_the_papers_procedure(pair_runs, tmp_path, 
     recorded = rows(out / "iso-c")
     assert [r["t"] for r in recorded] == pytest.approx([i / 8 for i in range(9)])  # --steps 8
     assert "iso-c (fd-equilibration): 8 steps" in capsys.readouterr().out
-    settings = json.loads((out / "iso-c" / "config.json").read_text())["settings"]
-    assert settings["follow"] == "fd-equilibration" and settings["arclength"] == "theta-s-gamma"
+    config = json.loads((out / "iso-c" / "config.json").read_text())
+    assert config["follow"]["method"] == "fd-equilibration" and config["follow"]["engine"]["arclength"] == "theta-s-gamma"
+    assert TransferConfig.from_dict(config).method == "iso-c"  # config.json holds the config as run
 
 
 def test_checkpoint_head_must_fit_the_labels(digit_runs, tmp_path, capsys):

@@ -31,6 +31,7 @@ __all__ = [
     "linalg_arguments",
     "parameter_argument",
     "registry_options",
+    "run_settings",
     "linear_solve_config",
     "engine_config",
     "follow_config",
@@ -138,6 +139,13 @@ def engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="relative residual of the tangent solves (default: 10·grad-tol within [1e-2, 0.1] "
         "with a corrector, 0.1·drift-tol without)",
+    )
+    group.add_argument(
+        "--max-work",
+        type=float,
+        default=None,
+        help="stop following after this many gradient-equivalents, the start's included (default: no "
+        "limit); the run ends with its trajectory so far, and --resume with a larger --max-work goes on",
     )
     group.add_argument(
         "--eigen-iterations",
@@ -287,6 +295,23 @@ def follow_config(args: argparse.Namespace, method: str = "engine") -> FollowCon
         fd_step=args.fd_step,
         fd_epochs=args.fd_epochs,
     )
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The fields of :class:`~quasistatic.experiments.runner.RunSettings` that a run command takes
+    from its flags as they are (its sections, data, model, start and follow, are built apart)."""
+    return {
+        "samples": args.samples,
+        "chunk_size": args.chunk_size,
+        "sigma": args.sigma,
+        "seed": args.seed,
+        "device": args.device,
+        "dtype": args.dtype,
+        "imports": tuple(args.imports),
+        "resume": args.resume,
+        "overwrite": args.overwrite,
+        "max_work": args.max_work,
+    }
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:

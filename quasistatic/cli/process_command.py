@@ -23,6 +23,7 @@ from .options import (
     model_config,
     parameter_argument,
     registry_options,
+    run_settings,
     run_arguments,
     start_config,
 )
@@ -144,15 +145,7 @@ def run_config(args: argparse.Namespace, process: ProcessConfig, start: StartCon
         start=start_config(args) if start is None else start,
         process=process,
         follow=follow_config(args, args.method),
-        samples=args.samples,
-        chunk_size=args.chunk_size,
-        sigma=args.sigma,
-        seed=args.seed,
-        device=args.device,
-        dtype=args.dtype,
-        imports=tuple(args.imports),
-        resume=args.resume,
-        overwrite=args.overwrite,
+        **run_settings(args),
     )
 
 

@@ -43,7 +43,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def _reproduce(args: argparse.Namespace, group: ShardGroup | None) -> int:
     if args.gamma is not None:
-        raise bad_value("--gamma", "not given: every run starts at its own γ₀ (--param gammas=4,6,...)", args.gamma)
+        raise bad_value(
+            "--gamma",
+            "not given: the figure sets its runs' γ (--param gammas=4,6,... or --param gamma=...)",
+            args.gamma,
+        )
     if args.from_checkpoint is not None:
         raise bad_value("--from-checkpoint", "not given: every run equilibrates at its own start", args.from_checkpoint)
     FIGURES.get(args.figure)  # an unknown figure raises, naming the registered ones

@@ -13,7 +13,13 @@ with the group), and only rank 0 writes the figure's files.
 
 Figures are registered in :data:`FIGURES` like every other named thing of the library; the
 built-in ones are Fig. 2 (five iso-classification runs from λ = 0.25, γ₀ ∈ {4, 6, 8, 10, 15},
-Sec. 5.1) and Fig. 4 (the free energy along the same runs, Fig. 4b).
+Sec. 5.1), Fig. 4 (the free energy along the same runs, Fig. 4b), and the transfers of Fig. 5
+(MNIST 0–4 → 5–9: the iso-c and geodesic transfers, fine-tuning and training from scratch, Sec.
+4.3) and Fig. 6 (CIFAR-10 vehicles → animals: eq. 32's transfer with λ̇ = −1.5 from (4, 100),
+fine-tuning and scratch). A figure's run is a process run
+(:class:`~quasistatic.experiments.runner.RunConfig`) or a transfer run
+(:class:`~quasistatic.experiments.transfer_run.TransferConfig`); the transfer runs of one figure
+train the same source model (same settings and seed), so each can run in its own process.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -38,8 +44,10 @@ from ..distributed import ShardGroup, is_main_process
 from ..errors import InputError, bad_value
 from ..registry import Parameter, Registry
 from .plots import new_figure, save_figure
-from .runner import RunConfig, run_process, trajectory_numbers
+from .runner import RunConfig, RunSettings, run_process, trajectory_numbers
 from .trajectory import read_trajectory
+from .transfer import draw_transfer
+from .transfer_run import TransferConfig, run_transfer
 
 __all__ = ["FIGURES", "FigureSpec", "RunResult", "reproduce"]
 
@@ -54,7 +62,7 @@ class FigureSpec:
 
     name: str  # the PNG's name: out/<name>.png
     title: str
-    runs: dict[str, RunConfig]
+    runs: Mapping[str, RunSettings]  # RunConfig (a process run) or TransferConfig (a transfer run)
     draw: Callable[[Mapping[str, Rows], Path], Path]  # the runs' trajectories (name → rows) → the PNG written
     paper: dict[str, Any] = field(default_factory=dict)  # what the paper reports, printed beside ours
 
@@ -158,25 +166,143 @@ FIGURES.register("fig2", fig2)
 FIGURES.register("fig4", fig4)
 
 
-def _run_one(name: str, config: RunConfig, threads: int, group: ShardGroup | None = None) -> RunResult:
+def _transfer_runs(
+    template: RunConfig,
+    lam: float,
+    gamma: float,
+    source: str,
+    target: str,
+    labels: str,
+    methods: Mapping[str, Mapping[str, Any]],
+) -> dict[str, TransferConfig]:
+    """One transfer run per method (name → its process parameters), each in template.out/<method>,
+    from (lam, gamma) with the template's shared settings (its process section is not used)."""
+    shared = {f.name: getattr(template, f.name) for f in fields(RunSettings)}
+    return {
+        method: TransferConfig(
+            **{
+                **shared,
+                "out": str(Path(template.out) / method),
+                "data": replace(template.data, classes=None, relabel=False),
+                "start": replace(template.start, lam=lam, gamma=gamma),
+            },
+            method=method,
+            source=source,
+            target=target,
+            labels=labels,
+            params=dict(params),
+        )
+        for method, params in methods.items()
+    }
+
+
+def _draw_transfer(runs: Mapping[str, Rows], path: Path) -> Path:
+    return draw_transfer(runs, path, path.stem.replace("fig", "Fig. "))
+
+
+_FIG5_PARAMETERS = (
+    Parameter("lam", float, 1.0, "λ of the source model and the transfers' start"),
+    Parameter("gamma", float, 10.0, "γ of the source model and the transfers' start"),
+    Parameter("lam_end", float, None, "iso-c: final λ (default: λ kept, γ alone holds C)"),
+    Parameter("slope", float, 0.208, "geodesic: k = dD/dR (default: the iso-c path's own slope at t = 0 on digits)"),
+    Parameter("source", str, "0-4", "source classes"),
+    Parameter("target", str, "5-9", "target classes"),
+)
+_FIG5_PAPER = {
+    "dataset": "MNIST, digits 0-4 -> 5-9",
+    "runs": "geodesic iso-classification transfer (constant dD/dR: R falls, D rises), fine-tuning, scratch",
+    "target_val_acc": "the transfer ends near scratch's accuracy; fine-tuning starts near 0",
+    "method": "finite differences and Adam re-equilibration (C held approximately)",
+}
+_FIG6_PARAMETERS = (
+    Parameter("lam", float, 4.0, "λ of the source model and the transfer's start (the paper's 4)"),
+    Parameter("gamma", float, 100.0, "γ of the source model and the transfer's start (the paper's 100)"),
+    Parameter("k", float, -1.5, "λ̇ of eq. 32 (the paper's -1.5)"),
+    Parameter("source", str, "vehicles", "source classes"),
+    Parameter("target", str, "animals", "target classes"),
+)
+_FIG6_PAPER = {
+    "dataset": "CIFAR-10, vehicles -> animals (a 4-way head)",
+    "runs": "iso-classification transfer with lambda' = -1.5 from (4, 100) (eq. 32), fine-tuning, scratch",
+    "target_val_acc": "the transfer ends near scratch's accuracy; fine-tuning starts near 0",
+    "method": "finite differences and Adam re-equilibration, 300 source epochs (C held approximately)",
+}
+
+
+def fig5(
+    template: RunConfig,
+    *,
+    lam: float = 1.0,
+    gamma: float = 10.0,
+    lam_end: float | None = None,
+    slope: float = 0.208,
+    source: str = "0-4",
+    target: str = "5-9",
+) -> FigureSpec:
+    """Fig. 5 of the paper (Sec. 4.3): the iso-c transfer (eqs. 26–28), the geodesic transfer
+    (eq. 30, slope ``slope``), fine-tuning and training from scratch, ``source`` → ``target`` with
+    one head over all classes."""
+    methods: dict[str, dict[str, Any]] = {
+        "iso-c": {} if lam_end is None else {"lam_end": lam_end},
+        "geodesic": {"slope": slope},
+        "finetune": {},
+        "scratch": {},
+    }
+    runs = _transfer_runs(template, lam, gamma, source, target, "shared", methods)
+    return FigureSpec("fig5", "Fig. 5: transfer (iso-c, geodesic)", runs, _draw_transfer, _FIG5_PAPER)
+
+
+def fig6(
+    template: RunConfig,
+    *,
+    lam: float = 4.0,
+    gamma: float = 100.0,
+    k: float = -1.5,
+    source: str = "vehicles",
+    target: str = "animals",
+) -> FigureSpec:
+    """Fig. 6 of the paper: eq. 32's transfer (λ̇ = ``k``, γ̇ holds C) from (``lam``, ``gamma``),
+    fine-tuning and training from scratch, ``source`` → ``target`` each relabelled to 0..k−1."""
+    methods = {"constant-lambda-rate": {"k": k}, "finetune": {}, "scratch": {}}
+    runs = _transfer_runs(template, lam, gamma, source, target, "separate", methods)
+    return FigureSpec("fig6", "Fig. 6: transfer with constant lambda rate", runs, _draw_transfer, _FIG6_PAPER)
+
+
+fig5.parameters = _FIG5_PARAMETERS  # type: ignore[attr-defined]
+fig6.parameters = _FIG6_PARAMETERS  # type: ignore[attr-defined]
+FIGURES.register("fig5", fig5)
+FIGURES.register("fig6", fig6)
+
+
+def _run_one(name: str, config: RunSettings, threads: int, group: ShardGroup | None = None) -> RunResult:
     """One run of a figure (in a worker process with ``jobs`` > 1; on the ranks of ``group``, when
-    given): run_process, its numbers, its results.json (on the other ranks: in their scratch copy).
-    A run that raises (a start that cannot be polished, a bad directory) is a result with that
-    error and no numbers: the figure's other runs are kept. On ranks only bad input
-    (:class:`~quasistatic.InputError`, a start that cannot be polished included) is kept so:
-    every rank raises it alike (the settings and the reduced values are the same on all of
-    them), while any other error may be one rank's alone, the others waiting for it in a
-    collective, so it ends the launch (:func:`quasistatic.distributed.abort_on_failure`)."""
+    given): run_process or run_transfer, its numbers, its results.json (on the other ranks: in
+    their scratch copy). A run that raises (a start that cannot be polished, a bad directory) is a
+    result with that error and no numbers: the figure's other runs are kept. On ranks only bad
+    input (:class:`~quasistatic.InputError`, a start that cannot be polished included) is kept so:
+    every rank raises it alike (the settings and the reduced values are the same on all of them),
+    while any other error may be one rank's alone, the others waiting for it in a collective, so
+    it ends the launch (:func:`quasistatic.distributed.abort_on_failure`). A baseline's numbers
+    have no first law and no drift (its epochs are no quasi-static process)."""
     torch.set_num_threads(threads)
     started = time.perf_counter()
     kept = Exception if group is None else InputError  # the errors reported in the figure's results
     try:
-        run = run_process(config, progress=False, group=group)
+        if isinstance(config, TransferConfig):
+            transfer = run_transfer(config, progress=False, group=group)
+            directory, failure, numbers = transfer.directory, transfer.failure, transfer.numbers()
+            if transfer.process is None:  # its rows are epochs 1, 2, …
+                numbers.update(first_law=None, max_drift=None, steps=int(float(transfer.trajectory[-1]["step"])))
+        elif isinstance(config, RunConfig):
+            run = run_process(config, progress=False, group=group)
+            directory, failure = run.directory, run.failure
+            numbers = trajectory_numbers(run.trajectory, config.sigma, run.process)
+        else:
+            raise bad_value("figure run", "a RunConfig or a TransferConfig", type(config).__name__)
     except kept as error:
         return RunResult(name, config.out, {}, f"{type(error).__name__}: {error}", time.perf_counter() - started)
-    numbers = trajectory_numbers(run.trajectory, config.sigma, run.process)
-    result = RunResult(name, str(run.directory), _plain(numbers), run.failure, time.perf_counter() - started)
-    (run.directory / "results.json").write_text(json.dumps(result.__dict__, indent=2, allow_nan=False) + "\n")
+    result = RunResult(name, str(directory), _plain(numbers), failure, time.perf_counter() - started)
+    (directory / "results.json").write_text(json.dumps(result.__dict__, indent=2, allow_nan=False) + "\n")
     return result
 
 
@@ -211,8 +337,10 @@ def reproduce(
             f"--jobs must be 1 under torchrun (--jobs 1 runs the figure's runs one after the other, each "
             f"data-parallel over all {group.size} ranks), got {jobs}"
         )
-    for data, seed in {(config.data, config.seed) for config in spec.runs.values()}:
-        data.load(seed)  # absent or corrupt data: an InputError naming the files and where, nothing written
+    splits = {(config.data, config.seed): config.data.load(config.seed) for config in spec.runs.values()}
+    for config in spec.runs.values():  # absent or corrupt data, bad classes: an InputError, nothing written
+        if isinstance(config, TransferConfig):
+            config.tasks(splits[config.data, config.seed])
     out = Path(out)
     writes = is_main_process(group)
     if writes:
@@ -259,14 +387,15 @@ def _report(result: RunResult) -> RunResult:
         logger.info("%s: failed: %s", result.name, result.error)
         return result
     logger.info(
-        "%s: %s at lambda %.4g, gamma %.4g after %d steps (%d jump(s)), max C drift %.2e, %.0f GE, %.0f s",
+        "%s: %s at t %.4g, lambda %.4g, gamma %.4g after %d steps (%d jump(s)), max C drift %s, %.0f GE, %.0f s",
         result.name,
         "stopped" if result.error else "done",
+        n["t_end"],
         n["lam_end"],
         n["gamma_end"],
         n["steps"],
         n["jumps"],
-        n["max_drift"],
+        _cell(n["max_drift"], ".2e"),
         n["grad_evals"],
         result.wall_s,
     )
@@ -286,8 +415,17 @@ def _machine(jobs: int, threads: int, ranks: int) -> dict[str, Any]:
 
 
 def results_table(results: Mapping[str, Any]) -> str:
-    """The Markdown of a figure's results.json: the command, the machine, one row per run, the paper's numbers."""
+    """The Markdown of a figure's results.json: the command, the machine, one row per run (a
+    transfer figure's with t reached and accuracy on the target), the paper's numbers."""
     ranks = results["machine"].get("ranks", 1)  # absent from the results written before torchrun ran them
+    transfer = any(run["numbers"].get("target_val_acc_end") is not None for run in results["runs"])
+    head = (
+        "| run | reached t | λ, γ at the end | steps | jumps | dissipated ΔJ | max \\|C − C0\\|/C0 | first law "
+        "(worst stretch) | target val acc (start → end) | GE | wall s (this invocation) | stopped because |"
+        if transfer
+        else "| run | reached λ | γ at the end | steps | jumps | dissipated ΔJ | max \\|C − C0\\|/C0 | first law "
+        "(worst stretch) | val acc (start → min … max) | GE | wall s (this invocation) | stopped because |"
+    )
     lines = [
         f"### {results['figure']}",
         "",
@@ -296,8 +434,7 @@ def results_table(results: Mapping[str, Any]) -> str:
         f"{f' × {ranks} torchrun ranks' if ranks > 1 else ''}), "
         f"{results['machine']['platform']}, torch {results['machine']['torch']}",
         "",
-        "| run | reached λ | γ at the end | steps | jumps | dissipated ΔJ | max \\|C − C0\\|/C0 | first law "
-        "(worst stretch) | val acc (start → min … max) | GE | wall s (this invocation) | stopped because |",
+        head,
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in results["runs"]:
@@ -305,15 +442,28 @@ def results_table(results: Mapping[str, Any]) -> str:
         if not n:  # the run raised before it had a trajectory
             lines.append(f"| {run['name']} |" + " – |" * 10 + f" {_short(run['error'])} |")
             continue
-        law = "–" if n["first_law"] is None else f"{n['first_law']:.1e}"
+        reached = (
+            f"{n['t_end']:.4g} | {n['lam_end']:.4g}, {n['gamma_end']:.4g}"
+            if transfer
+            else f"{n['lam_end']:.4g} | {n['gamma_end']:.4g}"
+        )
+        accuracy = (
+            f"{_cell(n['target_val_acc_start'], '.3f')} → {_cell(n['target_val_acc_end'], '.3f')}"
+            if transfer
+            else f"{n['val_acc_start']:.3f} → {n['val_acc_min']:.3f} … {n['val_acc_max']:.3f}"
+        )
         lines.append(
-            f"| {run['name']} | {n['lam_end']:.4g} | {n['gamma_end']:.4g} | {n['steps']} | {n['jumps']} | "
-            f"{n['dissipation']:.3g} | {n['max_drift']:.1e} | {law} | {n['val_acc_start']:.3f} → "
-            f"{n['val_acc_min']:.3f} … {n['val_acc_max']:.3f} | {n['grad_evals']:.0f} | {run['wall_s']:.0f} | "
-            f"{_short(run['error'])} |"
+            f"| {run['name']} | {reached} | {n['steps']} | {n['jumps']} | {n['dissipation']:.3g} | "
+            f"{_cell(n['max_drift'], '.1e')} | {_cell(n['first_law'], '.1e')} | {accuracy} | "
+            f"{n['grad_evals']:.0f} | {run['wall_s']:.0f} | {_short(run['error'])} |"
         )
     lines += ["", "The paper: " + "; ".join(f"{k}: {v}" for k, v in results["paper"].items()), ""]
     return "\n".join(lines)
+
+
+def _cell(value: float | None, spec: str) -> str:
+    """``value`` formatted by ``spec``, "–" for None (JSON's nan) or nan."""
+    return "–" if value is None or math.isnan(value) else format(value, spec)
 
 
 def _short(error: str | None) -> str:

@@ -56,6 +56,7 @@ from ..continuation.engine import (
     EngineState,
     FoldError,
     QuasiStaticEngine,
+    StepReport,
     StepSizeError,
     first_law_residual,
 )
@@ -84,7 +85,10 @@ __all__ = [
     "ProcessConfig",
     "Run",
     "RunConfig",
+    "RunSettings",
     "StartConfig",
+    "WorkBudgetSpent",
+    "check_resumable",
     "follow",
     "import_modules",
     "model_for_data",
@@ -105,9 +109,17 @@ CONFIG_FILE = "config.json"
 RECORD = "record"  # config.json's key for what the run found, beside the RunConfig's keys
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 METHODS = ("engine", "fd-equilibration")
-RESUME_IGNORES = ("out", "resume", "overwrite", "device")  # the RunConfig keys a resumed run may change
-StopError = StepSizeError | DivergenceError  # what ends a process before s = 1 (not a bad input)
+RESUME_IGNORES = ("out", "resume", "overwrite", "device", "max_work")  # the keys a resumed run may change
+
+
+class WorkBudgetSpent(RuntimeError):
+    """The run spent its ``max_work`` gradient-equivalents before s = 1 (its trajectory so far is
+    recorded; ``resume`` with a larger budget goes on)."""
+
+
+StopError = StepSizeError | DivergenceError | WorkBudgetSpent  # what ends a process before s = 1 (not bad input)
 _Config = TypeVar("_Config")
+_Settings = TypeVar("_Settings", bound="RunSettings")
 
 
 @dataclass(frozen=True)
@@ -238,19 +250,21 @@ def _default_model() -> ModelConfig:
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """Every setting of a process run, in sections; config.json holds :meth:`to_dict`.
+class RunSettings:
+    """The settings every run shares, in sections: where it writes, the data, the model, the start,
+    how it is followed, and J's own settings; config.json holds :meth:`to_dict`. A process run
+    (:class:`RunConfig`) adds its process, a transfer run
+    (:class:`~quasistatic.experiments.transfer_run.TransferConfig`) its tasks and method.
 
-    ``model``'s ``input_shape`` and ``num_classes`` are the data's: :func:`run_process` sets them
-    from the loaded data (:attr:`Run.config` and config.json hold the config as run). Its
-    ``likelihood`` is as given (the command line picks "gaussian" for cifar10).
+    ``model``'s ``input_shape`` and ``num_classes`` are the data's: the run sets them from the
+    loaded data (config.json holds the config as run). Its ``likelihood`` is as given (the command
+    line picks "gaussian" for cifar10).
     """
 
     out: str  # the run directory
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=_default_model)
     start: StartConfig = field(default_factory=StartConfig)
-    process: ProcessConfig = field(default_factory=ProcessConfig)
     follow: FollowConfig = field(default_factory=FollowConfig)
     samples: int = 1  # K, fixed noise draws per example (eq. 1's expectations over e(z|x))
     chunk_size: int | None = None  # examples evaluated at once (memory; None: all of a rank's); see Objective
@@ -262,9 +276,13 @@ class RunConfig:
     imports: tuple[str, ...] = ()  # modules imported first, for what they register (processes, data sets, ...)
     resume: bool = False  # continue the run in ``out`` from its last step
     overwrite: bool = False  # empty an existing ``out`` first
+    max_work: float | None = None  # stop following after this many gradient-equivalents (the start's
+    # included): a budget for runs that crawl; resume with a larger one to go on (None: no limit)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", str(self.out))
+        if self.max_work is not None and not self.max_work > 0:
+            raise bad_value("max-work", "a number of gradient-equivalents > 0 (or none: no limit)", self.max_work)
         object.__setattr__(self, "imports", module_names(self.imports))
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
             raise bad_value("samples", "an integer >= 1", self.samples)
@@ -277,7 +295,7 @@ class RunConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+    def from_dict(cls: type[_Settings], data: Mapping[str, Any]) -> _Settings:
         """The config of ``data``: :meth:`to_dict`'s result or a run's config.json (its ``record``
         is skipped). A missing key takes its default; an unknown one is refused. The modules of
         ``imports`` are imported first: the names in the config may be theirs."""
@@ -285,6 +303,13 @@ class RunConfig:
             raise bad_value("run config", "a mapping of its sections", type(data).__name__)
         import_modules(data.get("imports", ()))
         return _from_mapping(cls, {key: value for key, value in data.items() if key != RECORD}, "run config")
+
+
+@dataclass(frozen=True)
+class RunConfig(RunSettings):
+    """Every setting of a process run: the shared ones (:class:`RunSettings`) and the process."""
+
+    process: ProcessConfig = field(default_factory=ProcessConfig)
 
 
 def _from_mapping(kind: type[_Config], data: Any, where: str) -> _Config:
@@ -445,12 +470,15 @@ def follow(
     batch_size: int = 32,
     start: Tensor | None = None,
     progress: bool = True,
+    max_work: float | None = None,
 ) -> StopError | None:
     """Polish ``start`` (default: the model's parameters) onto the surface at ``process.start``
     (unless ``recorder``'s run directory resumes: then from its last state), then follow
     ``process`` to s = 1 by ``config.method``, recording every step. None when s = 1 was reached;
     else the error that stopped the process (a fold it stopped at is also written to fold.json).
-    ``seed`` and ``batch_size``: fd-equilibration's minibatches."""
+    ``max_work``: a :class:`WorkBudgetSpent` once the objective's work counter reaches it, checked
+    after the start and after every step (the polish of the start is held to as many L-BFGS
+    iterations). ``seed`` and ``batch_size``: fd-equilibration's minibatches."""
     controls = process.start
     linear_solve = LinearSolve(objective, config.linear_solve)
     engine = QuasiStaticEngine(
@@ -460,7 +488,8 @@ def follow(
     state = recorder.restore() if recorder.run.resume else None
     if state is None:
         theta = objective.initial_theta() if start is None else start
-        polished = polish(linear_solve, theta, controls, grad_tol=config.engine.grad_tol, progress=progress)
+        budget = {} if max_work is None else {"max_iter": max(1, int(max_work))}  # L-BFGS iterations: ~1 GE each
+        polished = polish(linear_solve, theta, controls, grad_tol=config.engine.grad_tol, progress=progress, **budget)
         require_equilibrium(polished, config.engine.grad_tol)
         state = engine.start(polished.theta, controls)
         recorder.record(state)
@@ -477,9 +506,25 @@ def follow(
             seed=seed,
         )
     )
+
+    def check_budget(state: EngineState) -> None:
+        spent = objective.work.gradient_equivalents
+        if max_work is not None and spent >= max_work and state.s < 1.0 - 1e-12:
+            where = state.controls
+            raise WorkBudgetSpent(
+                f"the work budget of {max_work:g} gradient-equivalents is spent ({spent:.0f} at s="
+                f"{state.s:.6g}: lambda={where.lam:.6g}, gamma={where.gamma:.6g}, t={where.t:.6g}); "
+                "--resume with a larger --max-work goes on"
+            )
+
+    def on_step(report: StepReport) -> None:
+        recorder.on_step(report)
+        check_budget(report.state)
+
     try:
-        stepper.run(state, recorder.on_step)
-    except (StepSizeError, DivergenceError) as error:
+        check_budget(state)
+        stepper.run(state, on_step)
+    except (StepSizeError, DivergenceError, WorkBudgetSpent) as error:
         if isinstance(error, FoldError):
             recorder.run.write_json("fold.json", error.fold.to_dict())
         return error
@@ -494,24 +539,30 @@ def stop_message(error: StopError, directory: Path) -> str:
     return f"{error}; the trajectory so far is in {written}"
 
 
-def trajectory_numbers(rows: list[dict[str, str]], sigma: float, process: Process) -> dict[str, Any]:
+def trajectory_numbers(rows: list[dict[str, str]], sigma: float, process: Process | None) -> dict[str, Any]:
     """What a recorded trajectory ``rows`` shows, as numbers: where it ended, the drift of the
     process's constraint g (C when it has none), the first-law residual dR + λdD + γdC + σdS
     (eq. 7) relative to |dR| on the worst continuous stretch between jumps past folds (nan when no
-    stretch moved R), the jumps and the free energy they dissipated, ‖∇θJ‖ at both ends,
-    validation accuracy (start, min, max) and the cost."""
+    stretch moved R, or when t moved: at changing data dF has a ∂_tF dt term the rows do not
+    hold), the jumps and the free energy they dissipated, ‖∇θJ‖ at both ends, validation accuracy
+    (start, min, max; and on the target alone, start and end, for a transfer) and the cost."""
     jumps = [i for i, row in enumerate(rows) if row.get("event") == "jump"]
     values = [numeric(row) for row in rows]
-    weights = process.constraint or (0.0, 0.0, 1.0)
+    weights = (None if process is None else process.constraint) or (0.0, 0.0, 1.0)
     held = [sum(w * v[name] for w, name in zip(weights, "RDC")) for v in values]
     edges = [0, *jumps, len(values)]
     laws = [first_law_residual(values[a:b], sigma) for a, b in zip(edges[:-1], edges[1:]) if b - a > 1]
     ratios = [residual / delta_r for residual, delta_r in laws if delta_r > 0]
+    data_moved = any(v["t"] != values[0]["t"] for v in values)
+    if data_moved:  # eq. 7 gains a ∂_tF dt term, which the rows do not hold
+        ratios, laws = [], []
     accuracy = [v["val_acc"] for v in values if "val_acc" in v]
+    target = [v["target_val_acc"] for v in values if "target_val_acc" in v]
     first, last = values[0], values[-1]
     return {
         "steps": len(rows) - 1,
         "s_end": last["s"],
+        "t_end": last["t"],
         "lam_start": first["lam"],
         "gamma_start": first["gamma"],
         "lam_end": last["lam"],
@@ -521,6 +572,7 @@ def trajectory_numbers(rows: list[dict[str, str]], sigma: float, process: Proces
         "first_law": max(ratios) if ratios else math.nan,
         "first_law_total": laws[0] if len(laws) == 1 else None,  # (|residual|, |dR|) when the path is one stretch
         "stretches": len(laws),
+        "data_moved": data_moved,
         "jumps": len(jumps),
         "dissipation": sum(values[i]["dissipation"] for i in jumps),
         "grad_norm_start": first["grad_norm"],
@@ -528,17 +580,23 @@ def trajectory_numbers(rows: list[dict[str, str]], sigma: float, process: Proces
         "val_acc_start": accuracy[0] if accuracy else math.nan,
         "val_acc_min": min(accuracy, default=math.nan),
         "val_acc_max": max(accuracy, default=math.nan),
+        "target_val_acc_start": target[0] if target else math.nan,
+        "target_val_acc_end": target[-1] if target else math.nan,
         "grad_evals": last["grad_evals"],
         "wall_s": last["wall_s"],
     }
 
 
-def trajectory_summary(rows: list[dict[str, str]], sigma: float, process: Process) -> str:
+def trajectory_summary(rows: list[dict[str, str]], sigma: float, process: Process | None) -> str:
     """Drift of the process's constraint, first-law residual (on each continuous stretch when the
     run jumped past folds, with the dissipated free energy), ‖∇θJ‖ at both ends and the cost of the
     recorded trajectory ``rows`` (:func:`trajectory_numbers`), as the line the commands print."""
     n = trajectory_numbers(rows, sigma, process)
-    if n["jumps"]:
+    if n["data_moved"]:
+        law = "the first law of eq. 7 not checked (the data moved: dF gains a dt term)"
+        if n["jumps"]:
+            law += f", {n['jumps']} jump(s) past folds dissipating {n['dissipation']:.6g} (J before - J after)"
+    elif n["jumps"]:
         law = (
             f"first law on each of {n['stretches']} continuous stretches <= {n['first_law']:.3e} of its |dR|, "
             f"{n['jumps']} jump(s) past folds dissipating {n['dissipation']:.6g} (J before - J after)"
@@ -603,18 +661,20 @@ class Run:
         return f"loop {self._loop_name()}: dissipated free energy {sum(jumps):.6g} in {len(jumps)} jump(s)"
 
 
-def _check_resumable(run: RunDirectory, config: RunConfig) -> None:
+def check_resumable(run: RunDirectory, config: RunSettings) -> None:
     """A resumed run goes on with the config it started with: every key of config.json but
     :data:`RESUME_IGNORES` (and its ``record``) must equal ``config``'s."""
     saved = run.read_json(CONFIG_FILE)
-    if not {"data", "model", "start", "process", "follow"} <= set(saved):
+    current = json.loads(json.dumps(config.to_dict(), default=str))
+    sections = sorted(key for key in (f.name for f in fields(config)) if is_dataclass(getattr(config, key)))
+    if not set(sections) <= set(saved):
+        kind = type(config).__name__
         raise bad_value(
             f"--resume's {run.file(CONFIG_FILE)}",
-            "a RunConfig with the sections data, model, start, "
-            "process, follow (a process run's, written by run_process)",
+            f"a {kind} with the sections {', '.join(sections)} (written by a run of the same kind)",
             sorted(saved),
         )
-    new = _flatten(json.loads(json.dumps(config.to_dict(), default=str)))
+    new = _flatten(current)
     old = _flatten({key: value for key, value in saved.items() if key != RECORD})
     for key in sorted(new.keys() | old.keys()):
         if key.split(".")[0] not in RESUME_IGNORES and new.get(key) != old.get(key):
@@ -665,7 +725,7 @@ def run_process(
     split = config.data.load(config.seed)
     config = replace(config, model=model_for_data(config.model, split.train))
     if config.resume:
-        _check_resumable(run, config)
+        check_resumable(run, config)
 
     def objectives(model: RepresentationModel) -> tuple[Objective, Objective]:
         return split_objectives(
@@ -737,6 +797,7 @@ def _follow_run(
         batch_size=config.start.equilibration.batch_size,
         start=start,
         progress=progress,
+        max_work=config.max_work,
     )
 
 

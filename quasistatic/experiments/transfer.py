@@ -16,7 +16,7 @@ k-way head (the paper's CIFAR-10 vehicles → animals, k = 4).
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -43,6 +43,7 @@ __all__ = [
     "TRANSFER_PROCESSES",
     "TransferData",
     "TransferObjectives",
+    "draw_transfer",
     "first_per_class",
     "make_transfer_process",
     "plot_baseline",
@@ -303,28 +304,28 @@ def train_baseline(
     return final
 
 
-def _read_rows(path: Path) -> list[dict[str, float]]:
-    with path.open(newline="") as f:
-        return [numeric(row) for row in csv.DictReader(f)]
-
-
 def plot_transfer(directory: Path, title: str = "") -> Path | None:
-    """Figs. 5 and 6 from the runs in ``directory``'s method folders (``iso-c/``, ``finetune/``, …):
-    (a) the R–D path of each transfer process; (b) validation C on the target over the transfer;
-    (c) validation accuracy on the target over the transfer, with finetune's curve and scratch's
-    final accuracy as a point. The x axis is the progress s ∈ [0, 1]: s = t for a transfer,
-    epoch / epochs for a baseline. Returns the PNG's path, or None when no run has rows yet."""
-    runs = {
-        method: _read_rows(directory / method / "trajectory.csv")
-        for method in (*TRANSFER_PROCESSES, *BASELINES)
-        if (directory / method / "trajectory.csv").exists()
-    }
+    """Figs. 5 and 6 from the runs in ``directory``'s method folders (``iso-c/``, ``finetune/``, …)
+    as ``directory``/transfer.png (:func:`draw_transfer`); None when no run has rows yet."""
+    runs: dict[str, list[dict[str, str]]] = {}
+    for method in (*TRANSFER_PROCESSES, *BASELINES):
+        path = directory / method / "trajectory.csv"
+        if path.exists():
+            with path.open(newline="") as f:
+                runs[method] = list(csv.DictReader(f))
     runs = {method: rows for method, rows in runs.items() if rows}
-    if not runs:
-        return None
+    return draw_transfer(runs, directory / PLOT_FILE, title) if runs else None
+
+
+def draw_transfer(runs: Mapping[str, list[dict[str, str]]], path: Path, title: str = "") -> Path:
+    """Figs. 5 and 6 from transfer runs (method name → trajectory rows): (a) the R–D path of each
+    transfer process; (b) validation C on the target over the transfer; (c) validation accuracy on
+    the target over the transfer, with finetune's curve and scratch's final accuracy as a point.
+    The x axis is the progress s ∈ [0, 1]: s = t for a transfer, epoch / epochs for a baseline."""
     fig = new_figure((13, 3.6))
     rd, loss, acc = fig.subplots(1, 3)
-    for method, rows in runs.items():
+    for method, text_rows in runs.items():
+        rows = [numeric(row) for row in text_rows]
         s = [row["s"] for row in rows]
         if method == "scratch":
             loss.plot(s[-1:], [rows[-1]["target_val_C"]], "*", markersize=12, label=method)
@@ -344,7 +345,7 @@ def plot_transfer(directory: Path, title: str = "") -> Path | None:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
-    return save_figure(fig, directory / PLOT_FILE, title)
+    return save_figure(fig, path, title)
 
 
 def plot_baseline(rows: list[dict[str, str]], directory: Path, title: str) -> Path:
