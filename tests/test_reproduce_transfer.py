@@ -11,6 +11,8 @@ import torch
 
 from quasistatic import load_checkpoint
 from quasistatic.cli import main
+from quasistatic.continuation.engine import first_law_residual
+from quasistatic.experiments.trajectory import numeric
 from quasistatic.experiments.reproduce import FIGURES
 from test_cli_transfer import PAIR
 from test_data import cifar_batches, write_batches
@@ -59,8 +61,8 @@ def test_every_method_starts_from_the_same_source_model(figure):
 
 def test_results_hold_t_and_the_target_accuracy(figure):
     """results.json holds each run's numbers from its trajectory: t reached, accuracy on the target,
-    C drift of the processes; the baselines (Adam epochs, no quasi-static process) have no drift
-    and no first law, and a transfer's first law is not checked (the data move: dF has a dt term)."""
+    C drift of the processes and their first law with the work of moving the data; the baselines
+    (Adam epochs, no quasi-static process) have no drift and no first law."""
     code, out = figure
     results = json.loads((out / "results.json").read_text())
     runs = {run["name"]: run for run in results["runs"]}
@@ -71,13 +73,17 @@ def test_results_hold_t_and_the_target_accuracy(figure):
         rows = trajectory(out / name)
         assert n["t_end"] == float(rows[-1]["t"]) and n["grad_evals"] == float(rows[-1]["grad_evals"])
         assert n["target_val_acc_end"] == pytest.approx(float(rows[-1]["target_val_acc"]))
-        assert n["first_law"] is None
         if name in ("finetune", "scratch"):
             assert n["t_end"] == 1 and n["steps"] == 30 and n["max_drift"] is None and run["error"] is None
+            assert n["first_law"] is None
         else:
             c = [float(r["C"]) for r in rows]
             assert n["data_moved"] and n["max_drift"] == pytest.approx(max(abs(x - c[0]) for x in c) / c[0])
             assert n["max_drift"] <= 1e-8 and n["t_end"] > 0
+            # the first law with the data's work, dR + λdD + γdC + σdS = ∂_tJ dt (J_t: J_target − J_source)
+            assert n["first_law"] <= 1e-2, n["first_law"]
+            without = first_law_residual([{k: v for k, v in numeric(r).items() if k != "J_t"} for r in rows], 1e-2)
+            assert without[0] > 10 * n["first_law"] * without[1]  # the data term is not negligible here
             assert (run["error"] is None) == (n["t_end"] == 1)
     table = (out / "results.md").read_text()
     assert "| reached t |" in table and "| finetune | 1 | 1, 4 | 30 |" in table

@@ -542,9 +542,9 @@ def stop_message(error: StopError, directory: Path) -> str:
 def trajectory_numbers(rows: list[dict[str, str]], sigma: float, process: Process | None) -> dict[str, Any]:
     """What a recorded trajectory ``rows`` shows, as numbers: where it ended, the drift of the
     process's constraint g (C when it has none), the first-law residual dR + λdD + γdC + σdS
-    (eq. 7) relative to |dR| on the worst continuous stretch between jumps past folds (nan when no
-    stretch moved R, or when t moved: at changing data dF has a ∂_tF dt term the rows do not
-    hold), the jumps and the free energy they dissipated, ‖∇θJ‖ at both ends, validation accuracy
+    (eq. 7; with the data term ∂_tJ dt where t moves) relative to |dR| on the worst continuous
+    stretch between jumps past folds (nan when no stretch moved R, or when t moved in rows without
+    ∂_tJ), the jumps and the free energy they dissipated, ‖∇θJ‖ at both ends, validation accuracy
     (start, min, max; and on the target alone, start and end, for a transfer) and the cost."""
     jumps = [i for i, row in enumerate(rows) if row.get("event") == "jump"]
     values = [numeric(row) for row in rows]
@@ -554,7 +554,7 @@ def trajectory_numbers(rows: list[dict[str, str]], sigma: float, process: Proces
     laws = [first_law_residual(values[a:b], sigma) for a, b in zip(edges[:-1], edges[1:]) if b - a > 1]
     ratios = [residual / delta_r for residual, delta_r in laws if delta_r > 0]
     data_moved = any(v["t"] != values[0]["t"] for v in values)
-    if data_moved:  # eq. 7 gains a ∂_tF dt term, which the rows do not hold
+    if data_moved and not all("J_t" in v for v in values):  # the first law's data term is not recorded
         ratios, laws = [], []
     accuracy = [v["val_acc"] for v in values if "val_acc" in v]
     target = [v["target_val_acc"] for v in values if "target_val_acc" in v]
@@ -592,8 +592,8 @@ def trajectory_summary(rows: list[dict[str, str]], sigma: float, process: Proces
     run jumped past folds, with the dissipated free energy), ‖∇θJ‖ at both ends and the cost of the
     recorded trajectory ``rows`` (:func:`trajectory_numbers`), as the line the commands print."""
     n = trajectory_numbers(rows, sigma, process)
-    if n["data_moved"]:
-        law = "the first law of eq. 7 not checked (the data moved: dF gains a dt term)"
+    if n["data_moved"] and not n["stretches"]:
+        law = "the first law of eq. 7 not checked (the data moved and the rows do not hold dJ/dt)"
         if n["jumps"]:
             law += f", {n['jumps']} jump(s) past folds dissipating {n['dissipation']:.6g} (J before - J after)"
     elif n["jumps"]:

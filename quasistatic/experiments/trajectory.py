@@ -61,7 +61,9 @@ TRAJECTORY_COLUMNS = (
     "parametrization",
 )
 TEXT_COLUMNS = ("event", "rejected_because", "parametrization")  # the columns that are not numbers
-TARGET_COLUMNS = ("target_val_C", "target_val_acc")  # with ``target_val``: C and accuracy on the target alone
+# with ``target_val`` (a transfer): C and accuracy on the target alone, and on a mixture ∂_tJ at
+# fixed θ, J_target − J_source (the work of moving the data, in the first law of a transfer)
+TARGET_COLUMNS = ("target_val_C", "target_val_acc", "J_t")
 STATE_FILE = "state.pt"
 
 logger = logging.getLogger(__name__)
@@ -100,6 +102,10 @@ class TrajectoryRecorder:
         if self.target_val is not None:
             measured["target_val_C"] = self.target_val.report(state.theta.detach(), state.controls.t).C
             measured["target_val_acc"] = self.target_val.accuracy(state.theta.detach(), state.controls.t)
+            if self.train.is_mixture:  # J under p(x, t) is linear in t: ∂_tJ = w·(X_target − X_source)
+                with self.train.work.paused():
+                    source, target = self.train.part_functionals(state.theta.detach())
+                measured["J_t"] = float((target - source) @ state.controls.weights(source))
         c = state.controls
         point = state.stability[-1] if state.stability and state.stability[-1].s == state.s else None
         lambda_min = point.lambda_min if point is not None else math.nan
