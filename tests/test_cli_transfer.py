@@ -302,3 +302,16 @@ def test_mnist_subsets_of_the_digits_loader_share_one_partition():
     split = load_dataset("digits", seed=0)
     data = transfer_data(split, "0-4", "5-9", "shared", 20)
     assert len(data.source.train) == 100 and set(data.target.train.y.tolist()) == {5, 6, 7, 8, 9}
+
+
+@pytest.mark.parametrize("method, runs_fixture", [("iso-c", "pair_runs"), ("finetune", "digit_runs")])
+def test_rerun_repeats_a_transfer_run_from_its_config_json(request, tmp_path, method, runs_fixture):
+    """config.json of a transfer run is its TransferConfig: `quasistatic rerun` runs it again to the
+    same trajectory (every column but the wall time)."""
+    directory = request.getfixturevalue(runs_fixture) / method
+    again = tmp_path / "again" / method
+    assert main(["rerun", str(directory), "--out", str(again), "--no-progress"]) == 0
+    with (directory / "trajectory.csv").open() as f, (again / "trajectory.csv").open() as g:
+        first, second = list(csv.DictReader(f)), list(csv.DictReader(g))
+    assert [{k: v for k, v in r.items() if k != "wall_s"} for r in first] == [
+        {k: v for k, v in r.items() if k != "wall_s"} for r in second]

@@ -95,7 +95,12 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--seed", type=int, default=0, help="seed of the split, the initialization and the noise")
     group.add_argument("--device", default="cpu", help="cpu or cuda")
-    group.add_argument("--dtype", default="float32", help="float32 (default) or float64")
+    group.add_argument(
+        "--dtype",
+        default="float32",
+        help="float32 or float64 (default: float32 for equilibrate; float64 for the commands that follow "
+        "a process, whose derivatives need it)",
+    )
     group.add_argument("--out", required=True, help="output directory")
     group.add_argument("--overwrite", action="store_true", help="empty an existing --out first")
     group.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

@@ -14,6 +14,8 @@ from ..distributed import ShardGroup
 from ..errors import InputError, bad_value
 from ..processes import PROCESSES, available_processes
 from ..experiments.runner import CONFIG_FILE, ProcessConfig, Run, RunConfig, StartConfig, run_process
+from ..experiments.transfer_run import TransferConfig, run_transfer
+from .transfer_command import report_transfer
 from .options import (
     data_arguments,
     data_config,
@@ -23,8 +25,8 @@ from .options import (
     model_config,
     parameter_argument,
     registry_options,
-    run_settings,
     run_arguments,
+    run_settings,
     start_config,
 )
 
@@ -66,11 +68,13 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         )
     rerun = commands.add_parser(
         "rerun",
-        help="run a process run's config.json again (iso-classification, process)",
-        description="Run the process of the run directory DIR again from its config.json "
+        help="run a process or transfer run's config.json again (iso-classification, process, transfer)",
+        description="Run the process or transfer of the run directory DIR again from its config.json "
         "alone, into --out (default: DIR itself, with --overwrite).",
     )
-    rerun.add_argument("dir", metavar="DIR", help="a run directory of iso-classification, process or rerun")
+    rerun.add_argument(
+        "dir", metavar="DIR", help="a run directory of iso-classification, process, transfer (OUT/METHOD) or rerun"
+    )
     rerun.add_argument("--out", default=None, help="output directory (default: DIR, which needs --overwrite)")
     rerun.add_argument("--overwrite", action="store_true", help="empty an existing --out first")
     rerun.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -116,23 +120,24 @@ def process_config(args: argparse.Namespace, process: str, flags: dict) -> Proce
 
 
 def _rerun(args: argparse.Namespace, group: ShardGroup | None) -> int:
+    """A process or transfer run again from its config.json (a transfer's holds its ``method``)."""
     path = Path(args.dir) / CONFIG_FILE
     if not path.is_file():
         raise bad_value("DIR", f"a run directory with a {CONFIG_FILE}", args.dir)
+    out = args.dir if args.out is None else args.out
     try:
-        config = RunConfig.from_dict(json.loads(path.read_text()))
+        saved = json.loads(path.read_text())
+        kind = TransferConfig if isinstance(saved, dict) and "method" in saved else RunConfig
+        config = kind.from_dict(saved)
     except (InputError, json.JSONDecodeError) as error:
         raise InputError(
-            f"{path} must be the config of a process run (iso-classification, process), got one that is not: {error}"
+            f"{path} must be the config of a process run (iso-classification, process) or of a transfer run, "
+            f"got one that is not: {error}"
         ) from None
-    out = args.dir if args.out is None else args.out
-    return report(
-        run_process(
-            replace(config, out=out, overwrite=args.overwrite, resume=False),
-            progress=not args.no_progress,
-            group=group,
-        )
-    )
+    config = replace(config, out=out, overwrite=args.overwrite, resume=False)
+    if isinstance(config, TransferConfig):
+        return report_transfer(run_transfer(config, progress=not args.no_progress, group=group), group)
+    return report(run_process(config, progress=not args.no_progress, group=group))
 
 
 def run_config(args: argparse.Namespace, process: ProcessConfig, start: StartConfig | None = None) -> RunConfig:

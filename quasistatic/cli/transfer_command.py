@@ -25,7 +25,7 @@ from ..errors import bad_value, choice_error
 from ..experiments.runner import METHODS, trajectory_summary
 from ..experiments.trajectory import numeric
 from ..experiments.transfer import BASELINES, TRANSFER_PROCESSES, transfer_parameter
-from ..experiments.transfer_run import TransferConfig, run_transfer, transfer_methods
+from ..experiments.transfer_run import TransferConfig, TransferRun, run_transfer, transfer_methods
 from ..thermo.functionals import check_chunk_size
 from .options import (
     data_arguments,
@@ -42,7 +42,7 @@ from .options import (
 )
 from .ranks import shows_progress
 
-__all__ = ["add_parser", "run", "transfer_config"]
+__all__ = ["add_parser", "report_transfer", "run", "transfer_config"]
 
 PARAMETER_FLAGS = {"lam_end": "--lam-end", "slope": "--slope", "k": "--k"}
 
@@ -151,7 +151,13 @@ def run(args: argparse.Namespace, group: ShardGroup | None) -> int:
     when given) and print what it did."""
     _warn_unused(args)
     config = transfer_config(args)
-    result = run_transfer(config, progress=shows_progress(args, group), group=group)
+    return report_transfer(run_transfer(config, progress=shows_progress(args, group), group=group), group)
+
+
+def report_transfer(result: TransferRun, group: ShardGroup | None = None) -> int:
+    """Print what the transfer run ``result`` did (rank 0) and the files written; the exit code: 0,
+    or 1 when it stopped before t = 1 (its trajectory so far kept)."""
+    config = result.config
     if result.error is not None:
         print(f"quasistatic: {result.failure}", file=sys.stderr)
         return 1
@@ -166,7 +172,7 @@ def run(args: argparse.Namespace, group: ShardGroup | None) -> int:
             else config.follow.method
         )
         print(
-            f"{args.method} ({how}): {trajectory_summary(rows, args.sigma, result.process)}; "
+            f"{config.method} ({how}): {trajectory_summary(rows, config.sigma, result.process)}; "
             f"C0 = {float(rows[0]['C']):.6g} on the source (polished start), "
             f"target_val_acc {accuracy[0]:.4f} -> {accuracy[-1]:.4f}"
         )
@@ -178,8 +184,8 @@ def run(args: argparse.Namespace, group: ShardGroup | None) -> int:
             "" if c0 is None else f" (C0 = {c0:.6g} on the source, |C - C0|/C0 = {abs(last['C'] - c0) / abs(c0):.3e})"
         )
         print(
-            f"{args.method}: first-epoch target_val_acc = {first['target_val_acc']:.4f} (chance 1/{k} = {1 / k:.4f}), "
-            f"final target_val_acc = {last['target_val_acc']:.4f} after {last['step']:.0f} epochs; "
+            f"{config.method}: first-epoch target_val_acc = {first['target_val_acc']:.4f} (chance 1/{k} = "
+            f"{1 / k:.4f}), final target_val_acc = {last['target_val_acc']:.4f} after {last['step']:.0f} epochs; "
             f"C = {last['C']:.6g} on the target{drift}; {last['grad_evals']:.0f} gradient-equivalents, "
             f"{last['wall_s']:.0f} s"
         )
