@@ -19,7 +19,7 @@ from quasistatic import (DataSplit, LabeledData, ParameterLayout, TransferObject
                          transfer_data)
 from quasistatic.cli import main
 from quasistatic.data import available_datasets, register_dataset
-from quasistatic.experiments.trajectory import TARGET_COLUMNS, TRAJECTORY_COLUMNS, numeric
+from quasistatic.experiments.trajectory import MIXTURE_COLUMNS, TARGET_COLUMNS, TRAJECTORY_COLUMNS, numeric
 from quasistatic.experiments.transfer_run import TransferConfig
 from small_problem import small_labeled
 from test_data import cifar_batches, write_batches
@@ -103,7 +103,7 @@ def test_transfer_process_moves_the_data_at_constant_c(pair_runs, method):
     assert all(r["grad_norm"] <= 1e-7 for r in recorded)  # on the surface (--grad-tol)
     evals = [r["grad_evals"] for r in recorded]
     assert evals == sorted(evals) and evals[-1] > evals[0]
-    assert header(pair_runs / method) == [*TRAJECTORY_COLUMNS, *TARGET_COLUMNS]
+    assert header(pair_runs / method) == [*TRAJECTORY_COLUMNS, *TARGET_COLUMNS, *MIXTURE_COLUMNS]
     assert recorded[-1]["gamma"] != pytest.approx(4.0)  # γ moved to hold C
     if method == "constant-lambda-rate":
         assert recorded[-1]["lam"] == pytest.approx(0.9)

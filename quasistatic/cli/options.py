@@ -149,8 +149,9 @@ def engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-work",
         type=float,
         default=None,
-        help="stop following after this many gradient-equivalents, the start's included (default: no "
-        "limit); the run ends with its trajectory so far, and --resume with a larger --max-work goes on",
+        help="stop following a process after this many gradient-equivalents, the polish of its start "
+        "included (not a fresh model's Adam epochs, nor a transfer baseline's; default: no limit); the run "
+        "ends with its trajectory so far, and --resume with a larger --max-work goes on",
     )
     group.add_argument(
         "--eigen-iterations",

@@ -26,7 +26,6 @@ from ..experiments.runner import METHODS, trajectory_summary
 from ..experiments.trajectory import numeric
 from ..experiments.transfer import BASELINES, TRANSFER_PROCESSES, transfer_parameter
 from ..experiments.transfer_run import TransferConfig, TransferRun, run_transfer, transfer_methods
-from ..thermo.functionals import check_chunk_size
 from .options import (
     data_arguments,
     data_config,
@@ -115,9 +114,6 @@ def transfer_config(args: argparse.Namespace) -> TransferConfig:
         raise choice_error("follow", METHODS, args.follow)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise bad_value("--out", "a directory", args.out)
-    if args.samples < 1:
-        raise bad_value("--samples", "an integer >= 1", args.samples)
-    check_chunk_size(args.chunk_size, "--chunk-size")
     own = transfer_parameter(args.method) if args.method in TRANSFER_PROCESSES else None
     params = (
         registry_options(
@@ -149,8 +145,8 @@ def transfer_config(args: argparse.Namespace) -> TransferConfig:
 def run(args: argparse.Namespace, group: ShardGroup | None) -> int:
     """Check every flag, then run ``--method`` from the source model (on the ranks of ``group``,
     when given) and print what it did."""
-    _warn_unused(args)
     config = transfer_config(args)
+    _warn_unused(args)
     return report_transfer(run_transfer(config, progress=shows_progress(args, group), group=group), group)
 
 
@@ -204,6 +200,8 @@ def _warn_unused(args: argparse.Namespace) -> None:
         unused.append("--param (a baseline runs no process)")
     if args.method in BASELINES and args.follow != "engine":
         unused.append("--follow (a baseline runs no process)")
+    if args.method in BASELINES and args.max_work is not None:
+        unused.append("--max-work (a baseline trains for --epochs)")
     if args.method == "scratch" and args.from_checkpoint:
         unused.append("--from-checkpoint (scratch starts from a fresh model)")
     for flag in unused:

@@ -44,10 +44,10 @@ from ..distributed import ShardGroup, is_main_process
 from ..errors import InputError, bad_value
 from ..registry import Parameter, Registry
 from .plots import new_figure, save_figure
-from .runner import RunConfig, RunSettings, run_process, trajectory_numbers
+from .runner import Run, RunConfig, RunSettings, run_process
 from .trajectory import read_trajectory
 from .transfer import draw_transfer
-from .transfer_run import TransferConfig, run_transfer
+from .transfer_run import TransferConfig, TransferRun, run_transfer
 
 __all__ = ["FIGURES", "FigureSpec", "RunResult", "reproduce"]
 
@@ -177,6 +177,10 @@ def _transfer_runs(
 ) -> dict[str, TransferConfig]:
     """One transfer run per method (name → its process parameters), each in template.out/<method>,
     from (lam, gamma) with the template's shared settings (its process section is not used)."""
+    if template.data.classes is not None or template.data.relabel:
+        raise bad_value(
+            "--classes/--relabel", "not given for a transfer figure (its tasks: --param source=… target=…)", "given"
+        )
     shared = {f.name: getattr(template, f.name) for f in fields(RunSettings)}
     return {
         method: TransferConfig(
@@ -282,27 +286,22 @@ def _run_one(name: str, config: RunSettings, threads: int, group: ShardGroup | N
     input (:class:`~quasistatic.InputError`, a start that cannot be polished included) is kept so:
     every rank raises it alike (the settings and the reduced values are the same on all of them),
     while any other error may be one rank's alone, the others waiting for it in a collective, so
-    it ends the launch (:func:`quasistatic.distributed.abort_on_failure`). A baseline's numbers
-    have no first law and no drift (its epochs are no quasi-static process)."""
+    it ends the launch (:func:`quasistatic.distributed.abort_on_failure`)."""
     torch.set_num_threads(threads)
     started = time.perf_counter()
     kept = Exception if group is None else InputError  # the errors reported in the figure's results
     try:
         if isinstance(config, TransferConfig):
-            transfer = run_transfer(config, progress=False, group=group)
-            directory, failure, numbers = transfer.directory, transfer.failure, transfer.numbers()
-            if transfer.process is None:  # its rows are epochs 1, 2, …
-                numbers.update(first_law=None, max_drift=None, steps=int(float(transfer.trajectory[-1]["step"])))
+            run: Run | TransferRun = run_transfer(config, progress=False, group=group, compare=False)
         elif isinstance(config, RunConfig):
             run = run_process(config, progress=False, group=group)
-            directory, failure = run.directory, run.failure
-            numbers = trajectory_numbers(run.trajectory, config.sigma, run.process)
         else:
             raise bad_value("figure run", "a RunConfig or a TransferConfig", type(config).__name__)
+        numbers = run.numbers()
     except kept as error:
         return RunResult(name, config.out, {}, f"{type(error).__name__}: {error}", time.perf_counter() - started)
-    result = RunResult(name, str(directory), _plain(numbers), failure, time.perf_counter() - started)
-    (directory / "results.json").write_text(json.dumps(result.__dict__, indent=2, allow_nan=False) + "\n")
+    result = RunResult(name, str(run.directory), _plain(numbers), run.failure, time.perf_counter() - started)
+    (run.directory / "results.json").write_text(json.dumps(result.__dict__, indent=2, allow_nan=False) + "\n")
     return result
 
 

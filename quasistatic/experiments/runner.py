@@ -93,6 +93,8 @@ __all__ = [
     "import_modules",
     "model_for_data",
     "module_names",
+    "record_budget",
+    "run_record",
     "rank_directory",
     "run_process",
     "split_objectives",
@@ -117,6 +119,7 @@ class WorkBudgetSpent(RuntimeError):
     recorded; ``resume`` with a larger budget goes on)."""
 
 
+POLISH_ITERATIONS = 20_000  # the polish's L-BFGS iterations at most (a work budget lowers it)
 StopError = StepSizeError | DivergenceError | WorkBudgetSpent  # what ends a process before s = 1 (not bad input)
 _Config = TypeVar("_Config")
 _Settings = TypeVar("_Settings", bound="RunSettings")
@@ -276,13 +279,14 @@ class RunSettings:
     imports: tuple[str, ...] = ()  # modules imported first, for what they register (processes, data sets, ...)
     resume: bool = False  # continue the run in ``out`` from its last step
     overwrite: bool = False  # empty an existing ``out`` first
-    max_work: float | None = None  # stop following after this many gradient-equivalents (the start's
-    # included): a budget for runs that crawl; resume with a larger one to go on (None: no limit)
+    max_work: float | None = None  # stop following after this many gradient-equivalents of the process
+    # objective (the start's polish included, not the Adam training of a fresh model, nor a transfer
+    # baseline's epochs): a budget for runs that crawl; resume with a larger one to go on (None: no limit)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", str(self.out))
-        if self.max_work is not None and not self.max_work > 0:
-            raise bad_value("max-work", "a number of gradient-equivalents > 0 (or none: no limit)", self.max_work)
+        if self.max_work is not None and not 0 < self.max_work < math.inf:
+            raise bad_value("max_work", "a finite number of gradient-equivalents > 0 (None: no limit)", self.max_work)
         object.__setattr__(self, "imports", module_names(self.imports))
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
             raise bad_value("samples", "an integer >= 1", self.samples)
@@ -384,6 +388,25 @@ def versions() -> dict[str, str]:
     }
 
 
+def run_record(split: DataSplit, group: ShardGroup | None) -> dict[str, Any]:
+    """What config.json's ``record`` holds of every run: the data's sizes, the versions, the threads
+    and the ranks."""
+    return {
+        "data": {"name": split.name, "train": len(split.train), "val": len(split.val)},
+        "versions": versions(),
+        "threads": torch.get_num_threads(),
+        "ranks": 1 if group is None else group.size,
+    }
+
+
+def record_budget(run: RunDirectory, config: RunSettings) -> None:
+    """A resumed run's config.json gets the work budget it now runs under (the one key of
+    :data:`RESUME_IGNORES` that changes what the run does), so that ``rerun`` repeats it."""
+    saved = run.read_json(CONFIG_FILE)
+    if saved.get("max_work") != config.max_work:
+        run.write_json(CONFIG_FILE, {**saved, "max_work": config.max_work})
+
+
 def model_for_data(model: ModelConfig, data: LabeledData) -> ModelConfig:
     """``model`` with the input shape and the number of classes of ``data``."""
     return replace(model, input_shape=data.input_shape, num_classes=data.num_classes)
@@ -477,8 +500,9 @@ def follow(
     ``process`` to s = 1 by ``config.method``, recording every step. None when s = 1 was reached;
     else the error that stopped the process (a fold it stopped at is also written to fold.json).
     ``max_work``: a :class:`WorkBudgetSpent` once the objective's work counter reaches it, checked
-    after the start and after every step (the polish of the start is held to as many L-BFGS
-    iterations). ``seed`` and ``batch_size``: fd-equilibration's minibatches."""
+    after the start and after every step; the polish of the start is held to as many L-BFGS
+    iterations (one gradient each), and one that stops there unconverged is the budget spent.
+    ``seed`` and ``batch_size``: fd-equilibration's minibatches."""
     controls = process.start
     linear_solve = LinearSolve(objective, config.linear_solve)
     engine = QuasiStaticEngine(
@@ -488,8 +512,14 @@ def follow(
     state = recorder.restore() if recorder.run.resume else None
     if state is None:
         theta = objective.initial_theta() if start is None else start
-        budget = {} if max_work is None else {"max_iter": max(1, int(max_work))}  # L-BFGS iterations: ~1 GE each
+        budget = {} if max_work is None else {"max_iter": min(POLISH_ITERATIONS, max(1, int(max_work)))}
         polished = polish(linear_solve, theta, controls, grad_tol=config.engine.grad_tol, progress=progress, **budget)
+        if not polished.converged and max_work is not None and objective.work.gradient_equivalents >= max_work:
+            return WorkBudgetSpent(
+                f"the work budget of {max_work:g} gradient-equivalents is spent in the polish of the start "
+                f"(|grad J| = {polished.grad_norm:.3e} > {config.engine.grad_tol:g} after "
+                f"{objective.work.gradient_equivalents:.0f}); --resume with a larger --max-work polishes again"
+            )
         require_equilibrium(polished, config.engine.grad_tol)
         state = engine.start(polished.theta, controls)
         recorder.record(state)
@@ -635,6 +665,10 @@ class Run:
         """Why the process stopped before s = 1 and where its trajectory is; None when it got there."""
         return None if self.error is None else stop_message(self.error, self.directory)
 
+    def numbers(self) -> dict[str, Any]:
+        """:func:`trajectory_numbers` of the trajectory."""
+        return trajectory_numbers(self.trajectory, self.config.sigma, self.process)
+
     def summary(self) -> str:
         """The line the command line prints: the label, the constraint's drift, the first law, the
         gradient norms and the cost (:func:`trajectory_summary`)."""
@@ -752,18 +786,14 @@ def run_process(
     train, val = objectives(model)
     run = rank_directory(run, group)
     run.prepare()
-    if not config.resume:
+    if config.resume:
+        record_budget(run, config)
+    else:
         run.write_json(
             CONFIG_FILE,
             {
                 **config.to_dict(),
-                RECORD: {
-                    "process": process.describe(),
-                    "data": {"name": split.name, "train": len(split.train), "val": len(split.val)},
-                    "versions": versions(),
-                    "threads": torch.get_num_threads(),
-                    "ranks": 1 if group is None else group.size,
-                },
+                RECORD: {"process": process.describe(), **run_record(split, group)},
             },
         )
         save_checkpoint(run.file("start.pt"), model, controls, {"dataset": split.name, "classes": config.data.classes})

@@ -23,6 +23,7 @@ from .rundir import CsvLog, RunDirectory, atomic_save
 
 __all__ = [
     "TRAJECTORY_COLUMNS",
+    "MIXTURE_COLUMNS",
     "TARGET_COLUMNS",
     "TrajectoryRecorder",
     "numeric",
@@ -61,9 +62,9 @@ TRAJECTORY_COLUMNS = (
     "parametrization",
 )
 TEXT_COLUMNS = ("event", "rejected_because", "parametrization")  # the columns that are not numbers
-# with ``target_val`` (a transfer): C and accuracy on the target alone, and on a mixture ∂_tJ at
-# fixed θ, J_target − J_source (the work of moving the data, in the first law of a transfer)
-TARGET_COLUMNS = ("target_val_C", "target_val_acc", "J_t")
+TARGET_COLUMNS = ("target_val_C", "target_val_acc")  # with ``target_val``: C and accuracy on the target alone
+# on a mixture (a transfer process): ∂_tJ at fixed θ, the rate of the work of moving the data
+MIXTURE_COLUMNS = ("J_t",)
 STATE_FILE = "state.pt"
 
 logger = logging.getLogger(__name__)
@@ -73,14 +74,19 @@ class TrajectoryRecorder:
     """Appends a row and saves the engine state after every step; ``restore`` continues a run.
 
     ``target_val`` (a transfer, Sec. 4): a further validation objective on the target data alone,
-    recorded in the columns ``TARGET_COLUMNS`` whatever the mixture time t of the row.
+    recorded in the columns ``TARGET_COLUMNS`` whatever the mixture time t of the row. On a mixture
+    ``train`` the rows also hold ∂_tJ (``MIXTURE_COLUMNS``), which a transfer's first law needs.
     """
 
     def __init__(
         self, run: RunDirectory, train: Objective, val: Objective | None, target_val: Objective | None = None
     ) -> None:
         self.run, self.train, self.val, self.target_val = run, train, val, target_val
-        columns = TRAJECTORY_COLUMNS + (TARGET_COLUMNS if target_val is not None else ())
+        columns = (
+            TRAJECTORY_COLUMNS
+            + (TARGET_COLUMNS if target_val is not None else ())
+            + (MIXTURE_COLUMNS if train.is_mixture else ())
+        )
         self.log = CsvLog(run.file("trajectory.csv"), columns)
         self.wall_before = 0.0
         self.started = time.perf_counter()
@@ -102,10 +108,9 @@ class TrajectoryRecorder:
         if self.target_val is not None:
             measured["target_val_C"] = self.target_val.report(state.theta.detach(), state.controls.t).C
             measured["target_val_acc"] = self.target_val.accuracy(state.theta.detach(), state.controls.t)
-            if self.train.is_mixture:  # J under p(x, t) is linear in t: ∂_tJ = w·(X_target − X_source)
-                with self.train.work.paused():
-                    source, target = self.train.part_functionals(state.theta.detach())
-                measured["J_t"] = float((target - source) @ state.controls.weights(source))
+        if self.train.is_mixture:
+            with self.train.work.paused():
+                measured["J_t"] = self.train.data_rate(state.theta.detach(), state.controls)
         c = state.controls
         point = state.stability[-1] if state.stability and state.stability[-1].s == state.s else None
         lambda_min = point.lambda_min if point is not None else math.nan

@@ -44,8 +44,9 @@ from .runner import (
     stop_message,
     torch_device,
     torch_dtype,
+    record_budget,
+    run_record,
     trajectory_numbers,
-    versions,
 )
 from .trajectory import TrajectoryRecorder, plot_trajectory, read_trajectory
 from .transfer import (
@@ -91,12 +92,10 @@ class TransferConfig(RunSettings):
             raise choice_error("method", transfer_methods(), self.method)
         if self.labels not in LABEL_MODES:
             raise choice_error("labels", LABEL_MODES, self.labels)
-        if self.data.classes is not None or self.data.relabel:
-            raise bad_value(
-                "data classes",
-                "None for a transfer (its tasks are source and target, labels set by 'labels')",
-                self.data.classes,
-            )
+        if self.data.classes is not None:
+            raise bad_value("data classes", "None for a transfer (its tasks are source and target)", self.data.classes)
+        if self.data.relabel:
+            raise bad_value("data relabel", "False for a transfer (its labels are set by 'labels')", self.data.relabel)
         if self.method in BASELINES and self.params:
             raise bad_value("params", f"empty for the baseline {self.method!r} (it runs no process)", self.params)
         if self.method == "scratch" and self.start.checkpoint:
@@ -127,7 +126,7 @@ class TransferRun:
     process: Process | None
     directory: Path
     data: TransferData
-    error: StopError | DivergenceError | None = None  # what stopped it before t = 1 (None: it got there)
+    error: StopError | None = None  # what stopped it before t = 1 (None: it got there)
     figures: list[Path] = field(default_factory=list)  # the run's own and OUT/transfer.png (rank 0)
 
     @property
@@ -137,16 +136,17 @@ class TransferRun:
     @property
     def failure(self) -> str | None:
         """Why the run stopped before t = 1 and where its trajectory is; None when it got there."""
-        if self.error is None:
-            return None
-        if isinstance(self.error, DivergenceError):
-            return f"{self.error}; the trajectory so far is in {self.directory / 'trajectory.csv'}"
-        return stop_message(self.error, self.directory)
+        return None if self.error is None else stop_message(self.error, self.directory)
 
     def numbers(self) -> dict[str, Any]:
-        """:func:`~quasistatic.experiments.runner.trajectory_numbers` of the trajectory (for a
-        baseline the drift is that of C on the target from its first epoch)."""
-        return trajectory_numbers(self.trajectory, self.config.sigma, self.process)
+        """:func:`~quasistatic.experiments.runner.trajectory_numbers` of the trajectory; a baseline's
+        rows are Adam's epochs, no quasi-static process: no drift, no first law, its steps the
+        epochs."""
+        rows = self.trajectory
+        numbers = trajectory_numbers(rows, self.config.sigma, self.process)
+        if self.process is None:
+            numbers.update(max_drift=None, first_law=None, first_law_total=None, steps=int(float(rows[-1]["step"])))
+        return numbers
 
     @property
     def title(self) -> str:
@@ -154,13 +154,17 @@ class TransferRun:
         return f"{name} {self.config.source} → {self.config.target} ({self.config.labels} labels)"
 
 
-def run_transfer(config: TransferConfig, *, progress: bool = True, group: ShardGroup | None = None) -> TransferRun:
+def run_transfer(
+    config: TransferConfig, *, progress: bool = True, group: ShardGroup | None = None, compare: bool = True
+) -> TransferRun:
     """Run ``config`` end to end in ``config.out`` (the module docstring). Every setting is checked
     before anything is written (a bad one raises :class:`~quasistatic.InputError`); a process that
     cannot be followed, or a baseline whose training diverges, ends the run with
     :attr:`TransferRun.error` set and its trajectory so far recorded. ``group``: data-parallel on
     its ranks, as :func:`~quasistatic.run_process` (only rank 0 writes ``config.out`` and the
-    figures)."""
+    figures). ``compare``: also draw every method's run found beside this one (the parent folder's
+    transfer.png; a figure of ``reproduce``, whose runs may be running, draws its own instead)."""
+    import_modules(config.imports)  # a config sent to a worker process is not built again there
     if group is not None:
         group.agree("the transfer config", config.to_dict())
         progress = progress and group.is_main
@@ -203,17 +207,16 @@ def run_transfer(config: TransferConfig, *, progress: bool = True, group: ShardG
     objectives = objectives_of(model)
     run = rank_directory(run, group)
     run.prepare()
-    if not config.resume:
+    if config.resume:
+        record_budget(run, config)
+    else:
         # start_C: C of the starting model on the source training set (a process polishes it first)
         start_c = None if config.method == "scratch" else objectives.source.report(objectives.source.initial_theta()).C
         record = {
             "transfer": data.describe(),
             "start_C": start_c,
             "process": None if process is None else process.describe(),
-            "versions": versions(),
-            "data": {"name": split.name, "train": len(split.train), "val": len(split.val)},
-            "threads": torch.get_num_threads(),
-            "ranks": 1 if group is None else group.size,
+            **run_record(split, group),
         }
         run.write_json(CONFIG_FILE, {**config.to_dict(), RECORD: record})
         if config.method != "scratch":
@@ -258,7 +261,7 @@ def run_transfer(config: TransferConfig, *, progress: bool = True, group: ShardG
             if process is not None
             else [plot_baseline(rows, run.path, f"{result.title}: {config.method}")]
         )
-        if is_main_process(group):  # the comparison draws the methods' runs beside this one: rank 0's
+        if compare and is_main_process(group):  # the methods' runs beside this one: rank 0's
             figure = plot_transfer(Path(config.out).parent, result.title)
             result.figures += [] if figure is None else [figure]
     return result

@@ -179,6 +179,15 @@ class Objective:
         """(P, 3): [R, D, C] on each part (P = 1, or 2 for source and target of a mixture)."""
         return self._summed(self.local_part_functionals, theta)
 
+    def data_rate(self, theta: Tensor, controls: Controls) -> float:
+        """∂_tJ at fixed θ on a mixture: J under p(x, t) of eq. 23 is linear in t, so ∂_tJ =
+        (1, λ, γ)·(X_target − X_source) (σS does not depend on the data): the rate of the work of
+        moving the data in a transfer's first law (docs/theory.md). One pass over both parts."""
+        if self.mixture is None:
+            raise bad_value("objective", "a source/target mixture for dJ/dt", "a single data set")
+        source, target = self.part_functionals(theta)
+        return float((target - source) @ controls.weights(source))
+
     def local_functionals(self, theta: Tensor, t: float | Tensor = 0.0) -> Tensor:
         """(3,): this rank's share of :meth:`functionals` (module docstring)."""
         if self.mixture is None:
