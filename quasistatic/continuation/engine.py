@@ -554,11 +554,12 @@ def first_law_residual(rows: list[dict[str, float]], sigma: float = 0.0) -> tupl
     the first law dR = −λ dD − γ dC − σ dS (eq. 7) integrated along the path, with the work of
     moving the data, ∂_tJ dt at fixed θ, when t moves (a transfer on the mixture of eq. 23: then
     dF = D dλ + C dγ + ∂_tJ dt, and F = R + λD + γC + σS gives the term). Rows need R, D, C, lam,
-    gamma, when σ > 0 S, and when t moves J_t (without it the residual is nan)."""
+    gamma, when σ > 0 S, and when t moves (a row without t is at t = 0) J_t (without it the residual
+    is nan)."""
     total, delta_r = 0.0, 0.0
     for a, b in zip(rows[:-1], rows[1:]):
         d_r = b["R"] - a["R"]
-        if b["t"] == a["t"]:
+        if b.get("t", 0.0) == a.get("t", 0.0):  # rows without t: on one data set
             moved = 0.0
         elif "J_t" in a and "J_t" in b:
             moved = 0.5 * (a["J_t"] + b["J_t"]) * (b["t"] - a["t"])
