@@ -43,7 +43,9 @@ from ..errors import InputError, bad_value
 from ..linalg.linear_solve import LinearSolve
 from ..thermo.objective import Controls
 
-__all__ = ["PolishResult", "NotOnSurfaceError", "polish", "require_equilibrium"]
+__all__ = ["POLISH_ITERATIONS", "PolishResult", "NotOnSurfaceError", "polish", "require_equilibrium"]
+
+POLISH_ITERATIONS = 20_000  # L-BFGS iterations of all phases at most, by default
 
 
 class NotOnSurfaceError(InputError):
@@ -67,7 +69,7 @@ def polish(
     grad_tol: float = 1e-6,
     switch_tol: float = 1e-1,
     rounds: int = 6,
-    max_iter: int = 20_000,
+    max_iter: int = POLISH_ITERATIONS,
     newton_iterations: int = 30,
     progress: bool = False,
 ) -> PolishResult:

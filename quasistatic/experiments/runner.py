@@ -69,7 +69,7 @@ from ..models import ModelConfig, RepresentationModel, build_model
 from ..thermo.functionals import check_chunk_size
 from ..thermo.objective import Controls, Objective
 from .plots import plot_hysteresis
-from ..continuation.polish import polish, require_equilibrium
+from ..continuation.polish import POLISH_ITERATIONS, polish, require_equilibrium
 from ..processes import PROCESSES, Process, make_process
 from .rundir import RunDirectory
 from .trajectory import STATE_FILE, TrajectoryRecorder, numeric, plot_trajectory, read_trajectory
@@ -83,6 +83,7 @@ __all__ = [
     "DataConfig",
     "FollowConfig",
     "ProcessConfig",
+    "RecordedRun",
     "Run",
     "RunConfig",
     "RunSettings",
@@ -119,7 +120,6 @@ class WorkBudgetSpent(RuntimeError):
     recorded; ``resume`` with a larger budget goes on)."""
 
 
-POLISH_ITERATIONS = 20_000  # the polish's L-BFGS iterations at most (a work budget lowers it)
 StopError = StepSizeError | DivergenceError | WorkBudgetSpent  # what ends a process before s = 1 (not bad input)
 _Config = TypeVar("_Config")
 _Settings = TypeVar("_Settings", bound="RunSettings")
@@ -582,10 +582,10 @@ def trajectory_numbers(rows: list[dict[str, str]], sigma: float, process: Proces
     held = [sum(w * v[name] for w, name in zip(weights, "RDC")) for v in values]
     edges = [0, *jumps, len(values)]
     laws = [first_law_residual(values[a:b], sigma) for a, b in zip(edges[:-1], edges[1:]) if b - a > 1]
+    if any(math.isnan(residual) for residual, _ in laws):  # t moved in rows without ∂_tJ: not checked
+        laws = []
     ratios = [residual / delta_r for residual, delta_r in laws if delta_r > 0]
     data_moved = any(v["t"] != values[0]["t"] for v in values)
-    if data_moved and not all("J_t" in v for v in values):  # the first law's data term is not recorded
-        ratios, laws = [], []
     accuracy = [v["val_acc"] for v in values if "val_acc" in v]
     target = [v["target_val_acc"] for v in values if "target_val_acc" in v]
     first, last = values[0], values[-1]
@@ -641,8 +641,34 @@ def trajectory_summary(rows: list[dict[str, str]], sigma: float, process: Proces
     )
 
 
+class RecordedRun:
+    """What a finished run (of :func:`run_process` or
+    :func:`~quasistatic.experiments.transfer_run.run_transfer`) shows from its directory: the
+    trajectory, why it stopped, its numbers. Needs ``config`` (its ``sigma``), ``process`` (None:
+    no constraint), ``directory`` and ``error``."""
+
+    config: RunSettings
+    process: Process | None
+    directory: Path
+    error: StopError | None
+
+    @property
+    def trajectory(self) -> list[dict[str, str]]:
+        """The rows of trajectory.csv as written, one per step (:func:`.trajectory.read_trajectory`)."""
+        return read_trajectory(self.directory)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the run stopped before s = 1 and where its trajectory is; None when it got there."""
+        return None if self.error is None else stop_message(self.error, self.directory)
+
+    def numbers(self) -> dict[str, Any]:
+        """:func:`trajectory_numbers` of the trajectory."""
+        return trajectory_numbers(self.trajectory, self.config.sigma, self.process)
+
+
 @dataclass
-class Run:
+class Run(RecordedRun):
     """A process run: the config it ran with, the process, its directory and how it ended."""
 
     config: RunConfig  # as run (the model's input_shape and num_classes are the data's)
@@ -654,20 +680,6 @@ class Run:
     returned: Run | None = None  # the return sweep (config.process.return_sweep) in directory/return/: its
     # process is the way back, its config the forward run's
     hysteresis: Path | None = None  # both sweeps drawn together, once the return sweep got back
-
-    @property
-    def trajectory(self) -> list[dict[str, str]]:
-        """The rows of trajectory.csv as written, one per step (:func:`.trajectory.read_trajectory`)."""
-        return read_trajectory(self.directory)
-
-    @property
-    def failure(self) -> str | None:
-        """Why the process stopped before s = 1 and where its trajectory is; None when it got there."""
-        return None if self.error is None else stop_message(self.error, self.directory)
-
-    def numbers(self) -> dict[str, Any]:
-        """:func:`trajectory_numbers` of the trajectory."""
-        return trajectory_numbers(self.trajectory, self.config.sigma, self.process)
 
     def summary(self) -> str:
         """The line the command line prints: the label, the constraint's drift, the first law, the

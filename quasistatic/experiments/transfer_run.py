@@ -33,6 +33,7 @@ from .rundir import RunDirectory
 from .runner import (
     CONFIG_FILE,
     RECORD,
+    RecordedRun,
     RunSettings,
     StopError,
     check_resumable,
@@ -41,14 +42,12 @@ from .runner import (
     model_for_data,
     rank_directory,
     starting_model,
-    stop_message,
     torch_device,
     torch_dtype,
     record_budget,
     run_record,
-    trajectory_numbers,
 )
-from .trajectory import TrajectoryRecorder, plot_trajectory, read_trajectory
+from .trajectory import TrajectoryRecorder, plot_trajectory
 from .transfer import (
     BASELINES,
     LABEL_MODES,
@@ -119,7 +118,7 @@ class TransferConfig(RunSettings):
 
 
 @dataclass
-class TransferRun:
+class TransferRun(RecordedRun):
     """A transfer run: its config (as run), process (None for a baseline), directory and end."""
 
     config: TransferConfig
@@ -129,23 +128,13 @@ class TransferRun:
     error: StopError | None = None  # what stopped it before t = 1 (None: it got there)
     figures: list[Path] = field(default_factory=list)  # the run's own and OUT/transfer.png (rank 0)
 
-    @property
-    def trajectory(self) -> list[dict[str, str]]:
-        return read_trajectory(self.directory)
-
-    @property
-    def failure(self) -> str | None:
-        """Why the run stopped before t = 1 and where its trajectory is; None when it got there."""
-        return None if self.error is None else stop_message(self.error, self.directory)
-
     def numbers(self) -> dict[str, Any]:
         """:func:`~quasistatic.experiments.runner.trajectory_numbers` of the trajectory; a baseline's
-        rows are Adam's epochs, no quasi-static process: no drift, no first law, its steps the
-        epochs."""
-        rows = self.trajectory
-        numbers = trajectory_numbers(rows, self.config.sigma, self.process)
+        rows are Adam's epochs 1, 2, …, no quasi-static process: no drift, no first law, its steps
+        the epochs."""
+        numbers = super().numbers()
         if self.process is None:
-            numbers.update(max_drift=None, first_law=None, first_law_total=None, steps=int(float(rows[-1]["step"])))
+            numbers.update(max_drift=None, first_law=None, first_law_total=None, steps=numbers["steps"] + 1)
         return numbers
 
     @property
