@@ -1,14 +1,21 @@
 """Affordable continuation on digits: preconditioners, the start, the engine at three tolerance
 settings and the paper's fd-equilibration at three, on one path, in one run.
 
-Run (about 10 minutes on one core of the 2-core VM)::
+Run (about 12 minutes on one core of the 2-core VM)::
 
     python benchmarks/bench_continuation.py [--steps 10] [--lam-end 1.2] [--out benchmarks/results/continuation.json]
 
+and for the two-hidden-layer model (its start, ~12 minutes, then each engine row for at most 30,000 GE, ~13
+minutes each)::
+
+    python benchmarks/bench_continuation.py --hidden 64,64 --engine-only --max-work 30000 \
+        [--engine-settings default "default, plain corrector"] --out benchmarks/results/continuation_64x64.json
+
 The model is the CLI's digits default (one hidden layer of 16, latent 8, σ = 3e-2, K = 1, float64);
 the path is iso-classification from (λ, γ) = (1, 10) to ``--lam-end`` in ``--steps`` nominal steps
-with the newton corrector and, per setting, a predictor (hermite, the CLI's default, or euler), a
-Newton border (tangent, the default, or solve) and a preconditioner (the run's, or kfac for loose). Work is counted in gradient-equivalents (GE):
+with the newton corrector and, per setting, a predictor (hermite, the CLI's default, or euler), the
+corrector's options (its border, the forcing of its Krylov solves, the damping of cut steps) and a
+preconditioner (the run's, or kfac for loose). Work is counted in gradient-equivalents (GE):
 every gradient, Hessian-vector product and preconditioner build (a pass over a subsample at its
 share of a full pass). The JSON holds every number below and the environment; the markdown tables
 printed at the end are the ones in benchmarks/README.md. Nothing asserts on time.
@@ -33,14 +40,18 @@ from quasistatic.linalg import LinearSolve, LinearSolveConfig, make_precondition
 
 START = qs.Controls(1.0, 10.0)
 SIGMA = 3e-2
-# name: (drift-tol, grad-tol, predictor, Newton border, preconditioner or None for the run's, eigen-iterations:
-# the λ_min tracking of the fold detection, 0 = off)
-ENGINE_SETTINGS = {"loose": (1e-3, 2e-2, "hermite", "tangent", "kfac", 0),
-                   "default": (1e-4, 1e-6, "hermite", "tangent", None, 8),
-                   "default, no fold detection": (1e-4, 1e-6, "hermite", "tangent", None, 0),
-                   "default, euler": (1e-4, 1e-6, "euler", "tangent", None, 8),
-                   "default, border solve": (1e-4, 1e-6, "hermite", "solve", None, 8),
-                   "tight": (1e-6, 1e-8, "hermite", "tangent", None, 8)}
+# name: (drift-tol, grad-tol, predictor, the newton corrector's options (its border, forcing, damping of cut
+# steps; {} for its defaults), preconditioner or None for the run's, eigen-iterations: the λ_min tracking of the fold
+# detection, 0 = off)
+ENGINE_SETTINGS = {"loose": (1e-3, 2e-2, "hermite", {}, "kfac", 0),
+                   "default": (1e-4, 1e-6, "hermite", {}, None, 8),
+                   "default, no fold detection": (1e-4, 1e-6, "hermite", {}, None, 0),
+                   "default, euler": (1e-4, 1e-6, "euler", {}, None, 8),
+                   "default, border solve": (1e-4, 1e-6, "hermite", {"border": "solve"}, None, 8),
+                   # the newton corrector before 2026-12-02
+                   "default, plain corrector":
+                       (1e-4, 1e-6, "hermite", {"forcing": "quadratic", "damp_cut_steps": False}, None, 8),
+                   "tight": (1e-6, 1e-8, "hermite", {}, None, 8)}
 FD_EPOCHS = (10, 20, 40)
 PRECONDITIONERS = {  # name: [(kind, options, share of the training set it is built on), ...] built in turn,
     # each later one on top of the earlier (``base``)
@@ -61,16 +72,28 @@ def row(objective: qs.Objective, theta: torch.Tensor, controls: qs.Controls) -> 
             "grad_norm": grad_norm}
 
 
-def follow(objective: qs.Objective, theta: torch.Tensor, runner_of, steps: int) -> dict:
-    """Run a path from θ and summarize: GE, wall, drift, final ‖∇J‖, first law."""
+class BudgetSpent(Exception):
+    """A row stopped by --max-work."""
+
+
+def follow(objective: qs.Objective, theta: torch.Tensor, runner_of, max_work: float) -> dict:
+    """Run a path from θ, up to the accepted step that spends ``max_work`` GE, and summarize: GE,
+    wall, drift, final ‖∇J‖, first law, how far along the path s it got."""
     objective.work.restore({"forwards": 0.0, "gradients": 0.0, "hvps": 0.0})
     rows = [row(objective, theta, START)]
     state, runner = runner_of()
     started = time.perf_counter()
-    error = None
+    error, reached = None, [0.0]
+
+    def on_step(report) -> None:
+        rows.append(row(objective, report.state.theta, report.state.controls))
+        reached.append(report.state.s)
+        if objective.work.gradient_equivalents >= max_work:
+            raise BudgetSpent(f"--max-work {max_work:g} spent at s = {report.state.s:.4g}")
+
     try:
-        runner.run(state, lambda report: rows.append(row(objective, report.state.theta, report.state.controls)))
-    except qs.continuation.engine.StepSizeError as failure:
+        runner.run(state, on_step)
+    except (qs.continuation.engine.StepSizeError, BudgetSpent) as failure:
         error = str(failure)[:200]
     wall = time.perf_counter() - started
     residual, delta_r = first_law_residual(rows, SIGMA)
@@ -78,7 +101,7 @@ def follow(objective: qs.Objective, theta: torch.Tensor, runner_of, steps: int) 
     ge = objective.work.gradient_equivalents
     return {"GE": ge, "GE_per_step": ge / max(accepted, 1), "accepted_steps": accepted, "wall_s": wall,
             "drift": max(abs(r["C"] - rows[0]["C"]) for r in rows) / rows[0]["C"], "final_grad_norm": rows[-1]["grad_norm"],
-            "first_law": residual, "delta_R": delta_r, "lam_end": rows[-1]["lam"], "error": error}
+            "first_law": residual, "delta_R": delta_r, "lam_end": rows[-1]["lam"], "s_end": reached[-1], "error": error}
 
 
 def main() -> None:
@@ -88,8 +111,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "continuation.json"))
     parser.add_argument("--hidden", default="16", help="mlp hidden widths, e.g. 64,64 (default 16)")
     parser.add_argument("--preconditioner", default="auto", help="the runs' preconditioner (default auto)")
+    parser.add_argument("--engine-settings", nargs="+", choices=list(ENGINE_SETTINGS), metavar="NAME",
+                        help="the engine rows to run, by name (default all; 'default' with --engine-only)")
+    parser.add_argument("--max-work", type=float, default=float("inf"),
+                        help="stop each path after the accepted step that spends this many GE (default: none)")
     parser.add_argument("--engine-only", action="store_true",
-                        help="only the start and the engine at the default tolerances (no table, no fd)")
+                        help="only the start and the engine rows (no preconditioner table, no fd)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     split = qs.load_dataset("digits", seed=0)
@@ -149,21 +176,21 @@ def main() -> None:
 
     process = qs.make_process("iso-classification", START, lam_end=args.lam_end)
     results["engine"] = {}
-    for name, (drift_tol, grad_tol, predictor, border, preconditioner, eigen) in ENGINE_SETTINGS.items():
-        if args.engine_only and name != "default":
+    for name, (drift_tol, grad_tol, predictor, newton, preconditioner, eigen) in ENGINE_SETTINGS.items():
+        if name not in (args.engine_settings or (["default"] if args.engine_only else ENGINE_SETTINGS)):
             continue
         run_settings = settings if preconditioner is None else replace(settings, preconditioner=preconditioner)
         def engine_run():
             engine = QuasiStaticEngine(objective, process, qs.make_integrator(predictor),
-                                       qs.make_corrector("newton", border=border),
+                                       qs.make_corrector("newton", **newton),
                                        EngineConfig(steps=args.steps, drift_tol=drift_tol, grad_tol=grad_tol,
                                                     eigen_iterations=eigen),
                                        LinearSolve(objective, run_settings))
             return engine.start(theta, START), engine
         results["engine"][name] = {"drift_tol": drift_tol, "grad_tol": grad_tol, "predictor": predictor,
-                                   "border": border, "preconditioner": run_settings.preconditioner,
+                                   "newton": newton, "preconditioner": run_settings.preconditioner,
                                    "eigen_iterations": eigen,
-                                   **follow(objective, theta, engine_run, args.steps)}
+                                   **follow(objective, theta, engine_run, args.max_work)}
         print("engine", name, results["engine"][name], flush=True)
     results["fd-equilibration"] = {}
     for epochs in () if args.engine_only else FD_EPOCHS:
@@ -172,7 +199,7 @@ def main() -> None:
                                        EngineConfig(eigen_iterations=0))  # only its start state: nothing tracked
             return engine.start(theta, START), FiniteDifferenceEquilibration(objective, process, steps=args.steps,
                                                                              epochs=epochs)
-        results["fd-equilibration"][f"{epochs} epochs"] = follow(objective, theta, fd_run, args.steps)
+        results["fd-equilibration"][f"{epochs} epochs"] = follow(objective, theta, fd_run, args.max_work)
         print("fd", epochs, results["fd-equilibration"][f"{epochs} epochs"], flush=True)
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -183,12 +210,13 @@ def main() -> None:
     for name, t in table.items():
         print(f"| {name} | {t['iterations_1e-2']} | {t['iterations_1e-6']} | {t['setup_GE']:.0f} | {t['setup_s']:.1f} | "
               f"{t['memory_MB']:.1f} |")
-    print("\n| method | setting (drift-tol, grad-tol, predictor, border, preconditioner, eigen-iterations) "
+    print("\n| method | setting (drift-tol, grad-tol, predictor, newton options, preconditioner, eigen-iterations) "
           "| accepted steps | GE | GE/step | wall s | max drift | final ‖∇J‖ | first law / |ΔR| |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for method in ("engine", "fd-equilibration"):
         for name, r in results[method].items():
-            what = (f"{name} ({r['drift_tol']:g}, {r['grad_tol']:g}, {r['predictor']}, {r['border']}, "
+            newton = ", ".join(f"{k}={v}" for k, v in r.get("newton", {}).items()) or "defaults"
+            what = (f"{name} ({r['drift_tol']:g}, {r['grad_tol']:g}, {r['predictor']}, {newton}, "
                     f"{r['preconditioner']}, {r['eigen_iterations']})" if method == "engine" else name)
             print(f"| {method} | {what} | {r['accepted_steps']} | {r['GE']:.0f} | {r['GE_per_step']:.0f} | {r['wall_s']:.0f} | "
                   f"{r['drift']:.1e} | {r['final_grad_norm']:.1e} | {r['first_law'] / max(r['delta_R'], 1e-300):.1e} |"

@@ -235,11 +235,12 @@ def test_unknown_border_lists_the_accepted_ones():
 
 def test_the_last_step_is_corrected_to_the_starts_gradient_norm(surface):
     """A run ends at least as close to the surface as it started: the step that ends the path is
-    corrected to min(grad_tol, the start's ‖∇θJ‖) (not below 0.1 grad_tol), the others to grad_tol."""
+    corrected to min(grad_tol, the start's ‖∇θJ‖), the others to grad_tol; from a start polished more
+    than 10× tighter than grad_tol, every step only to grad_tol."""
     objective, theta = surface
     start = polish(LinearSolve(objective), theta + 1e-4, START, grad_tol=5e-7).theta
     start_norm = float(torch.linalg.vector_norm(objective.gradient(start, START)))
-    assert 5e-8 < start_norm <= 5e-7
+    assert 1e-7 <= start_norm <= 5e-7  # within [0.1 grad_tol, grad_tol]: the last step holds it
     calls = []
     newton = make_corrector("newton")
 
@@ -258,3 +259,112 @@ def test_the_last_step_is_corrected_to_the_starts_gradient_norm(surface):
     end = engine.run(state)
     assert calls[-1] == pytest.approx(start_norm) and set(calls[:-1]) == {1e-6}
     assert float(torch.linalg.vector_norm(objective.gradient(end.theta, end.controls))) <= start_norm
+    calls.clear()
+    engine = QuasiStaticEngine(objective, process, make_integrator("hermite"), Recording(),
+                               EngineConfig(steps=4, grad_tol=1e-5))
+    engine.run(engine.start(start, START))
+    assert set(calls) == {1e-5}
+
+
+def test_unknown_forcing_lists_the_accepted_ones():
+    with pytest.raises(InputError, match=r"corrector forcing must be one of \{adaptive, quadratic\}, got 'tight'"):
+        make_corrector("newton", forcing="tight")
+
+
+def test_the_forcing_of_the_newton_solves():
+    """η of the Krylov solves: ‖∇θJ‖ (quadratic) or Eisenstat–Walker's 0.9 (‖∇θJ‖/‖∇θJ‖_previous)²
+    (adaptive, 0.1 at the first iteration), within [½ grad_tol / ‖∇θJ‖, 0.1]."""
+    quadratic, adaptive = make_corrector("newton", forcing="quadratic"), make_corrector("newton")
+    assert quadratic._forcing(1e-3, None, 1e-6) == pytest.approx(1e-3)
+    assert quadratic._forcing(1e-3, 1e-2, 1e-6) == pytest.approx(1e-3)
+    assert quadratic._forcing(1.0, None, 1e-6) == pytest.approx(0.1)
+    assert quadratic._forcing(1e-5, 1e-4, 1e-6) == pytest.approx(0.05)  # the floor ½ grad_tol / ‖∇θJ‖
+    assert adaptive._forcing(1e-3, None, 1e-6) == pytest.approx(0.1)
+    assert adaptive._forcing(1e-3, 1e-2, 1e-6) == pytest.approx(0.9e-2)
+    assert adaptive._forcing(1e-3, 2e-3, 1e-6) == pytest.approx(0.1)  # 0.225, capped
+    assert adaptive._forcing(2e-5, 1e-3, 1e-6) == pytest.approx(0.025)  # 3.6e-4, below the floor
+
+
+@pytest.mark.parametrize("options", [{"forcing": "adaptive", "damp_cut_steps": False},
+                                     {"forcing": "quadratic", "damp_cut_steps": True}, {}])
+def test_the_newton_options_reach_the_same_branch_point(surface, options):
+    """The forcing and the damping of cut steps change the work, not the point: every step ends on
+    the point of the branch the plain corrector (quadratic forcing, cut steps not damped) reaches,
+    within the tolerances."""
+    objective, theta = surface
+    process = make_process("iso-classification", START, lam_end=LAM_END)
+    ends, krylov = {}, {}
+    for name, corrector_options in (("plain", {"forcing": "quadratic", "damp_cut_steps": False}), ("option", options)):
+        target, rows, reports = run(objective, theta, process, integrator="hermite", corrector="newton",
+                                    **corrector_options)
+        assert drift(rows, target) <= 1e-10 and all(r.correction.converged for r in reports)
+        assert max(row["grad_norm"] for row in rows) <= 1e-10
+        ends[name] = reports[-1].state
+        krylov[name] = sum(r.correction.cg_iterations for r in reports)
+    if options.get("forcing", "adaptive") == "adaptive":  # the option reached the solves
+        assert krylov["option"] != krylov["plain"]
+    assert ends["option"].controls.lam == pytest.approx(LAM_END)
+    assert ends["option"].controls.gamma == pytest.approx(ends["plain"].controls.gamma, rel=1e-8)
+    assert torch.allclose(ends["option"].theta, ends["plain"].theta, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("damp_cut_steps", [False, True])
+def test_a_cut_step_raises_the_damping_only_when_asked(surface, monkeypatch, damp_cut_steps):
+    """After a step the line search had to cut, the next Newton solve is damped more (μ → max(10 μ,
+    initial_damping)) with damp_cut_steps, and with the same μ without."""
+    from quasistatic.continuation.correctors import NewtonCorrector
+    objective, theta = surface
+    events = []  # ("solve", μ) and ("search", accepted)
+    line_search, newton_step = NewtonCorrector._line_search, NewtonCorrector._newton_step
+
+    def cut_once(self, *args):
+        accepted = line_search(self, *args)
+        first = accepted is not None and ("search", True) not in events
+        events.append(("search", accepted is not None))
+        return accepted[:-1] + (False,) if first else accepted
+
+    def recording(self, linear_solve, theta, controls, gradients, violation, constrained, damping, tol):
+        events.append(("solve", damping))
+        return newton_step(self, linear_solve, theta, controls, gradients, violation, constrained, damping, tol)
+
+    monkeypatch.setattr(NewtonCorrector, "_line_search", cut_once)
+    monkeypatch.setattr(NewtonCorrector, "_newton_step", recording)
+    corrector = make_corrector("newton", damp_cut_steps=damp_cut_steps, initial_damping=1e-3)
+    process = make_process("iso-classification", START, lam_end=LAM_END)
+    state = QuasiStaticEngine(objective, process, make_integrator("euler"), corrector,
+                              EngineConfig(steps=1, grad_tol=1e-10, **TIGHT)).start(theta, START)
+    y = QuasiStaticEngine.pack(state.theta, state.controls)
+    predicted = QuasiStaticEngine.unpack(y + 0.01 * torch.nn.functional.normalize(torch.ones_like(y), dim=0))
+    corrector.correct(LinearSolve(objective), *predicted, process, state.target, grad_tol=1e-10, drift_tol=1e-10)
+    cut = events.index(("search", True))
+    assert cut + 1 < len(events), f"no Newton solve after the cut step: {events}"
+    before, after = events[cut - 1], events[cut + 1]
+    assert before[0] == after[0] == "solve"
+    assert after[1] == (max(10 * before[1], 1e-3) if damp_cut_steps else before[1])
+
+
+def test_damping_cut_steps_stops_at_max_damping(surface, monkeypatch):
+    """Cut steps raise μ at most to max_damping, so the corrector goes on from there (here two cut
+    steps take μ from 0 to 1e-3, then to the cap 5e-3, not to 1e-2, past which no step would be tried and
+    the corrector would give up) and converges."""
+    from quasistatic.continuation.correctors import NewtonCorrector
+    objective, theta = surface
+    line_search, cuts = NewtonCorrector._line_search, []
+
+    def cut_twice(self, *args):
+        accepted = line_search(self, *args)
+        if accepted is None or len(cuts) == 2:
+            return accepted
+        cuts.append(True)
+        return accepted[:-1] + (False,)
+
+    monkeypatch.setattr(NewtonCorrector, "_line_search", cut_twice)
+    process = make_process("iso-classification", START, lam_end=LAM_END)
+    corrector = make_corrector("newton", initial_damping=1e-3, max_damping=5e-3, max_iter=40)
+    state = QuasiStaticEngine(objective, process, make_integrator("euler"), corrector,
+                              EngineConfig(steps=1, grad_tol=1e-10, **TIGHT)).start(theta, START)
+    y = QuasiStaticEngine.pack(state.theta, state.controls)
+    predicted = QuasiStaticEngine.unpack(y + 1e-3 * torch.nn.functional.normalize(torch.ones_like(y), dim=0))
+    correction = corrector.correct(LinearSolve(objective), *predicted, process, state.target, grad_tol=1e-8,
+                                   drift_tol=1e-8)
+    assert len(cuts) == 2 and correction.converged, correction

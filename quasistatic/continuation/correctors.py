@@ -8,8 +8,10 @@
 
   solved by block elimination, δγ = (g − g₀ − ∇gᵀp) / ∇gᵀq, δθ = −p − q δγ, with p = (A + μI)⁻¹∇θJ
   from a Krylov solve through the run's :class:`~quasistatic.linalg.LinearSolve` (its
-  preconditioner) to the Eisenstat–Walker-type forcing η = min(0.1, max(‖∇θJ‖, ½ grad_tol /
-  ‖∇θJ‖)): loose far from the surface, just tight enough for the last iteration. The border
+  preconditioner) to a relative residual min(0.1, max(η, ½ grad_tol / ‖∇θJ‖)) (the forcing): with
+  ``forcing="adaptive"`` (the default) Eisenstat & Walker's choice 2, η = 0.9 (‖∇θJ‖ /
+  ‖∇θJ‖_previous)², tight only while Newton converges fast; with ``forcing="quadratic"`` η =
+  ‖∇θJ‖, which over-solves where the nonlinearity, not the solve, limits the iteration. The border
   column q = A⁻¹∇θC is, with ``border="tangent"`` (the default), −θ_γ of the run's last tangent
   solve (eq. 18, at the start of the step): a chord on the one-dimensional border, which halves the
   Krylov work of an iteration and leaves the convergence test, on the full residual, unchanged
@@ -17,7 +19,10 @@
   for q beside p in every iteration (exact bordered Newton). A backtracking line search on the residual
   ‖(∇θJ, g − g₀)‖ (on J itself for an unconstrained process, so that it descends to a minimum,
   not a saddle) accepts the step; a rejected step or negative curvature in the solve raises the
-  damping μ (Levenberg–Marquardt, up to ``max_damping``), a full step lowers it. A plain Newton step
+  damping μ (Levenberg–Marquardt, up to ``max_damping``), a full step lowers it, and with
+  ``damp_cut_steps`` (the default) a step the line search had to cut raises it too (at most to
+  ``max_damping``; the quadratic
+  model overreached: the next step trusts it less, as a trust region would). A plain Newton step
   with small damping diverges here because A is indefinite away from the surface. The corrector
   gives up (not converged) when no damping up to ``max_damping`` gives an accepted step, or when the
   residual fails twice in a row to shrink by ``contraction``: the predicted point is outside
@@ -57,6 +62,7 @@ __all__ = [
 ]
 
 BORDERS = ("tangent", "solve")  # where the Newton corrector's border column q = A⁻¹∇θC comes from
+FORCINGS = ("quadratic", "adaptive")  # how tight the Newton corrector's Krylov solves are (NewtonCorrector)
 
 
 @dataclass(frozen=True)
@@ -127,9 +133,13 @@ class NewtonCorrector(Corrector):
         max_damping: float = 1.0,
         contraction: float = 0.9,
         border: str = "tangent",
+        forcing: str = "adaptive",
+        damp_cut_steps: bool = True,
     ) -> None:
         if border not in BORDERS:
             raise choice_error("corrector border", BORDERS, border)
+        if forcing not in FORCINGS:
+            raise choice_error("corrector forcing", FORCINGS, forcing)
         if not grad_tol > 0:
             raise bad_value("corrector grad_tol", "a number > 0", grad_tol)
         if not drift_tol > 0:
@@ -138,7 +148,7 @@ class NewtonCorrector(Corrector):
             raise bad_value("corrector max_iter", "an integer >= 1", max_iter)
         self.grad_tol, self.drift_tol, self.max_iter = grad_tol, drift_tol, max_iter
         self.initial_damping, self.max_damping, self.contraction = initial_damping, max_damping, contraction
-        self.border = border
+        self.border, self.forcing, self.damp_cut_steps = border, forcing, damp_cut_steps
 
     def _residual(
         self, objective: Objective, theta: Tensor, controls: Controls, weights: Tensor | None, target: float | None
@@ -174,7 +184,7 @@ class NewtonCorrector(Corrector):
         weights = torch.tensor(constraint, dtype=theta.dtype, device=theta.device) if constraint is not None else None
         values, gradients, grad_norm = self._residual(objective, theta, controls, weights, target)
         damping, cg_total, stalls, iteration = 0.0, 0, 0, 0
-        residual = math.inf
+        residual, previous_norm = math.inf, None
         while True:
             violation = float(values[2] - goal) if constrained else 0.0
             if float(grad_norm) <= grad_tol and abs(violation) <= allowed:
@@ -186,6 +196,8 @@ class NewtonCorrector(Corrector):
             if iteration == max_iter or stalls == 2:
                 break
             iteration += 1
+            forcing = self._forcing(float(grad_norm), previous_norm, grad_tol)
+            previous_norm = float(grad_norm)
             accepted = None
             while accepted is None and damping <= self.max_damping:  # raise the damping until a step is accepted
                 d_theta, d_gamma, iterations, negative = self._newton_step(
@@ -196,8 +208,7 @@ class NewtonCorrector(Corrector):
                     violation,
                     constrained,
                     damping,
-                    float(grad_norm),
-                    grad_tol,
+                    forcing,
                 )
                 cg_total += iterations
                 if not negative:
@@ -222,6 +233,8 @@ class NewtonCorrector(Corrector):
             theta, controls, values, gradients, grad_norm, full_step = accepted
             if full_step:
                 damping /= 10
+            elif self.damp_cut_steps:  # a cut step: the quadratic model overreached, trust it less
+                damping = min(max(10 * damping, self.initial_damping), self.max_damping)
         violation = float(values[2] - goal) if constrained else 0.0
         return Correction(theta, controls, iteration, cg_total, float(grad_norm), abs(violation), False)
 
@@ -234,17 +247,14 @@ class NewtonCorrector(Corrector):
         violation: float,
         constrained: bool,
         damping: float,
-        grad_norm: float,
-        grad_tol: float,
+        tol: float,
     ) -> tuple[Tensor, float, int, bool]:
-        """(δθ, δγ, Krylov iterations, negative curvature met) from (A + μI)p = ∇J and the border
-        column q = A⁻¹∇C (solved beside p, or −θ_γ of the last tangent solve)."""
+        """(δθ, δγ, Krylov iterations, negative curvature met) from (A + μI)p = ∇J, solved to
+        relative residual ``tol``, and the border column q = A⁻¹∇C (solved beside p, or −θ_γ of the
+        last tangent solve)."""
         tangents = linear_solve.last("tangent") if self.border == "tangent" and constrained else None
         chord = tangents is not None and tangents.shape[0] == gradients.shape[1]
         rhs = gradients[:2].T if constrained and not chord else gradients[:1].T  # (N, 2) or (N, 1)
-        # forcing: loose far from the surface (quadratic convergence does the rest), near it just
-        # tight enough that the linear model's residual lands below grad_tol
-        tol = min(0.1, max(grad_norm, 0.5 * grad_tol / grad_norm, 1e-12))
         result = linear_solve.solve(theta, controls, rhs.contiguous(), tol=tol, kind="newton", damping=damping)
         negative = bool(result.negative_curvature.any())
         p = result.solution[:, 0]
@@ -257,6 +267,21 @@ class NewtonCorrector(Corrector):
             return -p, 0.0, result.iterations, True
         delta_gamma = (violation - float(grad_g @ p)) / denominator
         return -p - q * delta_gamma, delta_gamma, result.iterations, negative
+
+    def _forcing(self, grad_norm: float, previous_norm: float | None, grad_tol: float) -> float:
+        """The relative residual of this iteration's Krylov solve (of the damped A + μI),
+        min(0.1, max(η, ½ grad_tol / ‖∇θJ‖)): no tighter than what lands the linear model's
+        residual below grad_tol, never looser than 0.1. ``quadratic``: η = ‖∇θJ‖, which keeps Newton
+        quadratic where it converges quadratically. ``adaptive``: Eisenstat & Walker's choice 2
+        (SIAM J. Sci. Comput. 17(1), 1996), η = 0.9 (‖∇θJ‖ / ‖∇θJ‖_previous)² (0.1 at the first
+        iteration), on the gradient part of the bordered residual (the part the Krylov solve
+        reduces): tight only while Newton converges fast, loose while the nonlinearity limits it
+        (their safeguard against a fast fall of η only acts above η = 0.1, the cap here)."""
+        if self.forcing == "quadratic":
+            eta = grad_norm
+        else:
+            eta = 0.1 if previous_norm is None else 0.9 * (grad_norm / previous_norm) ** 2
+        return min(0.1, max(eta, 0.5 * grad_tol / grad_norm, 1e-12))
 
     def _line_search(
         self,

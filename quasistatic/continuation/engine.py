@@ -266,13 +266,17 @@ class QuasiStaticEngine:
 
     def _grad_tol(self, state: EngineState, h: float) -> float:
         """The ‖∇θJ‖ a step of size h from ``state`` must reach: ``grad_tol``, and for the step that
-        ends the path at most the start's ‖∇θJ‖ (not below 0.1 grad_tol), so that a run ends at least
-        as close to the surface as it started (on digits λ 1 → 2 ended at 7.7e-7 from a start at
-        6.3e-7 without it). Where the last step cannot reach it, the same step is tried at grad_tol;
-        a jump or an arclength step that lands on s = 1 is held to grad_tol."""
-        if state.start_grad_norm is None or state.s + h < 1.0 - 1e-12:
-            return self.config.grad_tol
-        return min(self.config.grad_tol, max(state.start_grad_norm, 0.1 * self.config.grad_tol))
+        ends the path at most the start's ‖∇θJ‖ when that is within [0.1 grad_tol, grad_tol] (a start
+        polished to this run's tolerance), so that a run ends at least as close to the surface as it
+        started (on digits λ 1 → 2 ended at 7.7e-7 from a start at 6.3e-7 without it). A start
+        polished far tighter than the run asks (one shared with tighter runs) holds the last step
+        only to grad_tol: chasing it cost the benchmark's loose run (grad_tol 2e-2 from a start at
+        6e-7) 466 GE instead of 199. Where the last step cannot reach its tolerance, the same step is
+        tried at grad_tol; a jump or an arclength step that lands on s = 1 is held to grad_tol."""
+        grad_tol = self.config.grad_tol
+        if state.start_grad_norm is None or state.s + h < 1.0 - 1e-12 or state.start_grad_norm < 0.1 * grad_tol:
+            return grad_tol
+        return min(grad_tol, state.start_grad_norm)
 
     def _tracked(self, state: EngineState) -> EngineState:
         """``state`` with λ_min(A) at its point appended to its stability history (when tracked)."""
