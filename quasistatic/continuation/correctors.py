@@ -20,9 +20,9 @@
   ‖(∇θJ, g − g₀)‖ (on J itself for an unconstrained process, so that it descends to a minimum,
   not a saddle) accepts the step; a rejected step or negative curvature in the solve raises the
   damping μ (Levenberg–Marquardt, up to ``max_damping``), a full step lowers it, and with
-  ``damp_cut_steps`` (the default) a step the line search had to cut raises it too (at most to
-  ``max_damping``; the quadratic
-  model overreached: the next step trusts it less, as a trust region would). A plain Newton step
+  ``damp_cut_steps`` (the default) a step the line search had to cut raises it too, at most to
+  ``max_damping`` (the quadratic model overreached: the next step trusts it less, as a trust
+  region would). A plain Newton step
   with small damping diverges here because A is indefinite away from the surface. The corrector
   gives up (not converged) when no damping up to ``max_damping`` gives an accepted step, or when the
   residual fails twice in a row to shrink by ``contraction``: the predicted point is outside
