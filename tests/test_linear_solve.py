@@ -15,8 +15,9 @@ from quasistatic.continuation.correctors import make_corrector
 from quasistatic.continuation.engine import EngineConfig, QuasiStaticEngine, StepSizeError
 from quasistatic.errors import InputError
 from quasistatic.integrators import make_integrator
-from quasistatic.linalg import (LinearSolve, LinearSolveConfig, available_preconditioners, dense_hessian,
-                                make_preconditioner)
+from quasistatic.linalg import (LinearSolve, LinearSolveConfig, SolveResult, available_preconditioners,
+                                dense_hessian, make_preconditioner)
+from quasistatic.linalg.preconditioners import CholeskyPreconditioner
 from quasistatic.continuation.polish import polish, require_equilibrium
 from quasistatic.processes import make_process
 from quasistatic.continuation.tangents import equilibrium_tangents
@@ -235,7 +236,10 @@ BASE = ["--dataset", SMALL, "--hidden", "", "--latent-dim", "1", "--samples", "2
     (["--eigen-iterations", "-1"], ["eigen-iterations must be an integer >= 0, got -1"]),
     (["--whitening", "zca"], ["whitening must be one of", "auto", "kfac", "'zca'"]),
     (["--preconditioner", "dense", "--hidden", "64,64"], ["preconditioner 'dense' must be at most max_size = 6000",
-                                                          "kfac"]),
+                                                          "'cholesky' (up to 20,000 parameters)", "kfac"]),
+    (["--preconditioner", "cholesky", "--hidden", "128,128"], ["preconditioner 'cholesky' must be at most max_size = "
+                                                               "20000", "kfac", "got 35212"]),
+    (["--whitening", "cholesky"], ["whitening must be one of", "kfac", "'cholesky'"]),
 ])
 def test_bad_linear_algebra_input_exits_2_and_writes_nothing(tmp_path, capsys, extra, messages):
     out = tmp_path / "run"
@@ -341,3 +345,96 @@ def test_a_warm_start_that_does_not_converge_is_retried_from_zero(surface, monke
     assert [x0 is None for x0 in starts] == [False, True] and linear_solve.stats.retries == retries + 1
     assert result.converged and linear_solve.stats.unconverged == 0
     assert relative_error(result.solution, reference(objective, theta, START, rhs)) < 1e-8
+
+
+# 9. the cholesky preconditioner: P = A + μI with the smallest shift of its sequence, and its place in "auto"
+
+
+def _symmetric(eigenvalues, seed):
+    """Q diag(eigenvalues) Qᵀ, Q a random orthogonal matrix (float64)."""
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=generator, dtype=torch.float64))
+    return q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
+
+
+def test_cholesky_of_a_positive_definite_matrix_is_unshifted_and_inverts_it():
+    matrix = _symmetric([1e-5, 1e-3, 0.5, 2.0, 30.0], seed=1)
+    preconditioner = CholeskyPreconditioner(matrix.clone())
+    assert preconditioner.shift == 0 and preconditioner.attempts == 1 and preconditioner.positive_definite
+    block = torch.randn(5, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    expected = np.linalg.solve(matrix.numpy(), block.numpy())
+    assert relative_error(preconditioner.apply(block), expected) <= 1e-8  # the soft 1e-5 kept, not floored
+    assert relative_error(preconditioner.apply(block[:, :1]), expected[:, :1]) <= 1e-8
+
+
+def test_cholesky_of_an_indefinite_matrix_takes_the_first_sufficient_shift_of_its_sequence():
+    eigenvalues = [-3e-4, 1e-4, 0.5, 2.0, 4.0]
+    matrix = _symmetric(eigenvalues, seed=3)
+    scale = float(matrix.diagonal().abs().max())
+    sequence = [0.0] + [1e-8 * scale * 10**k for k in range(12)]
+    expected_shift = next(mu for mu in sequence if min(eigenvalues) + mu > 0)  # eigenvalues of A + μI, exactly
+    preconditioner = CholeskyPreconditioner(matrix.clone())
+    assert not preconditioner.positive_definite
+    assert preconditioner.shift == pytest.approx(expected_shift, rel=1e-9)
+    assert preconditioner.attempts == sequence.index(expected_shift) + 1
+    block = torch.eye(5, dtype=torch.float64)
+    assert relative_error(preconditioner.apply(block), np.linalg.inv(matrix.numpy() + expected_shift * np.eye(5))) <= 1e-8
+
+
+def test_auto_resolves_dense_then_kfac_by_size_and_cholesky_is_built_on_the_whole_data():
+    small, large = (LinearSolveConfig().resolved(n) for n in (6_000, 6_001))
+    assert (small.preconditioner, small.preconditioner_sample) == ("dense", 0.25)
+    assert (large.preconditioner, large.preconditioner_sample) == ("kfac", 0.25)
+    middle = LinearSolveConfig(preconditioner="cholesky").resolved(18_337)
+    assert (middle.preconditioner_sample, middle.whitening) == (1.0, "kfac")
+    assert LinearSolveConfig(preconditioner="cholesky", preconditioner_sample=0.5).resolved(10).preconditioner_sample == 0.5
+    with pytest.raises(InputError, match="cholesky' must be at most max_size = 20000"):
+        LinearSolveConfig(preconditioner="cholesky").resolved(20_001)
+    with pytest.raises(InputError, match="whitening must be one of") as caught:
+        LinearSolveConfig(whitening="cholesky")
+    assert "'cholesky'" in str(caught.value) and "kfac" in str(caught.value)
+
+
+def _converged(iterations, residual=1e-10):
+    """A converged one-column SolveResult of ``iterations`` reaching ``residual`` (10 decades)."""
+    return SolveResult(torch.zeros(3, 1), iterations, iterations, torch.tensor([residual]), torch.tensor([False]), True)
+
+
+def test_a_preconditioner_is_rebuilt_only_once_its_extra_products_have_paid_for_the_build(surface):
+    """Rent or buy: after the reference solve (10 iterations for 10 decades), solves of 50 iterations
+    (5× the effort, past stale_factor 4) mark P stale only once the GE they spent beyond the reference
+    effort — 1 − 10/50 = 80 % of each — add up to the build's cost."""
+    objective, theta = surface
+    linear_solve = LinearSolve(objective, LinearSolveConfig(preconditioner="dense", preconditioner_sample=1.0))
+    linear_solve.rebuild(theta, START)
+    build = linear_solve._build_cost
+    assert build == theta.numel() + 1  # n HVPs and the gradient-sized pass they share
+    linear_solve._judge(_converged(10), spent=10.0)  # the reference effort: 1 iteration per decade
+    spent = 0.3 * build  # each dearer solve leaves 0.24 × the build's cost of excess
+    for solve in range(1, 6):
+        linear_solve._judge(_converged(50), spent=spent)
+        assert linear_solve._excess == pytest.approx(0.8 * spent * solve)
+        assert linear_solve._stale == (0.8 * spent * solve >= build), solve  # stale at the 5th, not the 1st
+    assert linear_solve._stale
+    cheap = LinearSolve(objective, LinearSolveConfig(preconditioner="dense", preconditioner_sample=1.0))
+    cheap.rebuild(theta, START)
+    cheap._judge(_converged(10), spent=10.0)
+    cheap._judge(_converged(30), spent=spent)  # 3× the effort: below stale_factor, whatever the excess
+    cheap._judge(_converged(30), spent=10 * build)
+    assert not cheap._stale
+
+
+def test_cholesky_refuses_a_non_finite_hessian_and_deflation_refuses_it_as_base(surface):
+    matrix = _symmetric([1.0, 2.0, 3.0], seed=4)
+    matrix[0, 1] = float("nan")
+    with pytest.raises(InputError, match="must be finite"):
+        CholeskyPreconditioner(matrix)
+    objective, theta = surface
+    with pytest.raises(InputError, match="deflation base must be a preconditioner other than 'deflation' and "
+                                         "'cholesky', got 'cholesky'"):
+        make_preconditioner("deflation", objective, theta, START, base="cholesky", rank=2)
+
+
+def test_the_preconditioner_sample_is_a_number_from_construction_on():
+    assert LinearSolveConfig().preconditioner_sample == 0.25  # as in config.json of runs before 2026-12-02
+    assert LinearSolveConfig(preconditioner="cholesky").to_dict()["preconditioner_sample"] == 1.0

@@ -194,21 +194,22 @@ def linalg_arguments(parser: argparse.ArgumentParser) -> None:
         "--preconditioner",
         default="auto",
         help=f"auto or one of {', '.join(available_preconditioners())} (default auto: dense, the "
-        "Hessian on a subsample eigendecomposed, for models up to 6,000 parameters, kfac above)",
+        "Hessian on a subsample eigendecomposed, for models up to 6,000 parameters, kfac above; "
+        "cholesky: the Hessian on the whole data Cholesky-factorized, up to 20,000)",
     )
     group.add_argument(
         "--whitening",
         default="auto",
         help=f"the preconditioner that whitens the polish's L-BFGS: auto or one of "
-        f"{', '.join(available_preconditioners())} (default auto: kfac where the solves use dense "
-        "or kfac, else theirs)",
+        f"{', '.join(available_preconditioners())} except cholesky (default auto: kfac where the solves "
+        "use dense, cholesky or kfac, else theirs)",
     )
     group.add_argument(
         "--preconditioner-sample",
         type=float,
-        default=0.25,
-        help="fraction of the training set the preconditioner is built on (default 0.25; changes only "
-        "the iteration counts)",
+        default=None,
+        help="fraction of the training set the preconditioner is built on (default 1 for cholesky, 0.25 "
+        "for the others; changes only the iteration counts)",
     )
     group.add_argument(
         "--hvp-sample",

@@ -352,8 +352,8 @@ def build_deflation(
         base_pre: Preconditioner | None = base
     elif base == "none":
         base_pre = None
-    elif base == "deflation":
-        raise bad_value("deflation base", "another preconditioner than 'deflation'", base)
+    elif base in ("deflation", "cholesky"):  # cholesky: no P^(-1/2) to whiten the complement with
+        raise bad_value("deflation base", "a preconditioner other than 'deflation' and 'cholesky'", base)
     else:
         base_pre = make_preconditioner(base, objective, theta, controls, **(base_options or {}))
     op = CurvatureOperator(objective, theta, controls, kind=operator)

@@ -9,7 +9,10 @@ same part):
   preconditioner: the solves stay exact Hessian solves, only their iteration count depends on how
   well P fits). After a build, the first solve sets the reference effort (Krylov iterations per
   decade of residual reduction); a later solve that needs more than ``stale_factor`` times that
-  marks P stale, and it is rebuilt before the next solve. A solve that does not converge with a
+  marks P stale, and it is rebuilt before the next solve, once the products spent beyond the
+  reference effort since the build have cost as much as the build (rent or buy: a rebuild of
+  ``cholesky`` on the (64, 64) model costs 18,337 GE, one of ``kfac`` a few, and a rebuild that
+  the extra iterations cannot pay for is not worth its cost). A solve that does not converge with a
   stale P is retried once with a fresh one.
 - warm starts: the last solution of each kind of solve ("tangent", "newton", …) starts the next
   one of the same kind (a column whose guess is worse than 0 starts from 0).
@@ -46,12 +49,13 @@ from .deflation import RitzPairs, ritz_pairs
 from .krylov import SOLVERS, SolveResult, solve
 from .operators import MODES, OPERATORS, CurvatureOperator
 from .preconditioners import (
+    CHOLESKY_MAX_SIZE,
     DENSE_MAX_SIZE,
     PRECONDITIONERS,
     IdentityPreconditioner,
     Preconditioner,
     available_preconditioners,
-    check_dense_size,
+    check_matrix_size,
     make_preconditioner,
 )
 
@@ -68,10 +72,14 @@ class LinearSolveConfig:
     # a name from available_preconditioners(), or "auto": dense up to its size limit, else kfac
     preconditioner: str = "auto"
     preconditioner_options: dict[str, Any] = field(default_factory=dict)  # passed to its factory
-    preconditioner_sample: float = 0.25  # fraction of training examples P is built on (no effect on results)
+    # fraction of training examples P is built on (no effect on results); None: 1 for cholesky (a subsample's
+    # Hessian is indefinite, which its shift would have to cover), 0.25 for the others (set at construction)
+    preconditioner_sample: float = None  # type: ignore[assignment]
     whitening: str = "auto"  # the preconditioner whose P^(-1/2) whitens the polish's L-BFGS, or "auto": kfac where
-    # the solves use dense or kfac (a few GE per build against n HVPs for dense), else the solves' own
-    stale_factor: float = 4.0  # rebuild P after a solve needing this × the effort after its build (2: too often)
+    # the solves use dense, cholesky or kfac (a few GE per build against n HVPs for dense), else the solves' own
+    # rebuild P after a solve needing this × the effort after its build (2: too often), once the products spent
+    # beyond that effort since the build have cost as much as the build
+    stale_factor: float = 4.0
     hvp_sample: float = 1.0  # fraction of examples of the solves' HVPs: 1 is exact, < 1 is subsampled curvature
     max_iter: int | None = None  # Krylov iterations per solve (None: the solver's default, 10 n)
     seed: int = 0  # of the subsamples
@@ -83,8 +91,11 @@ class LinearSolveConfig:
         SOLVERS.get(self.solver)
         if self.preconditioner not in PRECONDITIONERS and self.preconditioner != "auto":
             raise choice_error("preconditioner", ["auto", *available_preconditioners()], self.preconditioner)
-        if self.whitening not in PRECONDITIONERS and self.whitening != "auto":
-            raise choice_error("whitening", ["auto", *available_preconditioners()], self.whitening)
+        whitenings = ["auto", *(name for name in available_preconditioners() if name != "cholesky")]
+        if self.whitening not in whitenings:
+            raise choice_error("whitening", whitenings, self.whitening)
+        if self.preconditioner_sample is None:  # frozen: set once here, so config.json records the number
+            object.__setattr__(self, "preconditioner_sample", 1.0 if self.preconditioner == "cholesky" else 0.25)
         for name in ("preconditioner_sample", "hvp_sample"):
             value = getattr(self, name)
             if not 0 < value <= 1:
@@ -97,20 +108,25 @@ class LinearSolveConfig:
 
     def resolved(self, n: int) -> "LinearSolveConfig":
         """This config for a model of n parameters: "auto" becomes ``dense`` up to its size limit and
-        ``kfac`` above it; an explicit ``dense`` above the limit is refused (before any work); the
-        whitening's "auto" becomes ``kfac`` where the solves use dense or kfac, else their own."""
-        limit = self.preconditioner_options.get("max_size", DENSE_MAX_SIZE)
+        ``kfac`` above it (``cholesky`` is not chosen by "auto": on the (64, 64) model its n-HVP build
+        and the folds it uncovered did not yet make the path cheaper, see benchmarks/README.md); an
+        explicit ``dense`` or ``cholesky`` above its limit is refused (before any work); the
+        whitening's "auto" becomes ``kfac`` where the solves use dense, cholesky or kfac, else their
+        own."""
+        limits = {
+            "dense": self.preconditioner_options.get("max_size", DENSE_MAX_SIZE),
+            "cholesky": self.preconditioner_options.get("max_size", CHOLESKY_MAX_SIZE),
+        }
         config = self
         if self.preconditioner == "auto":
-            config = replace(self, preconditioner="dense" if n <= limit else "kfac")
-        if config.preconditioner == "dense":
-            check_dense_size(n, limit)
+            config = replace(self, preconditioner="dense" if n <= limits["dense"] else "kfac")
+        if config.preconditioner in limits:
+            check_matrix_size(n, limits[config.preconditioner], config.preconditioner)
         if config.whitening == "auto":
-            config = replace(
-                config, whitening="kfac" if config.preconditioner in ("dense", "kfac") else config.preconditioner
-            )
-        elif config.whitening == "dense":
-            check_dense_size(n, limit)
+            exact = config.preconditioner in ("dense", "cholesky", "kfac")
+            config = replace(config, whitening="kfac" if exact else config.preconditioner)
+        elif config.whitening == "dense":  # built without the solves' options
+            check_matrix_size(n, limits["dense"] if config.preconditioner == "dense" else DENSE_MAX_SIZE)
         return config
 
     @property
@@ -139,11 +155,13 @@ class LinearSolve:
 
     def __init__(self, objective: Objective, config: LinearSolveConfig = LinearSolveConfig()) -> None:
         self.objective, self.config = objective, config.resolved(objective.layout.numel)
-        self._build_on = objective.subsample(config.preconditioner_sample, config.seed)
+        self._build_on = objective.subsample(self.config.preconditioner_sample, config.seed)
         self._products_on = objective.subsample(config.hvp_sample, config.seed + 1)
         self.preconditioner: Preconditioner | None = None
         self.stats = SolveStats()
         self._effort: float | None = None  # iterations per decade in the first solve after a build
+        self._build_cost = 0.0  # GE of the last build
+        self._excess = 0.0  # GE of products spent since the build beyond the reference effort
         self._stale = True
         self._warm: dict[str, Tensor] = {}
         self._built_at: tuple[Tensor, Controls] | None = None
@@ -156,12 +174,15 @@ class LinearSolve:
 
     def rebuild(self, theta: Tensor, controls: Controls) -> Preconditioner:
         """Build the preconditioner at (θ, controls) and count its work."""
+        before = self.objective.work.gradient_equivalents
+        self.preconditioner = None  # its memory is free before the next one is built (n² floats for dense ones)
         self.preconditioner = make_preconditioner(
             self.config.preconditioner, self._build_on, theta, controls, **self.config.preconditioner_options
         )
         self._charge(self._build_on)
         self.stats.builds += 1
-        self._effort, self._stale, self._built_at = None, False, (theta.detach(), controls)
+        self._build_cost = self.objective.work.gradient_equivalents - before
+        self._effort, self._excess, self._stale, self._built_at = None, 0.0, False, (theta.detach(), controls)
         return self.preconditioner
 
     def whitening(self, theta: Tensor, controls: Controls) -> Preconditioner:
@@ -240,6 +261,7 @@ class LinearSolve:
         return {
             "built_at": self._built_at,
             "effort": self._effort,
+            "excess": self._excess,
             "stale": self._stale,
             "warm": dict(self._warm),
             "stats": self.stats.snapshot(),
@@ -250,6 +272,7 @@ class LinearSolve:
         if saved["built_at"] is not None:
             self.rebuild(*saved["built_at"])
         self._effort, self._stale, self._warm = saved["effort"], saved["stale"], dict(saved["warm"])
+        self._excess = saved.get("excess", 0.0)  # absent from the state of older runs
         self.stats = SolveStats(**{**saved["stats"], "builds": saved["stats"]["builds"] + self.stats.builds})
 
     def solve_bordered(
@@ -337,6 +360,7 @@ class LinearSolve:
         method: str,
     ) -> SolveResult:
         preconditioner, x0 = self._inputs(theta, controls, rhs, kind, warm)
+        before = self.objective.work.gradient_equivalents
         result = solve(
             self.operator(theta, controls, damping),
             rhs,
@@ -348,7 +372,7 @@ class LinearSolve:
         )
         self._account(result, kind)
         if result.converged:
-            self._judge(result)
+            self._judge(result, self.objective.work.gradient_equivalents - before)
         return result
 
     def _inputs(
@@ -371,16 +395,21 @@ class LinearSolve:
         if result.converged:
             self._warm[kind] = result.solution
 
-    def _judge(self, result: SolveResult) -> None:
+    def _judge(self, result: SolveResult, spent: float) -> None:
         """Compare this solve's effort (iterations per decade of residual) with the first one
-        after the build; mark the preconditioner stale when it grew by ``stale_factor``."""
+        after the build; count the share of its ``spent`` GE beyond that reference effort as
+        excess; mark the preconditioner stale when the effort grew by ``stale_factor`` and the
+        excess since the build has cost as much as the build."""
         if result.iterations == 0:
             return
         achieved = float(result.relative_residual.max())
-        effort = result.iterations / max(1.0, -math.log10(max(achieved, 1e-300)))
+        decades = max(1.0, -math.log10(max(achieved, 1e-300)))
+        effort = result.iterations / decades
         if self._effort is None:
             self._effort = effort
-        elif effort > self.config.stale_factor * self._effort:
+            return
+        self._excess += spent * max(0.0, 1.0 - self._effort * decades / result.iterations)
+        if effort > self.config.stale_factor * self._effort and self._excess >= self._build_cost:
             self._stale = True
 
     def _charge(self, sub: Objective) -> None:
