@@ -17,7 +17,8 @@ Registered here:
   ~0.6 GB in float64 and ~1 min of eigendecomposition on 2 cores) refuses larger models with a
   message that names the others.
 - ``cholesky``: A assembled the same way (on the whole training set by default: a subsample's
-  Hessian is indefinite, −0.86 on a quarter of the (64, 64) model's) and factorized as
+  Hessian is indefinite — the (64, 64) model's encoder block on a quarter of the data has
+  eigenvalues down to −0.86 — and the shift would have to cover it) and factorized as
   A + μI = LLᵀ, μ the first of 0, 1e-8 s, 1e-7 s, … (s = max |Aᵢᵢ|) at which the factorization
   succeeds (Nocedal & Wright 2006, Alg. 3.3: the shift is only as large as A's negative part
   needs, so P keeps the soft eigenvalues the floor of ``dense`` flattens). Kept as the explicit
