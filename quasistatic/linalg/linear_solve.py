@@ -11,7 +11,7 @@ same part):
   decade of residual reduction); a later solve that needs more than ``stale_factor`` times that
   marks P stale, and it is rebuilt before the next solve, once the products spent beyond the
   reference effort since the build have cost as much as the build (rent or buy: a rebuild of
-  ``cholesky`` on the (64, 64) model costs 18,337 GE, one of ``kfac`` a few, and a rebuild that
+  ``cholesky`` on the (64, 64) model costs 18,338 GE, one of ``kfac`` a few, and a rebuild that
   the extra iterations cannot pay for is not worth its cost). A solve that does not converge with a
   stale P is retried once with a fresh one.
 - warm starts: the last solution of each kind of solve ("tangent", "newton", …) starts the next
