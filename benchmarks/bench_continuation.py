@@ -95,6 +95,9 @@ def follow(objective: qs.Objective, theta: torch.Tensor, runner_of, max_work: fl
     def on_step(report) -> None:
         rows.append(row(objective, report.state.theta, report.state.controls))
         reached.append(report.state.s)
+        what = "jump to" if report.jump is not None else "accepted"
+        print(f"  {what} s = {report.state.s:.5g} (lambda {report.state.controls.lam:.5g}): "
+              f"{objective.work.gradient_equivalents:.0f} GE, {time.perf_counter() - started:.0f} s", flush=True)
         if objective.work.gradient_equivalents >= max_work:
             raise BudgetSpent(f"--max-work {max_work:g} spent at s = {report.state.s:.4g}")
 

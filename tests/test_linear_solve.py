@@ -438,3 +438,77 @@ def test_cholesky_refuses_a_non_finite_hessian_and_deflation_refuses_it_as_base(
 def test_the_preconditioner_sample_is_a_number_from_construction_on():
     assert LinearSolveConfig().preconditioner_sample == 0.25  # as in config.json of runs before 2026-12-02
     assert LinearSolveConfig(preconditioner="cholesky").to_dict()["preconditioner_sample"] == 1.0
+
+
+# 10. truncated solves (the Newton corrector's): no MINRES fallback, no retries, a per-solve cap
+
+
+def test_a_truncated_solve_stops_at_negative_curvature_where_a_full_one_falls_back_to_minres():
+    """At the random initial θ the Hessian has two negative eigenvalues (numpy): a full solve meets
+    negative curvature in CG and is redone with MINRES, which solves the indefinite system as numpy
+    does; a truncated solve returns CG's stop as it is, counted as truncated, not as unconverged,
+    with no retry and fewer products."""
+    objective = small_objective()
+    theta = objective.initial_theta()
+    hessian = dense_hessian(objective, theta, START).detach().numpy()
+    assert (np.linalg.eigvalsh(hessian) < 0).sum() == 2
+    rhs = tangent_rhs(objective, theta)
+    config = LinearSolveConfig(preconditioner="none")
+
+    full = LinearSolve(objective, config)
+    before = objective.work.gradient_equivalents
+    result = full.solve(theta, START, rhs, tol=1e-10, kind="newton")
+    full_cost = objective.work.gradient_equivalents - before
+    assert result.converged and full.stats.retries >= 1 and full.stats.truncated == 0
+    assert relative_error(result.solution, np.linalg.solve(hessian, rhs.numpy())) < 1e-8
+
+    truncated = LinearSolve(objective, config)
+    before = objective.work.gradient_equivalents
+    result = truncated.solve(theta, START, rhs, tol=1e-10, kind="newton", truncate=True)
+    truncated_cost = objective.work.gradient_equivalents - before
+    assert bool(result.negative_curvature.any()) and not result.converged
+    assert (truncated.stats.truncated, truncated.stats.unconverged, truncated.stats.retries) == (1, 0, 0)
+    assert truncated_cost < full_cost
+
+
+def test_a_solve_stops_at_its_own_cap_and_never_above_the_configs(surface):
+    """``max_iter`` caps one solve (a truncated one returns what it reached there: counted as
+    truncated) and cannot raise the config's cap."""
+    objective, theta = surface
+    rhs = tangent_rhs(objective, theta)
+    linear_solve = LinearSolve(objective, LinearSolveConfig(preconditioner="none"))
+    result = linear_solve.solve(theta, START, rhs, tol=1e-14, kind="newton", truncate=True, max_iter=3)
+    assert result.iterations == 3 and not result.converged and linear_solve.stats.truncated == 1
+    capped = LinearSolve(objective, LinearSolveConfig(preconditioner="none", max_iter=2))
+    result = capped.solve(theta, START, rhs, tol=1e-14, kind="newton", truncate=True, max_iter=50)
+    assert result.iterations == 2
+
+
+# 11. the λ_min tracking starts from the last tangent solve's columns as well as the tracked eigenvector
+
+
+@pytest.mark.parametrize("preconditioner", ["none", "kfac"])
+def test_eigen_tracking_sees_a_negative_eigenvalue_that_the_tracked_eigenvector_alone_misses(preconditioner):
+    """At the random initial θ (eigenvalues −1.03, −0.084, 0.0034, …, by numpy), 8 LOBPCG
+    iterations warm-started from a slightly perturbed eigenvector of a positive eigenvalue stay on
+    it; with the last tangent solve's columns A⁻¹b in the start block they find a negative Ritz
+    value (a certificate: Ritz values bound the smallest eigenvalue from above), and without a
+    preconditioner the smallest eigenvalue itself. One pair is returned and kept."""
+    objective = small_objective()
+    theta = objective.initial_theta()
+    hessian = dense_hessian(objective, theta, START).detach().numpy()
+    eigenvalues, eigenvectors = np.linalg.eigh(hessian)
+    tracked = eigenvectors[:, 4:5] + 1e-4 * np.random.default_rng(0).standard_normal((theta.numel(), 1))
+    tangents = torch.from_numpy(np.linalg.solve(hessian, tangent_rhs(objective, theta).numpy()))
+    values = []
+    for with_tangents in (False, True):
+        linear_solve = LinearSolve(objective, LinearSolveConfig(preconditioner=preconditioner))
+        if with_tangents:
+            linear_solve.remember("tangent", tangents)
+        linear_solve.remember("eigenvector", torch.from_numpy(tracked.copy()))
+        pairs = linear_solve.smallest_eigenpairs(theta, START, count=1, iterations=8)
+        assert pairs.values.shape == (1,) and linear_solve.last("eigenvector").shape == (theta.numel(), 1)
+        values.append(float(pairs.values[0]))
+    assert values[0] == pytest.approx(eigenvalues[4], rel=1e-4) and values[1] < 0
+    if preconditioner == "none":
+        assert values[1] == pytest.approx(eigenvalues[0], rel=1e-4)

@@ -11,7 +11,11 @@
   preconditioner) to a relative residual min(0.1, max(η, ½ grad_tol / ‖∇θJ‖)) (the forcing): with
   ``forcing="adaptive"`` (the default) Eisenstat & Walker's choice 2, η = 0.9 (‖∇θJ‖ /
   ‖∇θJ‖_previous)², tight only while Newton converges fast; with ``forcing="quadratic"`` η =
-  ‖∇θJ‖, which over-solves where the nonlinearity, not the solve, limits the iteration. The border
+  ‖∇θJ‖, which over-solves where the nonlinearity, not the solve, limits the iteration. The solves
+  are truncated (``LinearSolve.solve(truncate=True)``): one that meets negative curvature returns at
+  once and raises the damping (no MINRES fallback: near a fold of the (64, 64) model MINRES ran
+  10⁵ iterations for a step that was then discarded), one that stops at the iteration cap is a
+  step like any other, judged by the line search. The border
   column q = A⁻¹∇θC is, with ``border="tangent"`` (the default), −θ_γ of the run's last tangent
   solve (eq. 18, at the start of the step): a chord on the one-dimensional border, which halves the
   Krylov work of an iteration and leaves the convergence test, on the full residual, unchanged
@@ -255,7 +259,9 @@ class NewtonCorrector(Corrector):
         tangents = linear_solve.last("tangent") if self.border == "tangent" and constrained else None
         chord = tangents is not None and tangents.shape[0] == gradients.shape[1]
         rhs = gradients[:2].T if constrained and not chord else gradients[:1].T  # (N, 2) or (N, 1)
-        result = linear_solve.solve(theta, controls, rhs.contiguous(), tol=tol, kind="newton", damping=damping)
+        result = linear_solve.solve(
+            theta, controls, rhs.contiguous(), tol=tol, kind="newton", damping=damping, truncate=True
+        )
         negative = bool(result.negative_curvature.any())
         p = result.solution[:, 0]
         if not constrained:

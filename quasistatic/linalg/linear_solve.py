@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..errors import bad_value, choice_error
@@ -143,7 +144,8 @@ class SolveStats:
     iterations: int = 0  # Krylov iterations, the most of any column per solve, summed
     builds: int = 0  # preconditioner builds
     unconverged: int = 0  # solves returned without reaching their tolerance (after the retry)
-    retries: int = 0  # solves repeated with a fresh preconditioner
+    retries: int = 0  # solves repeated with a fresh preconditioner, with MINRES or from 0
+    truncated: int = 0  # truncated solves (Newton steps) that stopped at negative curvature or their cap
 
     def snapshot(self) -> dict[str, int]:
         return asdict(self)
@@ -208,27 +210,43 @@ class LinearSolve:
         """The ``count`` (at most n) algebraically smallest eigenpairs of the exact A = ∇²θJ at (θ, controls)
         (full data, Hessian whatever the solves' ``operator``): at most ``iterations`` of LOBPCG,
         preconditioned by the kept P and started from the last call's eigenvectors (its ``count``
-        smallest; missing ones drawn at random), to residual
-        ``tol``; the first call starts from random vectors and gets 10 × ``iterations`` (on the
-        digits default: 0.030 after 8 cold iterations, 8.1e-4 after 80, then ±1e-6 per 8 warm
-        ones). The values are Rayleigh–Ritz values, upper bounds of the smallest eigenvalues. The
-        products are counted on the objective."""
+        smallest; missing ones drawn at random) beside the columns of the last tangent solve, to
+        residual ``tol``; the first call starts from random vectors and gets 10 × ``iterations`` (on
+        the digits default: 0.030 after 8 cold iterations, 8.1e-4 after 80, then ±1e-6 per 8 warm
+        ones). The tangent columns A⁻¹b are one step of inverse iteration, dominated by A's smallest
+        |eigenvalues|: a mode that has become soft or negative since the last call shows in them,
+        while the tracked eigenvector, warm-started, keeps following its own eigenvalue (on the
+        (64, 64) model, preconditioned by K-FAC, it tracked λ_min 2.0e-5 at a point whose Hessian
+        had eigenvalues −1.32e-4 and −6.3e-7). The block is then ``count`` + those columns wide
+        (as many products per iteration); the ``count`` smallest pairs are returned and kept. The
+        values are Rayleigh–Ritz values, upper bounds of the smallest eigenvalues. The products are
+        counted on the objective."""
         operator = CurvatureOperator(self.objective, theta, controls, mode=self.config.mode)
         preconditioner = self.current(theta, controls)
-        count = min(count, theta.numel())
-        start = self._warm.get("eigenvector")
-        start = None if start is None else start[:, :count]
+        n = theta.numel()
+        count = min(count, n)
+        columns = [self._warm[kind] for kind in ("eigenvector", "tangent") if kind in self._warm]
+        columns = [column for column in columns if column.shape[0] == n]
+        if "eigenvector" in self._warm:
+            columns[0] = columns[0][:, :count]
+        start = torch.cat(columns, dim=1)[:, :n] if columns else None
         pairs = ritz_pairs(
             operator,
-            theta.numel(),
-            count,
+            n,
+            count if start is None else min(max(count, start.shape[1]), n),
             start=start,
             tol=tol,
-            iterations=iterations if start is not None else 10 * iterations,
+            iterations=iterations if "eigenvector" in self._warm else 10 * iterations,
             seed=self.config.seed,
             dtype=theta.dtype,
             device=theta.device,
             preconditioner=None if isinstance(preconditioner, IdentityPreconditioner) else preconditioner.apply,
+        )
+        pairs = replace(
+            pairs,
+            values=pairs.values[:count],
+            vectors=pairs.vectors[:, :count],
+            residual_norms=pairs.residual_norms[:count],
         )
         self._warm["eigenvector"] = pairs.vectors
         return pairs
@@ -324,27 +342,39 @@ class LinearSolve:
         kind: str,
         damping: float = 0.0,
         warm: bool = True,
+        truncate: bool = False,
+        max_iter: int | None = None,
     ) -> SolveResult:
         """X with ‖B − (A + μI)X‖ ≤ tol ‖B‖ per column, warm-started from the last solve of this
-        ``kind`` (when ``warm``). Retried once with a fresh preconditioner when it does not
-        converge with a kept one, and once from 0 when it was warm-started; an unconverged result
-        is returned with ``converged`` False and counted in ``stats.unconverged`` (the caller
-        decides: retry the step or report)."""
+        ``kind`` (when ``warm``), in at most ``max_iter`` Krylov iterations (None: the config's
+        cap; never above it). Retried once with a fresh preconditioner when it does not converge
+        with a kept one, and once from 0 when it was warm-started; a CG solve that meets negative
+        curvature is redone with MINRES. With ``truncate`` none of that: the solve stops at negative curvature or at the
+        cap and returns what it reached, for a caller that uses an inexact solution and answers
+        indefiniteness itself (the Newton corrector: its line search judges the truncated step, its
+        damping answers negative curvature; near a fold of the (64, 64) model a MINRES fallback ran
+        10⁵ iterations for a step the corrector then discarded); it is counted in
+        ``stats.truncated``. Otherwise an unconverged result is returned with ``converged`` False and
+        counted in ``stats.unconverged`` (the caller decides: retry the step or report)."""
         fresh = self.preconditioner is None or self._stale
-        result = self._run(theta, controls, rhs, tol, kind, damping, warm, self.config.solver)
+        cap = self.config.max_iter if max_iter is None else min(max_iter, self.config.max_iter or max_iter)
+        result = self._run(theta, controls, rhs, tol, kind, damping, warm, self.config.solver, cap)
+        if truncate:
+            self.stats.truncated += not result.converged
+            return result
         if not result.converged and bool(result.negative_curvature.any()) and self.config.solver == "cg":
             # A is indefinite here (off the surface, or past a fold): CG's step is undefined, MINRES's is not
             self.stats.retries += 1
-            result = self._run(theta, controls, rhs, tol, kind, damping, warm, "minres")
+            result = self._run(theta, controls, rhs, tol, kind, damping, warm, "minres", cap)
         elif not result.converged and not fresh and self.config.preconditioner != "none":
             self.stats.retries += 1
             self.rebuild(theta, controls)
-            result = self._run(theta, controls, rhs, tol, kind, damping, warm, self.config.solver)
+            result = self._run(theta, controls, rhs, tol, kind, damping, warm, self.config.solver, cap)
         if not result.converged and warm and kind in self._warm:
             # once more from 0: on digits a warm-started tangent solve stopped at 1.17e-2 against 1e-2 (its
             # recurrence residual met the tolerance, the exact one did not, and a restart did not reduce it)
             self.stats.retries += 1
-            result = self._run(theta, controls, rhs, tol, kind, damping, False, self.config.solver)
+            result = self._run(theta, controls, rhs, tol, kind, damping, False, self.config.solver, cap)
         self.stats.unconverged += not result.converged
         return result
 
@@ -358,6 +388,7 @@ class LinearSolve:
         damping: float,
         warm: bool,
         method: str,
+        max_iter: int | None,
     ) -> SolveResult:
         preconditioner, x0 = self._inputs(theta, controls, rhs, kind, warm)
         before = self.objective.work.gradient_equivalents
@@ -366,7 +397,7 @@ class LinearSolve:
             rhs,
             method=method,
             tol=tol,
-            max_iter=self.config.max_iter,
+            max_iter=max_iter,
             x0=x0,
             preconditioner=preconditioner,
         )
