@@ -471,17 +471,19 @@ def test_a_truncated_solve_stops_at_negative_curvature_where_a_full_one_falls_ba
     assert truncated_cost < full_cost
 
 
-def test_a_solve_stops_at_its_own_cap_and_never_above_the_configs(surface):
-    """``max_iter`` caps one solve (a truncated one returns what it reached there: counted as
-    truncated) and cannot raise the config's cap."""
+def test_a_truncated_solve_stopped_by_the_cap_is_returned_without_retries(surface):
+    """A truncated solve that reaches the config's ``max_iter`` returns what it reached there,
+    counted as truncated; the same solve untruncated is retried from 0 (warm-started) and counted
+    as unconverged."""
     objective, theta = surface
     rhs = tangent_rhs(objective, theta)
-    linear_solve = LinearSolve(objective, LinearSolveConfig(preconditioner="none"))
-    result = linear_solve.solve(theta, START, rhs, tol=1e-14, kind="newton", truncate=True, max_iter=3)
-    assert result.iterations == 3 and not result.converged and linear_solve.stats.truncated == 1
-    capped = LinearSolve(objective, LinearSolveConfig(preconditioner="none", max_iter=2))
-    result = capped.solve(theta, START, rhs, tol=1e-14, kind="newton", truncate=True, max_iter=50)
-    assert result.iterations == 2
+    for truncate in (True, False):
+        linear_solve = LinearSolve(objective, LinearSolveConfig(preconditioner="none", max_iter=3))
+        linear_solve.remember("newton", torch.zeros_like(rhs))
+        result = linear_solve.solve(theta, START, rhs, tol=1e-14, kind="newton", truncate=truncate)
+        assert result.iterations == 3 and not result.converged
+        stats = linear_solve.stats
+        assert (stats.truncated, stats.unconverged, stats.retries) == ((1, 0, 0) if truncate else (0, 1, 1))
 
 
 # 11. the λ_min tracking starts from the last tangent solve's columns as well as the tracked eigenvector

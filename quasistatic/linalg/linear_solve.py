@@ -145,7 +145,7 @@ class SolveStats:
     builds: int = 0  # preconditioner builds
     unconverged: int = 0  # solves returned without reaching their tolerance (after the retry)
     retries: int = 0  # solves repeated with a fresh preconditioner, with MINRES or from 0
-    truncated: int = 0  # truncated solves (Newton steps) that stopped at negative curvature or their cap
+    truncated: int = 0  # truncated solves (Newton steps) stopped by negative curvature or the iteration cap
 
     def snapshot(self) -> dict[str, int]:
         return asdict(self)
@@ -343,38 +343,36 @@ class LinearSolve:
         damping: float = 0.0,
         warm: bool = True,
         truncate: bool = False,
-        max_iter: int | None = None,
     ) -> SolveResult:
         """X with ‖B − (A + μI)X‖ ≤ tol ‖B‖ per column, warm-started from the last solve of this
-        ``kind`` (when ``warm``), in at most ``max_iter`` Krylov iterations (None: the config's
-        cap; never above it). Retried once with a fresh preconditioner when it does not converge
-        with a kept one, and once from 0 when it was warm-started; a CG solve that meets negative
-        curvature is redone with MINRES. With ``truncate`` none of that: the solve stops at negative curvature or at the
-        cap and returns what it reached, for a caller that uses an inexact solution and answers
-        indefiniteness itself (the Newton corrector: its line search judges the truncated step, its
-        damping answers negative curvature; near a fold of the (64, 64) model a MINRES fallback ran
-        10⁵ iterations for a step the corrector then discarded); it is counted in
-        ``stats.truncated``. Otherwise an unconverged result is returned with ``converged`` False and
-        counted in ``stats.unconverged`` (the caller decides: retry the step or report)."""
+        ``kind`` (when ``warm``). Retried once with a fresh preconditioner when it does not
+        converge with a kept one, and once from 0 when it was warm-started; a CG solve that meets
+        negative curvature is redone with MINRES. With ``truncate`` none of that: the solve stops
+        at negative curvature or at the config's ``max_iter`` and returns what it reached, for a
+        caller that uses an inexact solution and answers indefiniteness itself (the Newton
+        corrector: its line search judges the truncated step, its damping answers negative
+        curvature; near a fold of the (64, 64) model a MINRES fallback ran 10⁵ iterations for a
+        step the corrector then discarded); it is counted in ``stats.truncated``. Otherwise an
+        unconverged result is returned with ``converged`` False and counted in
+        ``stats.unconverged`` (the caller decides: retry the step or report)."""
         fresh = self.preconditioner is None or self._stale
-        cap = self.config.max_iter if max_iter is None else min(max_iter, self.config.max_iter or max_iter)
-        result = self._run(theta, controls, rhs, tol, kind, damping, warm, self.config.solver, cap)
+        result = self._run(theta, controls, rhs, tol, kind, damping, warm, self.config.solver)
         if truncate:
             self.stats.truncated += not result.converged
             return result
         if not result.converged and bool(result.negative_curvature.any()) and self.config.solver == "cg":
             # A is indefinite here (off the surface, or past a fold): CG's step is undefined, MINRES's is not
             self.stats.retries += 1
-            result = self._run(theta, controls, rhs, tol, kind, damping, warm, "minres", cap)
+            result = self._run(theta, controls, rhs, tol, kind, damping, warm, "minres")
         elif not result.converged and not fresh and self.config.preconditioner != "none":
             self.stats.retries += 1
             self.rebuild(theta, controls)
-            result = self._run(theta, controls, rhs, tol, kind, damping, warm, self.config.solver, cap)
+            result = self._run(theta, controls, rhs, tol, kind, damping, warm, self.config.solver)
         if not result.converged and warm and kind in self._warm:
             # once more from 0: on digits a warm-started tangent solve stopped at 1.17e-2 against 1e-2 (its
             # recurrence residual met the tolerance, the exact one did not, and a restart did not reduce it)
             self.stats.retries += 1
-            result = self._run(theta, controls, rhs, tol, kind, damping, False, self.config.solver, cap)
+            result = self._run(theta, controls, rhs, tol, kind, damping, False, self.config.solver)
         self.stats.unconverged += not result.converged
         return result
 
@@ -388,7 +386,6 @@ class LinearSolve:
         damping: float,
         warm: bool,
         method: str,
-        max_iter: int | None,
     ) -> SolveResult:
         preconditioner, x0 = self._inputs(theta, controls, rhs, kind, warm)
         before = self.objective.work.gradient_equivalents
@@ -397,7 +394,7 @@ class LinearSolve:
             rhs,
             method=method,
             tol=tol,
-            max_iter=max_iter,
+            max_iter=self.config.max_iter,
             x0=x0,
             preconditioner=preconditioner,
         )
