@@ -228,12 +228,13 @@ class LinearSolve:
         count = min(count, n)
         tracked, tangent = self._warm.get("eigenvector"), self._warm.get("tangent")
         tracked = tracked[:, :count] if tracked is not None and tracked.shape[0] == n else None
-        columns = [c for c in (tracked, tangent) if c is not None and c.shape[0] == n]
+        tangent = tangent if tangent is not None and tangent.shape[0] == n else None
+        columns = [c for c in (tracked, tangent) if c is not None]
         start = torch.cat(columns, dim=1)[:, :n] if columns else None
         pairs = ritz_pairs(
             operator,
             n,
-            count if start is None else min(max(count, start.shape[1]), n),
+            count if start is None else max(count, start.shape[1]),
             start=start,
             tol=tol,
             iterations=iterations if tracked is not None else 10 * iterations,
