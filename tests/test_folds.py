@@ -33,6 +33,7 @@ from quasistatic.experiments.trajectory import TrajectoryRecorder
 from small_problem import small_labeled, toy_objective as functional_objective
 from quasistatic.integrators import make_integrator
 from quasistatic.linalg import LinearSolve, LinearSolveConfig
+from quasistatic.continuation.polish import NotOnSurfaceError, polish, require_equilibrium
 from quasistatic.processes import make_process
 
 LAMBDA_FOLD = 2 / (3 * math.sqrt(3))
@@ -365,3 +366,36 @@ def test_the_branch_hop_guard_refines_lambda_min_before_rejecting(refined_is_tru
         with pytest.raises(StepSizeError, match=r"tries rejected: branch-hop:\d+") as caught:
             engine._step(state)
         assert not isinstance(caught.value, FoldError)
+
+
+# the polish leaves saddles: at λ = 0 the toy's critical points are x ∈ {−1, 0, 1}, y = 0; (0, 0) is a
+# saddle (Hessian diag(−1, 1)) where ∇J = 0 exactly
+
+
+@pytest.mark.parametrize("preconditioner", ["none", "dense"])
+def test_the_polish_leaves_a_saddle_along_its_negative_curvature_for_a_minimum(preconditioner, caplog):
+    """From the saddle (0, 0), whose gradient already meets any tolerance, the polish probes,
+    meets negative curvature, steps downhill along e_x and lands on a minimum x = ±1 (J = −1/4,
+    Hessian diag(2, 1)); without the probe it returns the saddle itself."""
+    saddle = torch.zeros(2, dtype=torch.float64)
+    config = LinearSolveConfig(preconditioner=preconditioner, preconditioner_sample=1.0, whitening=preconditioner)
+    objective = toy_objective()
+    kept = polish(LinearSolve(objective, config), saddle, START, grad_tol=1e-10, probe_iterations=0)
+    assert torch.equal(kept.theta, saddle) and (kept.escapes, kept.saddle) == (0, False)
+    with caplog.at_level(logging.INFO, logger="quasistatic.continuation.polish"):
+        result = polish(LinearSolve(objective, config), saddle, START, grad_tol=1e-10)
+    assert result.converged and (result.escapes, result.saddle) == (1, False)
+    assert "on a saddle of J (lambda_min <= -1.000e+00" in caplog.text
+    assert abs(float(result.theta[0])) == pytest.approx(1.0, abs=1e-9) and abs(float(result.theta[1])) < 1e-9
+    assert float(objective.value(result.theta, START)) == pytest.approx(-0.25, abs=1e-12)
+    require_equilibrium(result, 1e-10)
+
+
+def test_a_polish_that_may_not_escape_refuses_to_start_from_the_saddle():
+    """With no escape allowed the probe still reports the saddle, and no process starts there."""
+    objective = toy_objective()
+    result = polish(LinearSolve(objective, LinearSolveConfig(preconditioner="none", preconditioner_sample=1.0)),
+                    torch.zeros(2, dtype=torch.float64), START, grad_tol=1e-10, escapes=0)
+    assert result.converged and (result.escapes, result.saddle) == (0, True)
+    with pytest.raises(NotOnSurfaceError, match="ends on a saddle"):
+        require_equilibrium(result, 1e-10)

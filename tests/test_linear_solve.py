@@ -18,6 +18,7 @@ from quasistatic.integrators import make_integrator
 from quasistatic.linalg import (LinearSolve, LinearSolveConfig, SolveResult, available_preconditioners,
                                 dense_hessian, make_preconditioner)
 from quasistatic.linalg.preconditioners import CholeskyPreconditioner
+from quasistatic.linalg.linear_solve import NEGATIVE
 from quasistatic.continuation.polish import polish, require_equilibrium
 from quasistatic.processes import make_process
 from quasistatic.continuation.tangents import equilibrium_tangents
@@ -514,3 +515,28 @@ def test_eigen_tracking_sees_a_negative_eigenvalue_that_the_tracked_eigenvector_
     assert values[0] == pytest.approx(eigenvalues[4], rel=1e-4) and values[1] < 0
     if preconditioner == "none":
         assert values[1] == pytest.approx(eigenvalues[0], rel=1e-4)
+
+
+@pytest.mark.parametrize("preconditioner", ["none", "kfac"])
+def test_eigen_tracking_starts_from_the_negative_curvature_a_solve_met(preconditioner):
+    """At the random initial θ (eigenvalues −1.03, −0.084, 0.0034, … by numpy) 8 LOBPCG iterations
+    from a perturbed eigenvector of the positive 5th eigenvalue stay on it; after a truncated solve
+    that met negative curvature (no tangent kept) they start from the direction it met too and
+    return a negative Ritz value, bounded below by numpy's λ_min. The direction is used once."""
+    objective = small_objective()
+    theta = objective.initial_theta()
+    hessian = dense_hessian(objective, theta, START).detach().numpy()
+    eigenvalues, eigenvectors = np.linalg.eigh(hessian)
+    tracked = eigenvectors[:, 4:5] + 1e-4 * np.random.default_rng(0).standard_normal((theta.numel(), 1))
+    values = []
+    for after_a_solve in (False, True):
+        linear_solve = LinearSolve(objective, LinearSolveConfig(preconditioner=preconditioner))
+        linear_solve.remember("eigenvector", torch.from_numpy(tracked.copy()))
+        if after_a_solve:
+            rhs = tangent_rhs(objective, theta)
+            met = linear_solve.solve(theta, START, rhs, tol=1e-10, kind="newton", truncate=True)
+            assert bool(met.negative_curvature.any()) and linear_solve.last("tangent") is None
+        values.append(float(linear_solve.smallest_eigenpairs(theta, START, count=1, iterations=8).values[0]))
+        assert linear_solve.last(NEGATIVE) is None
+    assert values[0] == pytest.approx(eigenvalues[4], rel=1e-4)
+    assert eigenvalues[0] - 1e-10 <= values[1] < 0

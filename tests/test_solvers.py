@@ -185,6 +185,22 @@ def test_cg_stops_at_last_iterate_on_negative_curvature() -> None:
     assert result.relative_residual.item() == pytest.approx(1.0)
 
 
+def test_cg_returns_the_directions_of_negative_curvature_it_met() -> None:
+    """Each column stopped by negative curvature hands back its direction p: unit norm, pᵀAp ≤ 0
+    on the dense matrix, so it bounds A's smallest eigenvalue (numpy) from above; a column that
+    converged gets a zero column. MINRES gives none."""
+    a = indefinite_matrix()
+    b = rhs(3)
+    b[:, 2] = np.linalg.eigh(a)[1][:, -1]  # an eigenvector of a positive eigenvalue: CG converges
+    result = solve(operator(a), torch.tensor(b), method="cg", tol=TOL)
+    assert result.negative_curvature.tolist() == [True, True, False]
+    p = result.negative_directions.numpy()
+    assert p.shape == (N, 3) and np.allclose(np.linalg.norm(p[:, :2], axis=0), 1.0) and not p[:, 2].any()
+    quotients = np.einsum("ik,ij,jk->k", p[:, :2], a, p[:, :2])
+    assert (quotients <= 0).all() and (quotients >= np.linalg.eigvalsh(a)[0]).all()
+    assert solve(operator(a), torch.tensor(b), method="minres", tol=TOL).negative_directions is None
+
+
 def test_minres_solves_indefinite_system() -> None:
     a, b = indefinite_matrix(), rhs(3)
     result = solve(operator(a), torch.tensor(b), method="minres", tol=TOL)

@@ -205,6 +205,7 @@ def _polish(
         "grad_norm": result.grad_norm,
         "converged": result.converged,
         "iterations": result.iterations,
+        "saddles_escaped": result.escapes,
         "gradient_equivalents": train.work.gradient_equivalents,
         "wall_s": wall,
         "R": values.R,

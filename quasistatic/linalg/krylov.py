@@ -76,6 +76,9 @@ class SolveResult:
         zero column).
     negative_curvature: (k,) bool; whether the column met a direction p with pᵀAp ≤ 0 (see each solver).
     converged: every column has relative_residual ≤ tol.
+    negative_directions: (n, k), from CG only (else None): column j the unit direction p with pᵀAp ≤ 0
+        that stopped column j where ``negative_curvature[j]``, zero elsewhere. A certificate that A
+        has an eigenvalue ≤ pᵀAp (Courant–Fischer), and a start for an eigensolver looking for it.
     """
 
     solution: Tensor
@@ -84,6 +87,7 @@ class SolveResult:
     relative_residual: Tensor
     negative_curvature: Tensor
     converged: bool
+    negative_directions: Tensor | None = None
 
     def summary(self) -> str:
         """One line for logs, e.g. ``converged: 37 iterations, 41 matvecs, max relative residual 4.1e-09, ...``."""
@@ -213,7 +217,8 @@ def cg(
     residual ‖r‖ ≤ tol ‖b‖; a stopped column is frozen (masked updates), so it does not drift.
     Negative curvature: when pᵀAp ≤ 0 in a column, CG's step is undefined (A is not positive definite
     on the Krylov space); the column is flagged, frozen at its last iterate (the step along p is not
-    taken, and it is not restarted), and counts as not converged unless that iterate meets tol.
+    taken, and it is not restarted), and counts as not converged unless that iterate meets tol; p
+    (normalized) is returned in ``negative_directions``.
     Restarts and sync discipline: see :func:`_restarted`.
     """
     return _restarted(_cg_steps, matvec, preconditioner, rhs, tol, max_iter, x0, check_every, stop_on_negative=True)
@@ -271,9 +276,11 @@ class _RunningColumns:
 
 
 # (running-column matvec, M⁻¹, x, r = b − A x, active (k,), target = tol ‖b‖ (k,), budget, check_every)
-#   -> (x, negative (k,), steps taken per column (k,), lockstep iterations run = matvecs used)
+#   -> (x, negative (k,), the directions met (n, k) or None, steps taken per column (k,),
+#       lockstep iterations run = matvecs used)
 _Steps = Callable[
-    [_RunningColumns, Matvec, Tensor, Tensor, Tensor, Tensor, int, int], tuple[Tensor, Tensor, Tensor, int]
+    [_RunningColumns, Matvec, Tensor, Tensor, Tensor, Tensor, int, int],
+    tuple[Tensor, Tensor, Tensor | None, Tensor, int],
 ]
 
 
@@ -317,10 +324,11 @@ def _restarted(
         x, r = torch.where(worse, 0, x), torch.where(worse, rhs, r)
     relative = _relative(r, bnorm)  # (k,) exact
     negative = torch.zeros(k, dtype=torch.bool, device=rhs.device)
+    directions: Tensor | None = None
     steps = torch.zeros(k, dtype=torch.long, device=rhs.device)
     active, done = relative > tol, 0
     while done < budget and bool(active.any()):  # synchronization per run
-        x, run_negative, run_steps, ran = steps_fn(
+        x, run_negative, run_directions, run_steps, ran = steps_fn(
             _RunningColumns(matvec, active),
             preconditioner or _identity,
             x,
@@ -330,13 +338,15 @@ def _restarted(
             budget - done,
             check_every,
         )
+        if run_directions is not None:
+            directions = run_directions if directions is None else torch.where(negative, directions, run_directions)
         negative, steps, done = negative | run_negative, steps + run_steps, done + ran
         r, matvecs = rhs - matvec(x), matvecs + ran + 1
         previous, relative = relative, _relative(r, bnorm)
         active = (relative > tol) & (relative < previous)
         if stop_on_negative:
             active = active & ~negative
-    return SolveResult(x, int(steps.max()), matvecs, relative, negative, bool((relative <= tol).all()))
+    return SolveResult(x, int(steps.max()), matvecs, relative, negative, bool((relative <= tol).all()), directions)
 
 
 def _cg_steps(
@@ -348,19 +358,22 @@ def _cg_steps(
     target: Tensor,
     budget: int,
     check_every: int,
-) -> tuple[Tensor, Tensor, Tensor, int]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
     """Preconditioned CG iterations from x with residual r, in lockstep over the columns (see :func:`cg`)."""
     z = psolve(r)  # (n, k) M⁻¹ r
     rz = _dot(r, z)  # (k,) rᵀ M⁻¹ r
     p = z  # (n, k) search directions
     negative = torch.zeros_like(active)
+    directions = torch.zeros_like(r)  # (n, k) the unit p with pᵀAp ≤ 0 that stopped a column
     steps = torch.zeros_like(active, dtype=torch.long)
     done = 0
     while True:  # active.any() holds on entry
         for _ in range(min(check_every, budget - done)):
             ap = matvec(p)  # (n, k)
             pap = _dot(p, ap)  # (k,) pᵀAp
-            negative = negative | (active & (pap <= 0))
+            met = active & (pap <= 0)
+            directions = torch.where(met, p / torch.linalg.vector_norm(p, dim=0).clamp_min(1e-300), directions)
+            negative = negative | met
             active = active & (pap > 0)  # also freezes a column on NaN
             alpha = rz / torch.where(active, pap, 1)
             r_new = r - alpha * ap
@@ -372,7 +385,7 @@ def _cg_steps(
             active = active & (torch.linalg.vector_norm(r, dim=0) > target)
             done += 1
         if done >= budget or not bool(active.any()):  # synchronization per check
-            return x, negative, steps, done
+            return x, negative, directions, steps, done
         matvec.update(active)
 
 
@@ -385,9 +398,9 @@ def _minres_steps(
     target: Tensor,
     budget: int,
     check_every: int,
-) -> tuple[Tensor, Tensor, Tensor, int]:
+) -> tuple[Tensor, Tensor, None, Tensor, int]:
     """Preconditioned MINRES iterations from x with residual r, in lockstep over the columns (see
-    :func:`minres`)."""
+    :func:`minres`); its negative pivots give no direction."""
     eps = torch.finfo(r.dtype).eps
     z = psolve(r)  # (n, k) M⁻¹ r0
     beta = _dot(r, z).clamp_min(0).sqrt()  # (k,) β_1 = ‖r0‖_{M⁻¹}
@@ -443,7 +456,7 @@ def _minres_steps(
             active = active & (phibar > target)
             done += 1
         if done >= budget or not bool(active.any()):  # synchronization per check
-            return x, negative, steps, done
+            return x, negative, None, steps, done
         matvec.update(active)
 
 
