@@ -227,11 +227,10 @@ class LinearSolve:
         at its point by its Rayleigh quotient, so a point where the solves met one is not reported
         positive definite (on the (64, 64) model, 8 and 80 iterations without them read +1.4e-4 and
         +2.3e-4 where λ_min is −2.0e-4 and the Newton solves met directions of Rayleigh quotient
-        −1.0e-4). The block is
-        max(``count``, kept + met + tangent columns) wide (as many products per iteration); the
-        ``count`` smallest pairs are returned and kept (``converged``, ``iterations`` and
-        ``products`` describe the whole block). The values are Rayleigh–Ritz values, upper bounds
-        of the smallest eigenvalues. The products are counted on the objective."""
+        −1.0e-4). The block is max(``count``, kept + met + tangent columns) wide (as many products
+        per iteration); the ``count`` smallest pairs are returned and kept (``converged``,
+        ``iterations`` and ``products`` describe the whole block). The values are Rayleigh–Ritz
+        values, upper bounds of the smallest eigenvalues. The products are counted on the objective."""
         operator = CurvatureOperator(self.objective, theta, controls, mode=self.config.mode)
         preconditioner = self.current(theta, controls)
         n = theta.numel()
@@ -284,9 +283,7 @@ class LinearSolve:
             x0=None,
             preconditioner=_applied(preconditioner),
         )
-        self.stats.solves += 1
-        self.stats.iterations += result.iterations
-        self._keep_negative(result)
+        self._count(result)
         return result
 
     def mark_stale(self) -> None:
@@ -457,14 +454,15 @@ class LinearSolve:
         """Count a solve's work and statistics; keep a converged solution as the next warm start,
         and the directions of negative curvature it met for :meth:`smallest_eigenpairs`."""
         self._charge(self._products_on)
-        self.stats.solves += 1
-        self.stats.iterations += result.iterations
+        self._count(result)
         if result.converged:
             self._warm[kind] = result.solution
-        self._keep_negative(result)
 
-    def _keep_negative(self, result: SolveResult) -> None:
-        """Keep the directions of negative curvature ``result`` met, for :meth:`smallest_eigenpairs`."""
+    def _count(self, result: SolveResult) -> None:
+        """Count a solve in the statistics and keep the directions of negative curvature it met,
+        for :meth:`smallest_eigenpairs`."""
+        self.stats.solves += 1
+        self.stats.iterations += result.iterations
         if result.negative_directions is not None and bool(result.negative_curvature.any()):
             self._warm[NEGATIVE] = result.negative_directions[:, result.negative_curvature]
 
