@@ -286,7 +286,7 @@ def test_the_forcing_of_the_newton_solves():
 
 
 @pytest.mark.parametrize("options", [{"forcing": "adaptive", "damp_cut_steps": False},
-                                     {"forcing": "quadratic", "damp_cut_steps": True}, {}])
+                                     {"forcing": "quadratic", "damp_cut_steps": True}, {"early_rejection": False}, {}])
 def test_the_newton_options_reach_the_same_branch_point(surface, options):
     """The forcing and the damping of cut steps change the work, not the point: every step ends on
     the point of the branch the plain corrector (quadratic forcing, cut steps not damped) reaches,
@@ -306,6 +306,36 @@ def test_the_newton_options_reach_the_same_branch_point(surface, options):
     assert ends["option"].controls.lam == pytest.approx(LAM_END)
     assert ends["option"].controls.gamma == pytest.approx(ends["plain"].controls.gamma, rel=1e-8)
     assert torch.allclose(ends["option"].theta, ends["plain"].theta, rtol=0, atol=1e-6)
+
+
+def test_the_early_rejection_predicts_from_the_last_contraction():
+    """On gradient norms logged by a (64, 64) digits run (grad_tol 1e-6, 6 iterations): a correction
+    that went 1.13e-3 -> 6.0e-4 (θ 0.53) with 4 iterations left cannot end below 10 grad_tol
+    (6.0e-4 · 0.53⁴ = 4.7e-5) and failed; one that went 7.55e-5 -> 3.5e-5 (θ 0.46, 1.6e-6 predicted)
+    converged at its 6th iteration. Nothing is predicted before a second iteration or from a rise."""
+    from quasistatic.continuation.correctors import predicted_to_fail
+    assert predicted_to_fail(6.04e-4, 1.13e-3, 4, 1e-6)
+    assert not predicted_to_fail(3.50e-5, 7.55e-5, 4, 1e-6)
+    assert not predicted_to_fail(1e-3, None, 5, 1e-6) and not predicted_to_fail(2e-3, 1e-3, 5, 1e-6)
+
+
+def test_a_correction_predicted_to_fail_stops_early_only_with_early_rejection(surface):
+    """From a point 0.05 off the surface, asked for ‖∇θJ‖ ≤ 1e-14 in at most 4 iterations, the
+    corrector with early rejection stops as soon as its contraction predicts failure; without it,
+    it runs its iterations out. Neither converges."""
+    objective, theta = surface
+    process = make_process("iso-classification", START, lam_end=LAM_END)
+    state = QuasiStaticEngine(objective, process, make_integrator("euler"), make_corrector("newton"),
+                              EngineConfig(steps=1, grad_tol=1e-10, **TIGHT)).start(theta, START)
+    y = QuasiStaticEngine.pack(state.theta, state.controls)
+    predicted = QuasiStaticEngine.unpack(y + 0.05 * torch.nn.functional.normalize(torch.ones_like(y), dim=0))
+    iterations = {}
+    for early in (True, False):
+        correction = make_corrector("newton", early_rejection=early).correct(
+            LinearSolve(objective), *predicted, process, state.target, grad_tol=1e-14, drift_tol=1e-10, max_iter=4)
+        assert not correction.converged
+        iterations[early] = correction.iterations
+    assert iterations[True] < iterations[False] == 4
 
 
 @pytest.mark.parametrize("damp_cut_steps", [False, True])

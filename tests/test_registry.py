@@ -50,7 +50,7 @@ CASES = {
     "integrator": Case(INTEGRATORS, register_integrator, "dopri5", 0, frozenset({"rtol", "atol"})),
     "corrector": Case(CORRECTORS, register_corrector, "newton", 0,
                       frozenset({"grad_tol", "drift_tol", "max_iter", "initial_damping", "max_damping", "contraction",
-                                 "border", "forcing", "damp_cut_steps"})),
+                                 "border", "forcing", "damp_cut_steps", "early_rejection"})),
     "solver": Case(SOLVERS, register_solver, "cg", 2,
                    frozenset({"tol", "max_iter", "x0", "preconditioner", "check_every"})),
     "preconditioner": Case(PRECONDITIONERS, register_preconditioner, "dense", 3,
@@ -242,8 +242,8 @@ def test_a_newly_registered_process_runs_from_the_command_line_by_name(plugin, t
     (["process", "--process", "free", "--beta", "2"], "options of process 'free' must be among {gamma_rate, lam_rate}, "
                                                        "got 'beta'"),
     (["iso-classification", "--lam-end", "1.1", "--corrector-option", "max_iters=3"],
-     "options of corrector 'newton' must be among {border, contraction, damp_cut_steps, drift_tol, forcing, "
-     "grad_tol, initial_damping, max_damping, max_iter}, got 'max_iters'"),
+     "options of corrector 'newton' must be among {border, contraction, damp_cut_steps, drift_tol, early_rejection, "
+     "forcing, grad_tol, initial_damping, max_damping, max_iter}, got 'max_iters'"),
     (["iso-classification", "--lam-end", "1.1", "--corrector-option", "max_iter=many"],
      "option max_iter of corrector 'newton' must be an int, got 'many'"),
     (["iso-classification", "--lam-end", "1.1", "--corrector", "none", "--corrector-option", "max_iter=3"],

@@ -198,14 +198,18 @@ def assert_close(expected: object, got: object, skip: tuple[str, ...] = (), tole
 
 
 def assert_solves_close(expected: list[dict[str, str]], got: list[dict[str, str]], grad_tol: float) -> None:
-    """The columns :data:`SOLVES` of a process's rows: the Krylov iterations within 5 % (at least 3)
-    a row (a row holds several solves: the tangent's columns, each Newton iteration's), the Newton
-    iterations within one, the gradient-equivalents within 5 %, |grad J| below ``grad_tol`` at every
-    accepted step."""
+    """The columns :data:`SOLVES` of a process's rows: the Newton iterations within one, the Krylov
+    iterations within 5 % (at least 3) a row (a row holds several solves: the tangent's columns, each
+    Newton iteration's) and, where the Newton iterations differ, within that plus one Newton
+    iteration's share of the row (its solve; measured: 132 against 125 Krylov iterations for 3
+    against 2 Newton iterations, the second landing at 9.9e-8 under --grad-tol 1e-7), the
+    gradient-equivalents within 5 %, |grad J| below ``grad_tol`` at every accepted step."""
     for a, b in zip(expected, got):
         x, y = int(a["cg_iters"]), int(b["cg_iters"])
-        assert abs(x - y) <= max(3, 0.05 * x), (x, y)
-        assert abs(int(a["corrector_iters"]) - int(b["corrector_iters"])) <= 1
+        newton = (int(a["corrector_iters"]), int(b["corrector_iters"]))
+        assert abs(newton[0] - newton[1]) <= 1, newton
+        one_newton_iteration = x / max(newton) if newton[0] != newton[1] else 0
+        assert abs(x - y) <= max(3, 0.05 * x) + one_newton_iteration, (x, y, newton)
         assert float(b["grad_evals"]) == pytest.approx(float(a["grad_evals"]), rel=0.05)
         assert float(a["grad_norm"]) <= grad_tol and float(b["grad_norm"]) <= grad_tol
 

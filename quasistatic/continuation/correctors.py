@@ -28,9 +28,11 @@
   ``max_damping`` (the quadratic model overreached: the next step trusts it less, as a trust
   region would). A plain Newton step
   with small damping diverges here because A is indefinite away from the surface. The corrector
-  gives up (not converged) when no damping up to ``max_damping`` gives an accepted step, or when the
-  residual fails twice in a row to shrink by ``contraction``: the predicted point is outside
-  Newton's basin, and the engine's answer is a smaller step, not more iterations.
+  gives up (not converged) when no damping up to ``max_damping`` gives an accepted step, when the
+  residual fails twice in a row to shrink by ``contraction``, or (``early_rejection``, the
+  default) when, from the second iteration on, the last contraction of ‖∇θJ‖, continued over the
+  iterations left, cannot bring it within 10 × grad_tol (:func:`predicted_to_fail`): the predicted
+  point is outside Newton's basin, and the engine's answer is a smaller step, not more iterations.
 - ``equilibrate``: the paper's relaxation, Adam with the η(s) schedule (Sec. 5.1).
 """
 
@@ -63,7 +65,10 @@ __all__ = [
     "available_correctors",
     "make_corrector",
     "BORDERS",
+    "predicted_to_fail",
 ]
+
+PREDICTION_MARGIN = 10.0  # early rejection: how far above grad_tol the extrapolated ‖∇θJ‖ may end
 
 BORDERS = ("tangent", "solve")  # where the Newton corrector's border column q = A⁻¹∇θC comes from
 FORCINGS = ("quadratic", "adaptive")  # how tight the Newton corrector's Krylov solves are (NewtonCorrector)
@@ -139,6 +144,7 @@ class NewtonCorrector(Corrector):
         border: str = "tangent",
         forcing: str = "adaptive",
         damp_cut_steps: bool = True,
+        early_rejection: bool = True,
     ) -> None:
         if border not in BORDERS:
             raise choice_error("corrector border", BORDERS, border)
@@ -153,6 +159,7 @@ class NewtonCorrector(Corrector):
         self.grad_tol, self.drift_tol, self.max_iter = grad_tol, drift_tol, max_iter
         self.initial_damping, self.max_damping, self.contraction = initial_damping, max_damping, contraction
         self.border, self.forcing, self.damp_cut_steps = border, forcing, damp_cut_steps
+        self.early_rejection = early_rejection
 
     def _residual(
         self, objective: Objective, theta: Tensor, controls: Controls, weights: Tensor | None, target: float | None
@@ -198,6 +205,14 @@ class NewtonCorrector(Corrector):
             previous, residual = residual, math.hypot(float(grad_norm), violation)
             stalls = stalls + 1 if residual > self.contraction * previous else 0
             if iteration == max_iter or stalls == 2:
+                break
+            # from the second iteration on: the first contraction is not representative (on the digits
+            # default a correction went 1.77e-3 -> 9.35e-4 -> 7.8e-5 -> 1.1e-6 -> 8.4e-8)
+            if (
+                self.early_rejection
+                and iteration >= 2
+                and predicted_to_fail(float(grad_norm), previous_norm, max_iter - iteration, grad_tol)
+            ):
                 break
             iteration += 1
             forcing = self._forcing(float(grad_norm), previous_norm, grad_tol)
@@ -338,6 +353,23 @@ class NewtonCorrector(Corrector):
             if ok:
                 return trial, trial_controls, trial_values, trial_gradients, trial_norm, halvings == 0
         return None
+
+
+def predicted_to_fail(grad_norm: float, previous_norm: float | None, remaining: int, grad_tol: float) -> bool:
+    """Whether a Newton correction at ‖∇θJ‖ = ``grad_norm`` after ``previous_norm`` cannot reach
+    ``grad_tol`` in the ``remaining`` iterations if it keeps its last contraction θ = grad_norm /
+    previous_norm: grad_norm θ^remaining > PREDICTION_MARGIN · grad_tol (a contraction-based
+    prediction in the manner of Deuflhard's error-oriented Newton codes, Newton Methods for
+    Nonlinear Problems, 2004, Sec. 5.1: stop a correction that will fail, and let the step control
+    retry with a smaller step). Newton accelerates as it converges, so the prediction is
+    pessimistic; the margin allows for that. Measured on the logged corrections of four (64, 64)
+    digits runs (72 corrections), applied from the second iteration on: the rule stops the
+    failing ones after 2–3 iterations instead of 6, saving 18,132 of the 56,000 GE they cost, and
+    stops 2 that would have converged at their 6th iteration. False without a previous norm or
+    when the gradient did not shrink (the stall rule judges that)."""
+    if previous_norm is None or not grad_norm < previous_norm:
+        return False
+    return grad_norm * (grad_norm / previous_norm) ** remaining > PREDICTION_MARGIN * grad_tol
 
 
 class EquilibrateCorrector(Corrector):
