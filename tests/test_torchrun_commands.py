@@ -200,16 +200,19 @@ def assert_close(expected: object, got: object, skip: tuple[str, ...] = (), tole
 def assert_solves_close(expected: list[dict[str, str]], got: list[dict[str, str]], grad_tol: float) -> None:
     """The columns :data:`SOLVES` of a process's rows: the Newton iterations within one, the Krylov
     iterations within 5 % (at least 3) a row (a row holds several solves: the tangent's columns, each
-    Newton iteration's) and, where the Newton iterations differ, within that plus one Newton
-    iteration's share of the row (its solve; measured: 132 against 125 Krylov iterations for 3
-    against 2 Newton iterations, the second landing at 9.9e-8 under --grad-tol 1e-7), the
-    gradient-equivalents within 5 %, |grad J| below ``grad_tol`` at every accepted step."""
+    Newton iteration's) and, where one run took a Newton iteration more, that run's count may be
+    higher by that iteration's solve as well, at most the row's Krylov iterations over its Newton
+    iterations (measured: 132 against 125 Krylov iterations for 3 against 2 Newton iterations, the
+    second landing at 9.9e-8 under --grad-tol 1e-7), the gradient-equivalents within 5 %, |grad J|
+    below ``grad_tol`` at every accepted step."""
     for a, b in zip(expected, got):
         x, y = int(a["cg_iters"]), int(b["cg_iters"])
         newton = (int(a["corrector_iters"]), int(b["corrector_iters"]))
         assert abs(newton[0] - newton[1]) <= 1, newton
-        one_newton_iteration = x / max(newton) if newton[0] != newton[1] else 0
-        assert abs(x - y) <= max(3, 0.05 * x) + one_newton_iteration, (x, y, newton)
+        margin = max(3, 0.05 * x)
+        extra = max(x, y) / max(newton) if newton[0] != newton[1] else 0  # the solve of the one more iteration
+        more = y - x if newton[1] > newton[0] else x - y  # signed towards the run with more Newton iterations
+        assert -margin <= (more if extra else abs(x - y)) <= margin + extra, (x, y, newton)
         assert float(b["grad_evals"]) == pytest.approx(float(a["grad_evals"]), rel=0.05)
         assert float(a["grad_norm"]) <= grad_tol and float(b["grad_norm"]) <= grad_tol
 

@@ -176,7 +176,8 @@ def _descend(
             break
     if norm <= grad_tol:
         return theta, norm, iterations
-    finish = NewtonCorrector(grad_tol=grad_tol, max_iter=newton_iterations).correct(
+    # no early rejection: nothing retries the polish with a smaller step, so a slow contraction is still progress
+    finish = NewtonCorrector(grad_tol=grad_tol, max_iter=newton_iterations, early_rejection=False).correct(
         linear_solve, theta, controls, None, None
     )
     return finish.theta, finish.grad_norm, iterations + finish.iterations
